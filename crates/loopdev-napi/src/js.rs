@@ -1,0 +1,260 @@
+//! Safe helpers over the raw declarations in `sys`: JS values in and out, argument checks, throwing.
+
+use crate::sys::*;
+use std::ffi::c_void;
+use std::ptr;
+
+pub type Value = napi_value;
+
+/// Why a call failed, before it becomes a JS exception.
+#[derive(Debug)]
+pub enum Failure {
+    Loop(loopdev::Error),
+    /// A handle used after close(): `ERR_LOOP_CLOSED`.
+    Closed(&'static str),
+    Type(String),
+    Range(String),
+    /// A JS exception is already pending (thrown by a callback, or by N-API itself).
+    Pending,
+}
+
+impl From<loopdev::Error> for Failure {
+    fn from(e: loopdev::Error) -> Self {
+        Failure::Loop(e)
+    }
+}
+
+pub type JsResult<T> = Result<T, Failure>;
+
+#[derive(Clone, Copy)]
+pub struct Env(pub napi_env);
+
+fn check(status: napi_status) -> JsResult<()> {
+    if status == NAPI_OK {
+        Ok(())
+    } else {
+        Err(Failure::Pending)
+    }
+}
+
+macro_rules! out {
+    ($env:expr, $f:ident ( $($arg:expr),* )) => {{
+        let mut result = std::mem::MaybeUninit::uninit();
+        // SAFETY: `env` is the live env of this call and `result` is a valid out-pointer.
+        check(unsafe { $f($env.0, $($arg,)* result.as_mut_ptr()) })?;
+        // SAFETY: N-API wrote the result because it returned napi_ok.
+        unsafe { result.assume_init() }
+    }};
+}
+
+impl Env {
+    pub fn undefined(self) -> JsResult<Value> {
+        Ok(out!(self, napi_get_undefined()))
+    }
+    pub fn boolean(self, b: bool) -> JsResult<Value> {
+        Ok(out!(self, napi_get_boolean(b)))
+    }
+    pub fn int(self, n: i64) -> JsResult<Value> {
+        Ok(out!(self, napi_create_int64(n)))
+    }
+    pub fn bigint(self, n: u64) -> JsResult<Value> {
+        Ok(out!(self, napi_create_bigint_uint64(n)))
+    }
+    pub fn string(self, s: &str) -> JsResult<Value> {
+        Ok(out!(self, napi_create_string_utf8(s.as_ptr().cast(), s.len())))
+    }
+    pub fn object(self) -> JsResult<Value> {
+        Ok(out!(self, napi_create_object()))
+    }
+
+    pub fn set(self, obj: Value, name: &str, value: Value) -> JsResult<()> {
+        let key = self.string(name)?;
+        // SAFETY: all values belong to this env's current scope.
+        check(unsafe { napi_set_property(self.0, obj, key, value) })
+    }
+
+    pub fn get(self, obj: Value, name: &str) -> JsResult<Value> {
+        let key = self.string(name)?;
+        Ok(out!(self, napi_get_property(obj, key)))
+    }
+
+    pub fn type_of(self, v: Value) -> JsResult<napi_valuetype> {
+        Ok(out!(self, napi_typeof(v)))
+    }
+
+    pub fn is_nullish(self, v: Value) -> JsResult<bool> {
+        Ok(matches!(self.type_of(v)?, NAPI_UNDEFINED | NAPI_NULL))
+    }
+
+    pub fn to_bool(self, v: Value) -> JsResult<bool> {
+        if self.type_of(v)? != NAPI_BOOLEAN {
+            return Err(Failure::Type("expected a boolean".into()));
+        }
+        Ok(out!(self, napi_get_value_bool(v)))
+    }
+
+    pub fn to_f64(self, v: Value, what: &str) -> JsResult<f64> {
+        if self.type_of(v)? != NAPI_NUMBER {
+            return Err(Failure::Type(format!("{what} must be a number")));
+        }
+        Ok(out!(self, napi_get_value_double(v)))
+    }
+
+    /// An integer number in `min..=max`; anything else is a RangeError naming `what`.
+    pub fn to_int(self, v: Value, what: &str, min: i64, max: i64) -> JsResult<i64> {
+        let f = self.to_f64(v, what)?;
+        if f.fract() != 0.0 || f.is_nan() || f < min as f64 || f > max as f64 {
+            return Err(Failure::Range(format!("{what} must be an integer from {min} to {max}, got {f}")));
+        }
+        Ok(f as i64)
+    }
+
+    /// A byte size or offset: a non-negative integer number or a bigint up to 2^64-1.
+    pub fn to_u64(self, v: Value, what: &str) -> JsResult<u64> {
+        if self.type_of(v)? == NAPI_BIGINT {
+            let (mut n, mut lossless) = (0u64, false);
+            // SAFETY: valid env, value and out-pointers.
+            check(unsafe { napi_get_value_bigint_uint64(self.0, v, &mut n, &mut lossless) })?;
+            if !lossless {
+                return Err(Failure::Range(format!("{what} must be from 0 to 2^64-1")));
+            }
+            return Ok(n);
+        }
+        let f = self.to_f64(v, what)?;
+        // 2^64 itself is representable as f64 and must be refused, hence the half-open range.
+        if f.fract() != 0.0 || f.is_nan() || !(0.0..18_446_744_073_709_551_616.0).contains(&f) {
+            return Err(Failure::Range(format!("{what} must be a non-negative integer, got {f}")));
+        }
+        Ok(f as u64)
+    }
+
+    pub fn to_string(self, v: Value) -> JsResult<String> {
+        if self.type_of(v)? != NAPI_STRING {
+            return Err(Failure::Type("expected a string".into()));
+        }
+        let len = out!(self, napi_get_value_string_utf8(v, ptr::null_mut(), 0));
+        let mut buf = vec![0u8; len + 1];
+        let written = out!(self, napi_get_value_string_utf8(v, buf.as_mut_ptr().cast(), buf.len()));
+        buf.truncate(written);
+        String::from_utf8(buf).map_err(|_| Failure::Type("invalid UTF-8".into()))
+    }
+
+    /// `obj[name]` when present and not undefined/null.
+    pub fn opt(self, obj: Value, name: &str) -> JsResult<Option<Value>> {
+        if self.is_nullish(obj)? {
+            return Ok(None);
+        }
+        let v = self.get(obj, name)?;
+        Ok(if self.is_nullish(v)? { None } else { Some(v) })
+    }
+
+    pub fn opt_bool(self, obj: Value, name: &str) -> JsResult<Option<bool>> {
+        self.opt(obj, name)?.map(|v| self.to_bool(v).map_err(|_| Failure::Type(format!("{name} must be a boolean")))).transpose()
+    }
+
+    pub fn opt_u64(self, obj: Value, name: &str) -> JsResult<Option<u64>> {
+        self.opt(obj, name)?.map(|v| self.to_u64(v, name)).transpose()
+    }
+
+    pub fn call(self, func: Value, args: &[Value]) -> JsResult<Value> {
+        let recv = self.undefined()?;
+        Ok(out!(self, napi_call_function(recv, func, args.len(), args.as_ptr())))
+    }
+
+    pub fn new_instance(self, ctor: Value, args: &[Value]) -> JsResult<Value> {
+        Ok(out!(self, napi_new_instance(ctor, args.len(), args.as_ptr())))
+    }
+
+    pub fn external<T: 'static>(self, value: T) -> JsResult<Value> {
+        unsafe extern "C" fn drop_box<T>(_env: napi_env, data: *mut c_void, _hint: *mut c_void) {
+            // SAFETY: `data` is the Box<T> leaked below; the finalizer runs exactly once.
+            drop(unsafe { Box::from_raw(data.cast::<T>()) });
+        }
+        let data = Box::into_raw(Box::new(value)).cast::<c_void>();
+        Ok(out!(self, napi_create_external(data, Some(drop_box::<T>), ptr::null_mut())))
+    }
+
+    /// The T inside an external made by `external::<T>`. Callers pass only externals of one type per call
+    /// site (the TS layer owns them), and `Resource` tags the variants, so the cast is sound.
+    pub fn external_ref<'a, T>(self, v: Value) -> JsResult<&'a T> {
+        if self.type_of(v)? != NAPI_EXTERNAL {
+            return Err(Failure::Type("expected a native handle".into()));
+        }
+        let data: *mut c_void = out!(self, napi_get_value_external(v));
+        // SAFETY: see above; the external keeps the box alive while JS holds the value we were passed.
+        Ok(unsafe { &*data.cast::<T>() })
+    }
+
+    pub fn reference(self, v: Value) -> JsResult<napi_ref> {
+        Ok(out!(self, napi_create_reference(v, 1)))
+    }
+
+    pub fn deref(self, r: napi_ref) -> JsResult<Value> {
+        Ok(out!(self, napi_get_reference_value(r)))
+    }
+
+    pub fn exception_pending(self) -> bool {
+        let mut pending = false;
+        // SAFETY: valid env and out-pointer.
+        unsafe { napi_is_exception_pending(self.0, &mut pending) };
+        pending
+    }
+
+    pub fn throw(self, failure: Failure) {
+        if let Failure::Pending = failure {
+            if !self.exception_pending() {
+                let msg = c"N-API call failed";
+                // SAFETY: valid env and NUL-terminated message.
+                unsafe { napi_throw_error(self.0, ptr::null(), msg.as_ptr()) };
+            }
+            return;
+        }
+        if let Ok(err) = crate::errors::to_js(self, &failure) {
+            // SAFETY: `err` is a value of this env.
+            unsafe { napi_throw(self.0, err) };
+        }
+    }
+}
+
+pub type Exported = fn(Env, &[Value]) -> JsResult<Value>;
+
+/// The one C entry point of every exported function; the Rust function rides in the callback's data.
+/// Reads up to 8 arguments, turns a Failure into a thrown exception, never unwinds into C.
+unsafe extern "C" fn trampoline(env: napi_env, info: napi_callback_info) -> napi_value {
+    let env = Env(env);
+    let mut argv = [ptr::null_mut(); 8];
+    let mut argc = argv.len();
+    let mut data: *mut c_void = ptr::null_mut();
+    // SAFETY: argv has room for argc values; `this` is not requested.
+    if unsafe { napi_get_cb_info(env.0, info, &mut argc, argv.as_mut_ptr(), ptr::null_mut(), &mut data) } != NAPI_OK {
+        return ptr::null_mut();
+    }
+    // SAFETY: `data` is the Exported fn pointer stored by `export`.
+    let f: Exported = unsafe { std::mem::transmute::<*mut c_void, Exported>(data) };
+    let args = &argv[..argc.min(argv.len())];
+    match std::panic::catch_unwind(|| f(env, args)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(failure)) => {
+            env.throw(failure);
+            ptr::null_mut()
+        }
+        Err(_) => {
+            env.throw(Failure::Type("internal error (panic) in loopdev native code".into()));
+            ptr::null_mut()
+        }
+    }
+}
+
+/// `exports[name] = f`.
+pub fn export(env: Env, exports: Value, name: &str, f: Exported) -> JsResult<()> {
+    let func = out!(env, napi_create_function(name.as_ptr().cast(), name.len(), Some(trampoline), f as *mut c_void));
+    env.set(exports, name, func)
+}
+
+/// The i-th argument, or `undefined` when the caller passed fewer.
+pub fn arg(env: Env, args: &[Value], i: usize) -> JsResult<Value> {
+    match args.get(i) {
+        Some(v) => Ok(*v),
+        None => env.undefined(),
+    }
+}

@@ -1,0 +1,482 @@
+//! Raw N-API declarations, hand-written from Node's `js_native_api*.h` / `node_api*.h` headers,
+//! because no `napi`/`napi-sys` crate is available offline; nothing else in the crate touches raw N-API.
+#![allow(non_camel_case_types, dead_code)]
+
+use std::os::raw::{c_char, c_void};
+
+// ---------------------------------------------------------------------------
+// Opaque handle types
+// ---------------------------------------------------------------------------
+
+#[repr(C)]
+pub struct napi_env__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_value__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_ref__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_deferred__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_async_work__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_threadsafe_function__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_callback_info__ {
+    _private: [u8; 0],
+}
+#[repr(C)]
+pub struct napi_handle_scope__ {
+    _private: [u8; 0],
+}
+
+pub type napi_env = *mut napi_env__;
+/// Without NAPI_EXPERIMENTAL, `node_api_basic_env` is the same type as `napi_env`.
+pub type node_api_basic_env = napi_env;
+pub type napi_value = *mut napi_value__;
+pub type napi_ref = *mut napi_ref__;
+pub type napi_deferred = *mut napi_deferred__;
+pub type napi_async_work = *mut napi_async_work__;
+pub type napi_threadsafe_function = *mut napi_threadsafe_function__;
+pub type napi_callback_info = *mut napi_callback_info__;
+pub type napi_handle_scope = *mut napi_handle_scope__;
+
+// ---------------------------------------------------------------------------
+// Enums (C enums are `int` on the supported targets)
+// ---------------------------------------------------------------------------
+
+pub type napi_status = i32;
+pub const NAPI_OK: napi_status = 0;
+pub const NAPI_INVALID_ARG: napi_status = 1;
+pub const NAPI_OBJECT_EXPECTED: napi_status = 2;
+pub const NAPI_STRING_EXPECTED: napi_status = 3;
+pub const NAPI_NAME_EXPECTED: napi_status = 4;
+pub const NAPI_FUNCTION_EXPECTED: napi_status = 5;
+pub const NAPI_NUMBER_EXPECTED: napi_status = 6;
+pub const NAPI_BOOLEAN_EXPECTED: napi_status = 7;
+pub const NAPI_ARRAY_EXPECTED: napi_status = 8;
+pub const NAPI_GENERIC_FAILURE: napi_status = 9;
+pub const NAPI_PENDING_EXCEPTION: napi_status = 10;
+pub const NAPI_CANCELLED: napi_status = 11;
+pub const NAPI_QUEUE_FULL: napi_status = 15;
+pub const NAPI_CLOSING: napi_status = 16;
+pub const NAPI_BIGINT_EXPECTED: napi_status = 17;
+
+pub type napi_valuetype = i32;
+pub const NAPI_UNDEFINED: napi_valuetype = 0;
+pub const NAPI_NULL: napi_valuetype = 1;
+pub const NAPI_BOOLEAN: napi_valuetype = 2;
+pub const NAPI_NUMBER: napi_valuetype = 3;
+pub const NAPI_STRING: napi_valuetype = 4;
+pub const NAPI_SYMBOL: napi_valuetype = 5;
+pub const NAPI_OBJECT: napi_valuetype = 6;
+pub const NAPI_FUNCTION: napi_valuetype = 7;
+pub const NAPI_EXTERNAL: napi_valuetype = 8;
+pub const NAPI_BIGINT: napi_valuetype = 9;
+
+pub type napi_property_attributes = i32;
+pub const NAPI_DEFAULT: napi_property_attributes = 0;
+pub const NAPI_WRITABLE: napi_property_attributes = 1 << 0;
+pub const NAPI_ENUMERABLE: napi_property_attributes = 1 << 1;
+pub const NAPI_CONFIGURABLE: napi_property_attributes = 1 << 2;
+
+pub type napi_threadsafe_function_call_mode = i32;
+pub const NAPI_TSFN_NONBLOCKING: napi_threadsafe_function_call_mode = 0;
+pub const NAPI_TSFN_BLOCKING: napi_threadsafe_function_call_mode = 1;
+
+pub type napi_threadsafe_function_release_mode = i32;
+pub const NAPI_TSFN_RELEASE: napi_threadsafe_function_release_mode = 0;
+pub const NAPI_TSFN_ABORT: napi_threadsafe_function_release_mode = 1;
+
+// ---------------------------------------------------------------------------
+// Callback types
+// ---------------------------------------------------------------------------
+
+pub type napi_callback =
+    Option<unsafe extern "C" fn(env: napi_env, info: napi_callback_info) -> napi_value>;
+pub type napi_finalize = Option<
+    unsafe extern "C" fn(env: napi_env, finalize_data: *mut c_void, finalize_hint: *mut c_void),
+>;
+/// Without NAPI_EXPERIMENTAL, `node_api_basic_finalize` is the same type as `napi_finalize`.
+pub type node_api_basic_finalize = napi_finalize;
+pub type napi_async_execute_callback =
+    Option<unsafe extern "C" fn(env: napi_env, data: *mut c_void)>;
+pub type napi_async_complete_callback =
+    Option<unsafe extern "C" fn(env: napi_env, status: napi_status, data: *mut c_void)>;
+pub type napi_threadsafe_function_call_js = Option<
+    unsafe extern "C" fn(
+        env: napi_env,
+        js_callback: napi_value,
+        context: *mut c_void,
+        data: *mut c_void,
+    ),
+>;
+pub type napi_cleanup_hook = Option<unsafe extern "C" fn(arg: *mut c_void)>;
+
+// ---------------------------------------------------------------------------
+// Structs
+// ---------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct napi_property_descriptor {
+    /// One of `utf8name` or `name` should be NULL.
+    pub utf8name: *const c_char,
+    pub name: napi_value,
+    pub method: napi_callback,
+    pub getter: napi_callback,
+    pub setter: napi_callback,
+    pub value: napi_value,
+    pub attributes: napi_property_attributes,
+    pub data: *mut c_void,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct napi_extended_error_info {
+    pub error_message: *const c_char,
+    pub engine_reserved: *mut c_void,
+    pub engine_error_code: u32,
+    pub error_code: napi_status,
+}
+
+// ---------------------------------------------------------------------------
+// Functions (resolved from the host node process at load time)
+// ---------------------------------------------------------------------------
+
+extern "C" {
+    // Errors / last error
+    pub fn napi_get_last_error_info(
+        env: node_api_basic_env,
+        result: *mut *const napi_extended_error_info,
+    ) -> napi_status;
+
+    // Singletons
+    pub fn napi_get_undefined(env: napi_env, result: *mut napi_value) -> napi_status;
+    pub fn napi_get_null(env: napi_env, result: *mut napi_value) -> napi_status;
+    pub fn napi_get_global(env: napi_env, result: *mut napi_value) -> napi_status;
+    pub fn napi_get_boolean(env: napi_env, value: bool, result: *mut napi_value) -> napi_status;
+
+    // Object / array creation and access
+    pub fn napi_create_object(env: napi_env, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_array_with_length(
+        env: napi_env,
+        length: usize,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_set_element(
+        env: napi_env,
+        object: napi_value,
+        index: u32,
+        value: napi_value,
+    ) -> napi_status;
+    pub fn napi_get_element(
+        env: napi_env,
+        object: napi_value,
+        index: u32,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_get_array_length(env: napi_env, value: napi_value, result: *mut u32)
+        -> napi_status;
+    pub fn napi_is_array(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
+
+    // Primitive creation
+    pub fn napi_create_int32(env: napi_env, value: i32, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_uint32(env: napi_env, value: u32, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_int64(env: napi_env, value: i64, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_double(env: napi_env, value: f64, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_bigint_int64(
+        env: napi_env,
+        value: i64,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_create_bigint_uint64(
+        env: napi_env,
+        value: u64,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_create_string_utf8(
+        env: napi_env,
+        str_: *const c_char,
+        length: usize,
+        result: *mut napi_value,
+    ) -> napi_status;
+
+    // Primitive extraction
+    pub fn napi_get_value_bigint_uint64(
+        env: napi_env,
+        value: napi_value,
+        result: *mut u64,
+        lossless: *mut bool,
+    ) -> napi_status;
+    pub fn napi_get_value_bigint_int64(
+        env: napi_env,
+        value: napi_value,
+        result: *mut i64,
+        lossless: *mut bool,
+    ) -> napi_status;
+    pub fn napi_get_value_string_utf8(
+        env: napi_env,
+        value: napi_value,
+        buf: *mut c_char,
+        bufsize: usize,
+        result: *mut usize,
+    ) -> napi_status;
+    pub fn napi_get_value_int32(env: napi_env, value: napi_value, result: *mut i32) -> napi_status;
+    pub fn napi_get_value_uint32(env: napi_env, value: napi_value, result: *mut u32)
+        -> napi_status;
+    pub fn napi_get_value_int64(env: napi_env, value: napi_value, result: *mut i64) -> napi_status;
+    pub fn napi_get_value_double(env: napi_env, value: napi_value, result: *mut f64)
+        -> napi_status;
+    pub fn napi_get_value_bool(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
+    pub fn napi_typeof(
+        env: napi_env,
+        value: napi_value,
+        result: *mut napi_valuetype,
+    ) -> napi_status;
+
+    // Properties
+    pub fn napi_set_named_property(
+        env: napi_env,
+        object: napi_value,
+        utf8name: *const c_char,
+        value: napi_value,
+    ) -> napi_status;
+    pub fn napi_get_named_property(
+        env: napi_env,
+        object: napi_value,
+        utf8name: *const c_char,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_has_named_property(
+        env: napi_env,
+        object: napi_value,
+        utf8name: *const c_char,
+        result: *mut bool,
+    ) -> napi_status;
+    pub fn napi_get_property(
+        env: napi_env,
+        object: napi_value,
+        key: napi_value,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_set_property(
+        env: napi_env,
+        object: napi_value,
+        key: napi_value,
+        value: napi_value,
+    ) -> napi_status;
+    pub fn napi_define_properties(
+        env: napi_env,
+        object: napi_value,
+        property_count: usize,
+        properties: *const napi_property_descriptor,
+    ) -> napi_status;
+
+    // Functions
+    pub fn napi_create_function(
+        env: napi_env,
+        utf8name: *const c_char,
+        length: usize,
+        cb: napi_callback,
+        data: *mut c_void,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_get_cb_info(
+        env: napi_env,
+        cbinfo: napi_callback_info,
+        argc: *mut usize,
+        argv: *mut napi_value,
+        this_arg: *mut napi_value,
+        data: *mut *mut c_void,
+    ) -> napi_status;
+    pub fn napi_call_function(
+        env: napi_env,
+        recv: napi_value,
+        func: napi_value,
+        argc: usize,
+        argv: *const napi_value,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_new_instance(
+        env: napi_env,
+        constructor: napi_value,
+        argc: usize,
+        argv: *const napi_value,
+        result: *mut napi_value,
+    ) -> napi_status;
+
+    // Externals and references
+    pub fn napi_create_external(
+        env: napi_env,
+        data: *mut c_void,
+        finalize_cb: node_api_basic_finalize,
+        finalize_hint: *mut c_void,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_get_value_external(
+        env: napi_env,
+        value: napi_value,
+        result: *mut *mut c_void,
+    ) -> napi_status;
+    pub fn napi_create_reference(
+        env: napi_env,
+        value: napi_value,
+        initial_refcount: u32,
+        result: *mut napi_ref,
+    ) -> napi_status;
+    pub fn napi_delete_reference(env: napi_env, ref_: napi_ref) -> napi_status;
+    pub fn napi_get_reference_value(
+        env: napi_env,
+        ref_: napi_ref,
+        result: *mut napi_value,
+    ) -> napi_status;
+
+    // Exceptions and errors
+    pub fn napi_throw(env: napi_env, error: napi_value) -> napi_status;
+    pub fn napi_throw_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
+    pub fn napi_throw_type_error(
+        env: napi_env,
+        code: *const c_char,
+        msg: *const c_char,
+    ) -> napi_status;
+    pub fn napi_throw_range_error(
+        env: napi_env,
+        code: *const c_char,
+        msg: *const c_char,
+    ) -> napi_status;
+    pub fn napi_is_exception_pending(env: napi_env, result: *mut bool) -> napi_status;
+    pub fn napi_get_and_clear_last_exception(env: napi_env, result: *mut napi_value)
+        -> napi_status;
+    pub fn napi_create_error(
+        env: napi_env,
+        code: napi_value,
+        msg: napi_value,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_create_type_error(
+        env: napi_env,
+        code: napi_value,
+        msg: napi_value,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_create_range_error(
+        env: napi_env,
+        code: napi_value,
+        msg: napi_value,
+        result: *mut napi_value,
+    ) -> napi_status;
+
+    // Promises
+    pub fn napi_create_promise(
+        env: napi_env,
+        deferred: *mut napi_deferred,
+        promise: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_resolve_deferred(
+        env: napi_env,
+        deferred: napi_deferred,
+        resolution: napi_value,
+    ) -> napi_status;
+    pub fn napi_reject_deferred(
+        env: napi_env,
+        deferred: napi_deferred,
+        rejection: napi_value,
+    ) -> napi_status;
+
+    // Async work
+    pub fn napi_create_async_work(
+        env: napi_env,
+        async_resource: napi_value,
+        async_resource_name: napi_value,
+        execute: napi_async_execute_callback,
+        complete: napi_async_complete_callback,
+        data: *mut c_void,
+        result: *mut napi_async_work,
+    ) -> napi_status;
+    pub fn napi_delete_async_work(env: napi_env, work: napi_async_work) -> napi_status;
+    pub fn napi_queue_async_work(env: node_api_basic_env, work: napi_async_work) -> napi_status;
+
+    // Thread-safe functions
+    pub fn napi_create_threadsafe_function(
+        env: napi_env,
+        func: napi_value,
+        async_resource: napi_value,
+        async_resource_name: napi_value,
+        max_queue_size: usize,
+        initial_thread_count: usize,
+        thread_finalize_data: *mut c_void,
+        thread_finalize_cb: napi_finalize,
+        context: *mut c_void,
+        call_js_cb: napi_threadsafe_function_call_js,
+        result: *mut napi_threadsafe_function,
+    ) -> napi_status;
+    pub fn napi_call_threadsafe_function(
+        func: napi_threadsafe_function,
+        data: *mut c_void,
+        is_blocking: napi_threadsafe_function_call_mode,
+    ) -> napi_status;
+    pub fn napi_acquire_threadsafe_function(func: napi_threadsafe_function) -> napi_status;
+    pub fn napi_release_threadsafe_function(
+        func: napi_threadsafe_function,
+        mode: napi_threadsafe_function_release_mode,
+    ) -> napi_status;
+    pub fn napi_unref_threadsafe_function(
+        env: node_api_basic_env,
+        func: napi_threadsafe_function,
+    ) -> napi_status;
+    pub fn napi_ref_threadsafe_function(
+        env: node_api_basic_env,
+        func: napi_threadsafe_function,
+    ) -> napi_status;
+
+    // Instance data and lifecycle
+    pub fn napi_set_instance_data(
+        env: node_api_basic_env,
+        data: *mut c_void,
+        finalize_cb: napi_finalize,
+        finalize_hint: *mut c_void,
+    ) -> napi_status;
+    pub fn napi_get_instance_data(env: node_api_basic_env, data: *mut *mut c_void) -> napi_status;
+    pub fn napi_add_env_cleanup_hook(
+        env: node_api_basic_env,
+        fun: napi_cleanup_hook,
+        arg: *mut c_void,
+    ) -> napi_status;
+    pub fn napi_remove_env_cleanup_hook(
+        env: node_api_basic_env,
+        fun: napi_cleanup_hook,
+        arg: *mut c_void,
+    ) -> napi_status;
+
+    // Handle scopes
+    pub fn napi_open_handle_scope(env: napi_env, result: *mut napi_handle_scope) -> napi_status;
+    pub fn napi_close_handle_scope(env: napi_env, scope: napi_handle_scope) -> napi_status;
+
+    // Buffers
+    pub fn napi_create_buffer_copy(
+        env: napi_env,
+        length: usize,
+        data: *const c_void,
+        result_data: *mut *mut c_void,
+        result: *mut napi_value,
+    ) -> napi_status;
+    pub fn napi_get_buffer_info(
+        env: napi_env,
+        value: napi_value,
+        data: *mut *mut c_void,
+        length: *mut usize,
+    ) -> napi_status;
+    pub fn napi_is_buffer(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
+}

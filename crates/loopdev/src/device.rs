@@ -1,0 +1,434 @@
+//! `Loop`: one open loop block device and the operations on it.
+
+use crate::error::{Error, Kind, Result};
+use crate::info::LoopInfo;
+use crate::ioctl;
+use crate::uapi::{self, LoopConfig, LoopInfo64};
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use nix::sys::stat::{self, fstat, major, makedev, mknodat, FileStat, Mode, SFlag};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What LOOP_CONFIGURE sets in one step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigureOptions {
+    pub offset: u64,
+    /// 0 = up to the end of the backing file.
+    pub size_limit: u64,
+    /// Logical sector size; 0 = the kernel's default.
+    pub block_size: u32,
+    pub autoclear: bool,
+    pub partscan: bool,
+    pub read_only: bool,
+    pub direct_io: bool,
+}
+
+impl ConfigureOptions {
+    fn flags(&self) -> u32 {
+        [
+            (self.autoclear, uapi::LO_FLAGS_AUTOCLEAR),
+            (self.partscan, uapi::LO_FLAGS_PARTSCAN),
+            (self.read_only, uapi::LO_FLAGS_READ_ONLY),
+            (self.direct_io, uapi::LO_FLAGS_DIRECT_IO),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |acc, (_, flag)| acc | flag)
+    }
+}
+
+/// A read-modify-write of the status; `None` keeps the current value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusChange {
+    pub offset: Option<u64>,
+    pub size_limit: Option<u64>,
+    pub autoclear: Option<bool>,
+    pub partscan: Option<bool>,
+    pub read_only: Option<bool>,
+}
+
+#[derive(Debug)]
+pub struct Loop {
+    fd: OwnedFd,
+    minor: u32,
+    path: PathBuf,
+}
+
+/// Where device nodes live when no directory fd is given.
+pub const DEV_DIR: &str = "/dev";
+
+/// The path a directory fd points at, for error messages only.
+pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
+    match dir {
+        None => PathBuf::from(DEV_DIR),
+        Some(fd) => std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))),
+    }
+}
+
+/// `openat` returning an owned fd, with the path in the error.
+pub(crate) fn open_in(dir: Option<BorrowedFd>, name: &str, flags: OFlag) -> Result<OwnedFd> {
+    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let full = dir_path(dir).join(name);
+    let target = if dir.is_some() { PathBuf::from(name) } else { full.clone() };
+    let raw = openat(dirfd, &target, flags | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::os(e, "open").with_path(&full))?;
+    // SAFETY: openat just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+pub(crate) fn stat_fd(fd: BorrowedFd) -> Result<FileStat> {
+    fstat(fd.as_raw_fd()).map_err(|e| Error::os(e, "fstat"))
+}
+
+fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+/// The kernel binds only regular files and block devices; say so instead of a bare EINVAL later.
+fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
+    let st = stat_fd(fd)?;
+    if is_kind(&st, SFlag::S_IFREG) || is_kind(&st, SFlag::S_IFBLK) {
+        Ok(st)
+    } else {
+        Err(Error::os(Errno::EINVAL, "fstat").with_detail("backing file is not a regular file or block device"))
+    }
+}
+
+impl Loop {
+    /// Opens `<dir>/loop<minor>` (default `/dev`) read-write and checks it is that loop device.
+    pub fn open(minor: u32, dir: Option<BorrowedFd>) -> Result<Loop> {
+        let name = format!("loop{minor}");
+        let fd = open_in(dir, &name, OFlag::O_RDWR)?;
+        let path = dir_path(dir).join(&name);
+        let st = stat_fd(fd.as_fd()).map_err(|e| e.with_path(&path))?;
+        let rdev = st.st_rdev;
+        if !is_kind(&st, SFlag::S_IFBLK)
+            || major(rdev) != u64::from(uapi::LOOP_MAJOR)
+            || stat::minor(rdev) != u64::from(minor)
+        {
+            return Err(Error {
+                kind: Kind::UnexpectedDevice { expected_minor: minor, rdev, mode: st.st_mode },
+                detail: Some(format!("not loop device 7:{minor}")),
+                ..Error::os(Errno::ENODEV, "open").with_path(&path)
+            });
+        }
+        Ok(Loop { fd, minor, path })
+    }
+
+    pub fn minor(&self) -> u32 {
+        self.minor
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn devname(&self) -> String {
+        format!("loop{}", self.minor)
+    }
+
+    fn ioctl_err(&self, name: &'static str) -> impl Fn(Errno) -> Error + '_ {
+        move |e| Error::ioctl(e, name).with_path(&self.path)
+    }
+
+    /// flock(2) with `LOCK_*` bits; EWOULDBLOCK when `LOCK_NB` and someone else holds it.
+    pub fn flock(&self, op: i32) -> Result<()> {
+        ioctl::flock(self.fd.as_fd(), op).map_err(|e| Error::os(e, "flock").with_path(&self.path))
+    }
+
+    /// BLKFLSBUF.
+    pub fn flush_buf(&self) -> Result<()> {
+        ioctl::flush_buf(self.fd.as_fd()).map_err(self.ioctl_err("BLKFLSBUF"))
+    }
+
+    /// LOOP_SET_FD (legacy; prefer `configure`).
+    pub fn set_fd(&self, backing: BorrowedFd) -> Result<()> {
+        check_backing(backing).map_err(|e| e.with_path(&self.path))?;
+        ioctl::set_fd(self.fd.as_fd(), backing).map_err(self.ioctl_err("LOOP_SET_FD"))
+    }
+
+    /// LOOP_CLR_FD.
+    pub fn clear_fd(&self) -> Result<()> {
+        ioctl::clr_fd(self.fd.as_fd()).map_err(self.ioctl_err("LOOP_CLR_FD"))
+    }
+
+    /// Clears, then waits until the device is unbound or bound to another file than `backing`.
+    /// The kernel defers the detach while another opener holds the device (it only sets autoclear), so
+    /// waiting is how a caller knows the detach really happened.
+    pub fn clear_fd_wait(&self, backing: BorrowedFd, timeout: Duration, poll: Duration) -> Result<()> {
+        let st = stat_fd(backing).map_err(|e| e.with_path(&self.path))?;
+        self.clear_and_wait(st.st_dev, st.st_ino, timeout, poll)
+    }
+
+    /// Verified detach of whatever is bound now: `clear_fd_wait` for the current backing file.
+    /// Unbound already = done. On Linux ≥ 6.x the teardown itself completes at the last close.
+    pub fn detach(&self, timeout: Duration, poll: Duration) -> Result<()> {
+        match self.get_status() {
+            Err(e) if e.is(Errno::ENXIO) => Ok(()),
+            Err(e) => Err(e),
+            Ok(info) => self.clear_and_wait(info.device, info.inode, timeout, poll),
+        }
+    }
+
+    fn clear_and_wait(&self, dev: u64, ino: u64, timeout: Duration, poll: Duration) -> Result<()> {
+        match self.clear_fd() {
+            Err(e) if e.is(Errno::ENXIO) => return Ok(()),
+            other => other?,
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.get_status() {
+                Err(e) if e.is(Errno::ENXIO) => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(info) if !info.is_bound_to(dev, ino) => return Ok(()),
+                Ok(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error {
+                    kind: Kind::Timeout,
+                    detail: Some(format!("device still bound after {} ms", timeout.as_millis())),
+                    ..Error::ioctl(Errno::ETIMEDOUT, "LOOP_CLR_FD").with_path(&self.path)
+                });
+            }
+            std::thread::sleep(poll.min(deadline - now));
+        }
+    }
+
+    /// LOOP_CHANGE_FD.
+    pub fn change_fd(&self, backing: BorrowedFd) -> Result<()> {
+        check_backing(backing).map_err(|e| e.with_path(&self.path))?;
+        ioctl::change_fd(self.fd.as_fd(), backing).map_err(self.ioctl_err("LOOP_CHANGE_FD"))
+    }
+
+    /// Whether the device is bound to the inode behind `backing` (false when unbound).
+    pub fn is_bound_to(&self, backing: BorrowedFd) -> Result<bool> {
+        let st = stat_fd(backing)?;
+        match self.get_status() {
+            Ok(info) => Ok(info.is_bound_to(st.st_dev, st.st_ino)),
+            Err(e) if e.is(Errno::ENXIO) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// LOOP_GET_STATUS64.
+    pub fn get_status(&self) -> Result<LoopInfo> {
+        ioctl::get_status64(self.fd.as_fd())
+            .map(|raw| LoopInfo::from(&raw))
+            .map_err(self.ioctl_err("LOOP_GET_STATUS64"))
+    }
+
+    /// LOOP_SET_STATUS64 as read-modify-write. The kernel silently ignores flags it cannot change on a
+    /// bound device (read-only; clearing partscan), so the result is read back and a refusal reported.
+    pub fn set_status(&self, change: &StatusChange) -> Result<()> {
+        let mut raw = ioctl::get_status64(self.fd.as_fd()).map_err(self.ioctl_err("LOOP_GET_STATUS64"))?;
+        if let Some(offset) = change.offset {
+            raw.lo_offset = offset;
+        }
+        if let Some(limit) = change.size_limit {
+            raw.lo_sizelimit = limit;
+        }
+        let wanted = [
+            (change.autoclear, uapi::LO_FLAGS_AUTOCLEAR),
+            (change.partscan, uapi::LO_FLAGS_PARTSCAN),
+            (change.read_only, uapi::LO_FLAGS_READ_ONLY),
+        ];
+        for (value, flag) in wanted {
+            match value {
+                Some(true) => raw.lo_flags |= flag,
+                Some(false) => raw.lo_flags &= !flag,
+                None => {}
+            }
+        }
+        ioctl::set_status64(self.fd.as_fd(), &raw).map_err(self.ioctl_err("LOOP_SET_STATUS64"))?;
+        let applied = self.get_status()?.flags;
+        for (value, flag) in wanted {
+            if let Some(on) = value {
+                if (applied & flag != 0) != on {
+                    return Err(Error::ioctl(Errno::EINVAL, "LOOP_SET_STATUS64").with_path(&self.path).with_detail(
+                        format!("the kernel cannot {} flag {flag} on a bound device", if on { "set" } else { "clear" }),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds `backing` with LOOP_CONFIGURE; on kernels without it (EINVAL/ENOTTY/ENOSYS) falls back to
+    /// LOOP_SET_FD + LOOP_SET_STATUS64 (+ block size, direct I/O). If a fallback step after the bind fails,
+    /// the bind we made is undone and the LOOP_CONFIGURE error is returned.
+    pub fn configure(&self, backing: BorrowedFd, opts: &ConfigureOptions) -> Result<()> {
+        check_backing(backing).map_err(|e| e.with_path(&self.path))?;
+        let mut info = LoopInfo64 {
+            lo_offset: opts.offset,
+            lo_sizelimit: opts.size_limit,
+            lo_flags: opts.flags(),
+            ..Default::default()
+        };
+        fill_file_name(&mut info, backing);
+        let config =
+            LoopConfig { fd: backing.as_raw_fd() as u32, block_size: opts.block_size, info, ..Default::default() };
+        let first = match ioctl::configure(self.fd.as_fd(), &config) {
+            Ok(()) => return Ok(()),
+            Err(e @ (Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS)) => {
+                Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)
+            }
+            Err(e) => return Err(Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)),
+        };
+        self.configure_legacy(backing, opts, &info).map_err(|e| match e {
+            Some(e) => e,
+            None => first,
+        })
+    }
+
+    /// The pre-5.8 path. `Err(None)` = a step after our bind failed and was rolled back.
+    fn configure_legacy(
+        &self,
+        backing: BorrowedFd,
+        opts: &ConfigureOptions,
+        info: &LoopInfo64,
+    ) -> std::result::Result<(), Option<Error>> {
+        // LOOP_SET_FD takes read-only-ness from the fd's open mode, not from a flag.
+        let reopened;
+        let bind_fd = if opts.read_only {
+            reopened =
+                open_in(None, &format!("/proc/self/fd/{}", backing.as_raw_fd()), OFlag::O_RDONLY).map_err(Some)?;
+            reopened.as_fd()
+        } else {
+            backing
+        };
+        ioctl::set_fd(self.fd.as_fd(), bind_fd)
+            .map_err(|e| Some(Error::ioctl(e, "LOOP_SET_FD").with_path(&self.path)))?;
+        let rest = ioctl::set_status64(self.fd.as_fd(), info)
+            .and_then(|()| {
+                if opts.block_size != 0 {
+                    ioctl::set_block_size(self.fd.as_fd(), opts.block_size)
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| if opts.direct_io { ioctl::set_direct_io(self.fd.as_fd(), true) } else { Ok(()) });
+        if rest.is_err() {
+            // We bound it a moment ago, so clearing it cannot take someone else's device.
+            let _ = ioctl::clr_fd(self.fd.as_fd());
+            return Err(None);
+        }
+        Ok(())
+    }
+
+    /// LOOP_SET_DIRECT_IO.
+    pub fn set_direct_io(&self, on: bool) -> Result<()> {
+        ioctl::set_direct_io(self.fd.as_fd(), on).map_err(self.ioctl_err("LOOP_SET_DIRECT_IO"))
+    }
+
+    /// LOOP_SET_BLOCK_SIZE.
+    pub fn set_block_size(&self, size: u32) -> Result<()> {
+        ioctl::set_block_size(self.fd.as_fd(), size).map_err(self.ioctl_err("LOOP_SET_BLOCK_SIZE"))
+    }
+
+    /// LOOP_SET_CAPACITY.
+    pub fn set_capacity(&self) -> Result<()> {
+        ioctl::set_capacity(self.fd.as_fd()).map_err(self.ioctl_err("LOOP_SET_CAPACITY"))
+    }
+
+    /// Makes `loopN` usable inside `dir` (a container's /dev). Like osbuild: bind-mount the host's node onto an
+    /// empty file when the host has one (device nodes made by mknod are often unusable in a container's
+    /// tmpfs), else mknod a block device 7:minor. Undo with `remove_node`.
+    pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<()> {
+        let name = self.devname();
+        let path = dir_path(Some(dir)).join(&name);
+        let perm = Mode::from_bits_truncate(mode & 0o7777);
+        let host = Path::new(DEV_DIR).join(&name);
+        if host.exists() {
+            let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+            let raw = openat(dir.as_raw_fd(), name.as_str(), file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
+            // SAFETY: openat returned a fresh fd we own; we only need the file to exist.
+            drop(unsafe { OwnedFd::from_raw_fd(raw) });
+            let target = proc_path(dir, &name);
+            if mount(Some(&host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).is_ok() {
+                return Ok(());
+            }
+            let _ = unlinkat(Some(dir.as_raw_fd()), name.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        let dev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(self.minor));
+        mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, perm, dev).map_err(|e| Error::os(e, "mknod").with_path(&path))
+    }
+
+    /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
+    pub fn try_clone(&self) -> Result<Loop> {
+        let fd = self.fd.try_clone().map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(0)), "dup"))?;
+        Ok(Loop { fd, minor: self.minor, path: self.path.clone() })
+    }
+}
+
+fn proc_path(dir: BorrowedFd, name: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
+}
+
+/// Removes a node made by `Loop::mknod`: detaches the bind mount if there is one, then unlinks.
+pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
+    // EINVAL = not a mount point (a mknod node); EPERM = not ours to unmount (unlink may still work).
+    let _ = umount2(&proc_path(dir, name), MntFlags::MNT_DETACH);
+    unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
+        .map_err(|e| Error::os(e, "unlink").with_path(&dir_path(Some(dir)).join(name)))
+}
+
+impl AsFd for Loop {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// lo_file_name is informational (losetup shows it); the kernel truncates, so do we, at 63 bytes + NUL.
+fn fill_file_name(info: &mut LoopInfo64, backing: BorrowedFd) {
+    if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{}", backing.as_raw_fd())) {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = target.as_os_str().as_bytes();
+        let n = bytes.len().min(uapi::LO_NAME_SIZE - 1);
+        info.lo_file_name[..n].copy_from_slice(&bytes[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_follow_options() {
+        let o = ConfigureOptions { autoclear: true, direct_io: true, ..Default::default() };
+        assert_eq!(o.flags(), uapi::LO_FLAGS_AUTOCLEAR | uapi::LO_FLAGS_DIRECT_IO);
+        assert_eq!(ConfigureOptions::default().flags(), 0);
+    }
+
+    #[test]
+    fn opening_a_non_loop_node_is_an_unexpected_device() {
+        // A "loop5" that is really /dev/null (char 1:3): open succeeds, the check must refuse it.
+        let tmp = std::env::temp_dir().join(format!("loopdev-unexpected-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::os::unix::fs::symlink("/dev/null", tmp.join("loop5")).unwrap();
+        let dir = open_in(None, tmp.to_str().unwrap(), OFlag::O_DIRECTORY | OFlag::O_RDONLY).unwrap();
+        let err = Loop::open(5, Some(dir.as_fd())).unwrap_err();
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert_eq!(err.code(), "ERR_LOOP_UNEXPECTED_DEVICE");
+        assert!(matches!(err.kind, Kind::UnexpectedDevice { expected_minor: 5, .. }));
+        assert_eq!(err.path, Some(tmp.join("loop5")));
+    }
+
+    #[test]
+    fn a_missing_node_reports_open_and_the_path() {
+        let err = Loop::open(987_654, None).unwrap_err();
+        assert_eq!(err.code(), "ENOENT");
+        assert_eq!(err.syscall, "open");
+        assert_eq!(err.path.as_deref(), Some(Path::new("/dev/loop987654")));
+    }
+
+    #[test]
+    fn a_directory_is_not_a_backing_file() {
+        let dir = open_in(None, "/tmp", OFlag::O_RDONLY | OFlag::O_DIRECTORY).unwrap();
+        let err = check_backing(dir.as_fd()).unwrap_err();
+        assert_eq!(err.code(), "EINVAL");
+    }
+}

@@ -1,0 +1,113 @@
+//! One safe function per loop(4) ioctl, built on nix's "bad" ioctl macros (the loop ioctls have fixed
+//! numbers rather than `_IOW`-encoded ones). Each returns the bare errno; callers add path and context.
+
+use crate::uapi::{self, LoopConfig, LoopInfo64};
+use nix::errno::Errno;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::raw::c_int;
+
+mod raw {
+    use super::*;
+    nix::ioctl_write_int_bad!(loop_set_fd, uapi::LOOP_SET_FD);
+    nix::ioctl_none_bad!(loop_clr_fd, uapi::LOOP_CLR_FD);
+    nix::ioctl_write_ptr_bad!(loop_set_status64, uapi::LOOP_SET_STATUS64, LoopInfo64);
+    nix::ioctl_read_bad!(loop_get_status64, uapi::LOOP_GET_STATUS64, LoopInfo64);
+    nix::ioctl_write_int_bad!(loop_change_fd, uapi::LOOP_CHANGE_FD);
+    nix::ioctl_none_bad!(loop_set_capacity, uapi::LOOP_SET_CAPACITY);
+    nix::ioctl_write_int_bad!(loop_set_direct_io, uapi::LOOP_SET_DIRECT_IO);
+    nix::ioctl_write_int_bad!(loop_set_block_size, uapi::LOOP_SET_BLOCK_SIZE);
+    nix::ioctl_write_ptr_bad!(loop_configure, uapi::LOOP_CONFIGURE, LoopConfig);
+    nix::ioctl_write_int_bad!(loop_ctl_add, uapi::LOOP_CTL_ADD);
+    nix::ioctl_write_int_bad!(loop_ctl_remove, uapi::LOOP_CTL_REMOVE);
+    nix::ioctl_none_bad!(loop_ctl_get_free, uapi::LOOP_CTL_GET_FREE);
+    nix::ioctl_none_bad!(blkflsbuf, uapi::BLKFLSBUF);
+}
+
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// LOOP_SET_FD: bind `backing` to the loop device.
+pub fn set_fd(lo: BorrowedFd, backing: BorrowedFd) -> Result<()> {
+    // SAFETY: both fds are valid for the borrow; the ioctl takes the backing fd by value.
+    unsafe { raw::loop_set_fd(lo.as_raw_fd(), backing.as_raw_fd()) }.map(drop)
+}
+
+/// LOOP_CLR_FD: unbind (deferred by the kernel to the last close when others hold the device open).
+pub fn clr_fd(lo: BorrowedFd) -> Result<()> {
+    // SAFETY: the fd is valid for the borrow; the ioctl takes no argument.
+    unsafe { raw::loop_clr_fd(lo.as_raw_fd()) }.map(drop)
+}
+
+/// LOOP_SET_STATUS64.
+pub fn set_status64(lo: BorrowedFd, info: &LoopInfo64) -> Result<()> {
+    // SAFETY: `info` is a valid, initialised loop_info64 that the kernel only reads.
+    unsafe { raw::loop_set_status64(lo.as_raw_fd(), info) }.map(drop)
+}
+
+/// LOOP_GET_STATUS64; ENXIO when the device is unbound.
+pub fn get_status64(lo: BorrowedFd) -> Result<LoopInfo64> {
+    let mut info = LoopInfo64::default();
+    // SAFETY: `info` is a writable loop_info64 of the size the kernel writes.
+    unsafe { raw::loop_get_status64(lo.as_raw_fd(), &mut info) }?;
+    Ok(info)
+}
+
+/// LOOP_CHANGE_FD: swap the backing file of a read-only device for one of the same size.
+pub fn change_fd(lo: BorrowedFd, backing: BorrowedFd) -> Result<()> {
+    // SAFETY: both fds are valid for the borrow.
+    unsafe { raw::loop_change_fd(lo.as_raw_fd(), backing.as_raw_fd()) }.map(drop)
+}
+
+/// LOOP_SET_CAPACITY: re-read the backing file's size.
+pub fn set_capacity(lo: BorrowedFd) -> Result<()> {
+    // SAFETY: the fd is valid for the borrow; no argument.
+    unsafe { raw::loop_set_capacity(lo.as_raw_fd()) }.map(drop)
+}
+
+/// LOOP_SET_DIRECT_IO.
+pub fn set_direct_io(lo: BorrowedFd, on: bool) -> Result<()> {
+    // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
+    unsafe { raw::loop_set_direct_io(lo.as_raw_fd(), c_int::from(on)) }.map(drop)
+}
+
+/// LOOP_SET_BLOCK_SIZE: logical sector size, a power of two from 512 to the page size.
+pub fn set_block_size(lo: BorrowedFd, size: u32) -> Result<()> {
+    let size = c_int::try_from(size).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
+    unsafe { raw::loop_set_block_size(lo.as_raw_fd(), size) }.map(drop)
+}
+
+/// LOOP_CONFIGURE (Linux ≥ 5.8): bind and set status atomically.
+pub fn configure(lo: BorrowedFd, config: &LoopConfig) -> Result<()> {
+    // SAFETY: `config` is a valid, initialised loop_config that the kernel only reads.
+    unsafe { raw::loop_configure(lo.as_raw_fd(), config) }.map(drop)
+}
+
+/// LOOP_CTL_ADD: create loop device `minor`, or the first free minor when negative; returns the minor.
+pub fn ctl_add(control: BorrowedFd, minor: i32) -> Result<u32> {
+    // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
+    unsafe { raw::loop_ctl_add(control.as_raw_fd(), minor) }.map(|m| m as u32)
+}
+
+/// LOOP_CTL_REMOVE: delete loop device `minor` (EBUSY while bound or open).
+pub fn ctl_remove(control: BorrowedFd, minor: i32) -> Result<()> {
+    // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
+    unsafe { raw::loop_ctl_remove(control.as_raw_fd(), minor) }.map(drop)
+}
+
+/// LOOP_CTL_GET_FREE: the minor of an unbound device, created if needed.
+pub fn ctl_get_free(control: BorrowedFd) -> Result<u32> {
+    // SAFETY: the fd is valid for the borrow; no argument.
+    unsafe { raw::loop_ctl_get_free(control.as_raw_fd()) }.map(|m| m as u32)
+}
+
+/// BLKFLSBUF: flush the device's buffer cache.
+pub fn flush_buf(dev: BorrowedFd) -> Result<()> {
+    // SAFETY: the fd is valid for the borrow; no argument.
+    unsafe { raw::blkflsbuf(dev.as_raw_fd()) }.map(drop)
+}
+
+/// flock(2) on any fd (loop device or loop-control).
+pub fn flock(fd: BorrowedFd, op: c_int) -> Result<()> {
+    // SAFETY: plain syscall on a borrowed, valid fd.
+    Errno::result(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
+}

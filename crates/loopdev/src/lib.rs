@@ -1,0 +1,14 @@
+//! Linux loop devices over the loop(4) ioctls: `LoopControl` allocates, `Loop` configures and inspects.
+//! Knows nothing about N-API; the binding crate converts these types for JavaScript.
+
+pub mod control;
+pub mod device;
+pub mod error;
+pub mod info;
+pub mod ioctl;
+pub mod uapi;
+
+pub use control::LoopControl;
+pub use device::{remove_node, ConfigureOptions, Loop, StatusChange};
+pub use error::{Error, Kind, Result};
+pub use info::LoopInfo;

@@ -1,0 +1,135 @@
+/**
+ * Loads the native addon: the per-platform npm package when installed, else a locally built
+ * `loopdev.<platform>.node` at the package root. Anything else gets one clear error, never a dlopen message.
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { LoopError, UnexpectedDeviceError } from './errors.js';
+
+/** Opaque native object; only the functions below understand it. */
+export type Handle = { readonly __native: unique symbol };
+
+export interface NativeLoop {
+  handle: Handle;
+  minor: number;
+  path: string;
+  fd: number;
+}
+
+export interface NativeInfo {
+  device: bigint;
+  inode: bigint;
+  rdevice: bigint;
+  offset: bigint;
+  sizeLimit: bigint;
+  number: number;
+  flags: number;
+  fileName: string;
+}
+
+type Size = number | bigint;
+
+export interface NativeConfigure {
+  offset?: Size;
+  sizeLimit?: Size;
+  blockSize?: Size;
+  autoclear?: boolean;
+  partscan?: boolean;
+  readOnly?: boolean;
+  directIo?: boolean;
+}
+
+export interface NativeStatus {
+  offset?: Size;
+  sizeLimit?: Size;
+  autoclear?: boolean;
+  partscan?: boolean;
+  readOnly?: boolean;
+}
+
+export interface Native {
+  init(classes: { LoopError: typeof LoopError; UnexpectedDeviceError: typeof UnexpectedDeviceError }): void;
+  close(h: Handle): void;
+  controlOpen(dirFd?: number): Handle;
+  controlAdd(h: Handle, minor: number): number;
+  controlRemove(h: Handle, minor: number): void;
+  controlGetUnbound(h: Handle): number;
+  controlLoopForFd(
+    h: Handle,
+    fd: number,
+    o: NativeConfigure,
+    lock: boolean,
+    setup?: (lo: NativeLoop) => void,
+  ): NativeLoop;
+  controlLoopForFdAsync(
+    h: Handle,
+    fd: number,
+    o: NativeConfigure,
+    lock: boolean,
+    setup?: (lo: NativeLoop) => void,
+  ): Promise<NativeLoop>;
+  loopOpen(minor: number, dirFd?: number): NativeLoop;
+  loopFlock(h: Handle, op: number): void;
+  loopFlushBuf(h: Handle): void;
+  loopSetFd(h: Handle, fd: number): void;
+  loopClearFd(h: Handle): void;
+  loopClearFdAsync(h: Handle): Promise<void>;
+  loopClearFdWait(h: Handle, fd: number, timeoutMs: number, waitMs: number): void;
+  loopClearFdWaitAsync(h: Handle, fd: number, timeoutMs: number, waitMs: number): Promise<void>;
+  loopDetach(h: Handle, timeoutMs: number, waitMs: number): void;
+  loopDetachAsync(h: Handle, timeoutMs: number, waitMs: number): Promise<void>;
+  loopChangeFd(h: Handle, fd: number): void;
+  loopIsBoundTo(h: Handle, fd: number): boolean;
+  loopSetStatus(h: Handle, o: NativeStatus): void;
+  loopGetStatus(h: Handle): NativeInfo;
+  loopConfigure(h: Handle, fd: number, o: NativeConfigure): void;
+  loopConfigureAsync(h: Handle, fd: number, o: NativeConfigure): Promise<void>;
+  loopSetDirectIo(h: Handle, on: boolean): void;
+  loopSetBlockSize(h: Handle, size: Size): void;
+  loopSetCapacity(h: Handle): void;
+  loopMknod(h: Handle, dirFd: number, mode: number): void;
+  removeNode(dirFd: number, name: string): void;
+}
+
+const SUPPORTED = ['linux-x64-gnu', 'linux-arm64-gnu'];
+
+function platformTriple(): string {
+  const libc =
+    process.platform === 'linux'
+      ? (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header
+          ?.glibcVersionRuntime
+        ? 'gnu'
+        : 'musl'
+      : '';
+  return [process.platform, process.arch, libc].filter(Boolean).join('-');
+}
+
+function load(): Native {
+  const triple = platformTriple();
+  const require = createRequire(import.meta.url);
+  const root = join(dirname(fileURLToPath(import.meta.url)), '..');
+  const local = join(root, `loopdev.${triple}.node`);
+  const candidates = [`@loopdev/loop-${triple}`, local];
+  const failures: string[] = [];
+  for (const candidate of candidates) {
+    if (candidate === local && !existsSync(local)) continue;
+    try {
+      return require(candidate) as Native;
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      if (err.code === 'MODULE_NOT_FOUND' && candidate !== local) continue;
+      failures.push(`${candidate}: ${err.message.split('\n')[0]}`);
+    }
+  }
+  const why = SUPPORTED.includes(triple)
+    ? `no native binary found for ${triple} (install @loopdev/loop-${triple} or run "npm run build:native")`
+    : `platform ${triple} is not supported (supported: ${SUPPORTED.join(', ')})`;
+  const err = new Error(`@loopdev/loop: ${why}${failures.length ? `; ${failures.join('; ')}` : ''}`);
+  Object.assign(err, { code: 'ERR_LOOP_UNSUPPORTED_PLATFORM', platform: triple });
+  throw err;
+}
+
+export const native: Native = load();
+native.init({ LoopError, UnexpectedDeviceError });

@@ -1,0 +1,75 @@
+import { native, type Handle, type NativeLoop } from './binding.js';
+import { closedError } from './errors.js';
+import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
+
+export interface LoopForFdOptions extends ConfigureOptions {
+  /** Take `flock(LOCK_EX|LOCK_NB)` on the device before binding (skip devices others hold); kept while open. */
+  lock?: boolean;
+  /** Runs on the opened, still unbound device before it is configured. */
+  setup?: (lo: Loop) => void;
+}
+
+/** `/dev/loop-control`: creates, removes and hands out loop devices. */
+export class LoopControl implements Disposable {
+  #handle: Handle | null;
+
+  constructor(options: LoopOptions = {}) {
+    this.#handle = native.controlOpen(options.dirFd);
+  }
+
+  get closed(): boolean {
+    return this.#handle === null;
+  }
+
+  #h(): Handle {
+    if (this.#handle === null) throw closedError('loop-control');
+    return this.#handle;
+  }
+
+  close(): void {
+    if (this.#handle === null) return;
+    native.close(this.#handle);
+    this.#handle = null;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  /** LOOP_CTL_ADD: creates `loop<minor>` (-1: the first free minor); returns the minor. */
+  add(minor = -1): number {
+    return native.controlAdd(this.#h(), minor);
+  }
+
+  /** LOOP_CTL_REMOVE (EBUSY while the device is bound or open). */
+  remove(minor = -1): void {
+    native.controlRemove(this.#h(), minor);
+  }
+
+  /** LOOP_CTL_GET_FREE: the minor of an unbound device, created if needed. */
+  getUnbound(): number {
+    return native.controlGetUnbound(this.#h());
+  }
+
+  /**
+   * Binds `fd` to a free device and returns it open. Safe against other processes taking the same device
+   * (retries on a fresh one), serialised across processes with flock on loop-control.
+   */
+  loopForFd(fd: number, options: LoopForFdOptions = {}): Loop {
+    const { lock = false, setup, ...configure } = options;
+    const raw = native.controlLoopForFd(this.#h(), fd, configure, lock, setup && wrapSetup(setup));
+    return Loop.fromNative(raw, true);
+  }
+
+  /** `loopForFd` off the event loop. */
+  async loopForFdAsync(fd: number, options: LoopForFdOptions = {}): Promise<Loop> {
+    const { lock = false, setup, ...configure } = options;
+    const raw = await native.controlLoopForFdAsync(this.#h(), fd, configure, lock, setup && wrapSetup(setup));
+    return Loop.fromNative(raw, true);
+  }
+}
+
+/** The callback sees a Loop on a temporary handle that is closed when it returns. */
+function wrapSetup(setup: (lo: Loop) => void): (raw: NativeLoop) => void {
+  return (raw) => setup(Loop.fromNative(raw, false));
+}

@@ -1,0 +1,55 @@
+/** Errors shaped like Node's SystemError: `code`, `errno` (negative), `syscall`, `path`, plus `ioctl`. */
+
+export interface LoopErrorFields {
+  code: string;
+  errno?: number;
+  syscall?: string;
+  ioctl?: string;
+  path?: string;
+}
+
+export class LoopError extends Error {
+  readonly code: string;
+  readonly errno: number | undefined;
+  readonly syscall: string | undefined;
+  readonly ioctl: string | undefined;
+  readonly path: string | undefined;
+
+  /** Native code builds the message (`EBUSY: device or resource busy, ioctl LOOP_CONFIGURE '/dev/loop3'`). */
+  constructor(message: string, fields: LoopErrorFields) {
+    super(message);
+    this.name = new.target.name;
+    this.code = fields.code;
+    this.errno = fields.errno;
+    this.syscall = fields.syscall;
+    this.ioctl = fields.ioctl;
+    this.path = fields.path;
+  }
+}
+
+export interface UnexpectedDeviceFields extends LoopErrorFields {
+  expectedMinor: number;
+  rdev: bigint;
+  mode: number;
+}
+
+/** The node opened is not block device 7:minor (`code: 'ERR_LOOP_UNEXPECTED_DEVICE'`). */
+export class UnexpectedDeviceError extends LoopError {
+  readonly expectedMinor: number;
+  readonly rdev: bigint;
+  readonly mode: number;
+
+  constructor(message: string, fields: UnexpectedDeviceFields) {
+    super(message, fields);
+    this.expectedMinor = fields.expectedMinor;
+    this.rdev = fields.rdev;
+    this.mode = fields.mode;
+  }
+}
+
+export function closedError(what: string, path?: string): LoopError {
+  return new LoopError(`ERR_LOOP_CLOSED: ${what} is closed${path ? ` '${path}'` : ''}`, {
+    code: 'ERR_LOOP_CLOSED',
+    ...(path === undefined ? {} : { path }),
+  });
+}

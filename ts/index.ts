@@ -1,0 +1,5 @@
+export { LoopControl, type LoopForFdOptions } from './control.js';
+export { Loop, removeNode, DETACH_TIMEOUT_MS, type ConfigureOptions, type LoopOptions, type StatusOptions } from './loop.js';
+export { LoopInfo, type FileIdentity } from './info.js';
+export { LoopError, UnexpectedDeviceError, type LoopErrorFields, type UnexpectedDeviceFields } from './errors.js';
+export * from './constants.js';
