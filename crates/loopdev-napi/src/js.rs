@@ -149,7 +149,9 @@ impl Env {
     }
 
     pub fn opt_bool(self, obj: Value, name: &str) -> JsResult<Option<bool>> {
-        self.opt(obj, name)?.map(|v| self.to_bool(v).map_err(|_| Failure::Type(format!("{name} must be a boolean")))).transpose()
+        self.opt(obj, name)?
+            .map(|v| self.to_bool(v).map_err(|_| Failure::Type(format!("{name} must be a boolean"))))
+            .transpose()
     }
 
     pub fn opt_u64(self, obj: Value, name: &str) -> JsResult<Option<u64>> {

@@ -103,25 +103,16 @@ pub const NAPI_TSFN_ABORT: napi_threadsafe_function_release_mode = 1;
 // Callback types
 // ---------------------------------------------------------------------------
 
-pub type napi_callback =
-    Option<unsafe extern "C" fn(env: napi_env, info: napi_callback_info) -> napi_value>;
-pub type napi_finalize = Option<
-    unsafe extern "C" fn(env: napi_env, finalize_data: *mut c_void, finalize_hint: *mut c_void),
->;
+pub type napi_callback = Option<unsafe extern "C" fn(env: napi_env, info: napi_callback_info) -> napi_value>;
+pub type napi_finalize =
+    Option<unsafe extern "C" fn(env: napi_env, finalize_data: *mut c_void, finalize_hint: *mut c_void)>;
 /// Without NAPI_EXPERIMENTAL, `node_api_basic_finalize` is the same type as `napi_finalize`.
 pub type node_api_basic_finalize = napi_finalize;
-pub type napi_async_execute_callback =
-    Option<unsafe extern "C" fn(env: napi_env, data: *mut c_void)>;
+pub type napi_async_execute_callback = Option<unsafe extern "C" fn(env: napi_env, data: *mut c_void)>;
 pub type napi_async_complete_callback =
     Option<unsafe extern "C" fn(env: napi_env, status: napi_status, data: *mut c_void)>;
-pub type napi_threadsafe_function_call_js = Option<
-    unsafe extern "C" fn(
-        env: napi_env,
-        js_callback: napi_value,
-        context: *mut c_void,
-        data: *mut c_void,
-    ),
->;
+pub type napi_threadsafe_function_call_js =
+    Option<unsafe extern "C" fn(env: napi_env, js_callback: napi_value, context: *mut c_void, data: *mut c_void)>;
 pub type napi_cleanup_hook = Option<unsafe extern "C" fn(arg: *mut c_void)>;
 
 // ---------------------------------------------------------------------------
@@ -170,25 +161,10 @@ extern "C" {
 
     // Object / array creation and access
     pub fn napi_create_object(env: napi_env, result: *mut napi_value) -> napi_status;
-    pub fn napi_create_array_with_length(
-        env: napi_env,
-        length: usize,
-        result: *mut napi_value,
-    ) -> napi_status;
-    pub fn napi_set_element(
-        env: napi_env,
-        object: napi_value,
-        index: u32,
-        value: napi_value,
-    ) -> napi_status;
-    pub fn napi_get_element(
-        env: napi_env,
-        object: napi_value,
-        index: u32,
-        result: *mut napi_value,
-    ) -> napi_status;
-    pub fn napi_get_array_length(env: napi_env, value: napi_value, result: *mut u32)
-        -> napi_status;
+    pub fn napi_create_array_with_length(env: napi_env, length: usize, result: *mut napi_value) -> napi_status;
+    pub fn napi_set_element(env: napi_env, object: napi_value, index: u32, value: napi_value) -> napi_status;
+    pub fn napi_get_element(env: napi_env, object: napi_value, index: u32, result: *mut napi_value) -> napi_status;
+    pub fn napi_get_array_length(env: napi_env, value: napi_value, result: *mut u32) -> napi_status;
     pub fn napi_is_array(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
 
     // Primitive creation
@@ -196,16 +172,8 @@ extern "C" {
     pub fn napi_create_uint32(env: napi_env, value: u32, result: *mut napi_value) -> napi_status;
     pub fn napi_create_int64(env: napi_env, value: i64, result: *mut napi_value) -> napi_status;
     pub fn napi_create_double(env: napi_env, value: f64, result: *mut napi_value) -> napi_status;
-    pub fn napi_create_bigint_int64(
-        env: napi_env,
-        value: i64,
-        result: *mut napi_value,
-    ) -> napi_status;
-    pub fn napi_create_bigint_uint64(
-        env: napi_env,
-        value: u64,
-        result: *mut napi_value,
-    ) -> napi_status;
+    pub fn napi_create_bigint_int64(env: napi_env, value: i64, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_bigint_uint64(env: napi_env, value: u64, result: *mut napi_value) -> napi_status;
     pub fn napi_create_string_utf8(
         env: napi_env,
         str_: *const c_char,
@@ -234,17 +202,11 @@ extern "C" {
         result: *mut usize,
     ) -> napi_status;
     pub fn napi_get_value_int32(env: napi_env, value: napi_value, result: *mut i32) -> napi_status;
-    pub fn napi_get_value_uint32(env: napi_env, value: napi_value, result: *mut u32)
-        -> napi_status;
+    pub fn napi_get_value_uint32(env: napi_env, value: napi_value, result: *mut u32) -> napi_status;
     pub fn napi_get_value_int64(env: napi_env, value: napi_value, result: *mut i64) -> napi_status;
-    pub fn napi_get_value_double(env: napi_env, value: napi_value, result: *mut f64)
-        -> napi_status;
+    pub fn napi_get_value_double(env: napi_env, value: napi_value, result: *mut f64) -> napi_status;
     pub fn napi_get_value_bool(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
-    pub fn napi_typeof(
-        env: napi_env,
-        value: napi_value,
-        result: *mut napi_valuetype,
-    ) -> napi_status;
+    pub fn napi_typeof(env: napi_env, value: napi_value, result: *mut napi_valuetype) -> napi_status;
 
     // Properties
     pub fn napi_set_named_property(
@@ -271,12 +233,7 @@ extern "C" {
         key: napi_value,
         result: *mut napi_value,
     ) -> napi_status;
-    pub fn napi_set_property(
-        env: napi_env,
-        object: napi_value,
-        key: napi_value,
-        value: napi_value,
-    ) -> napi_status;
+    pub fn napi_set_property(env: napi_env, object: napi_value, key: napi_value, value: napi_value) -> napi_status;
     pub fn napi_define_properties(
         env: napi_env,
         object: napi_value,
@@ -325,11 +282,7 @@ extern "C" {
         finalize_hint: *mut c_void,
         result: *mut napi_value,
     ) -> napi_status;
-    pub fn napi_get_value_external(
-        env: napi_env,
-        value: napi_value,
-        result: *mut *mut c_void,
-    ) -> napi_status;
+    pub fn napi_get_value_external(env: napi_env, value: napi_value, result: *mut *mut c_void) -> napi_status;
     pub fn napi_create_reference(
         env: napi_env,
         value: napi_value,
@@ -337,34 +290,16 @@ extern "C" {
         result: *mut napi_ref,
     ) -> napi_status;
     pub fn napi_delete_reference(env: napi_env, ref_: napi_ref) -> napi_status;
-    pub fn napi_get_reference_value(
-        env: napi_env,
-        ref_: napi_ref,
-        result: *mut napi_value,
-    ) -> napi_status;
+    pub fn napi_get_reference_value(env: napi_env, ref_: napi_ref, result: *mut napi_value) -> napi_status;
 
     // Exceptions and errors
     pub fn napi_throw(env: napi_env, error: napi_value) -> napi_status;
     pub fn napi_throw_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
-    pub fn napi_throw_type_error(
-        env: napi_env,
-        code: *const c_char,
-        msg: *const c_char,
-    ) -> napi_status;
-    pub fn napi_throw_range_error(
-        env: napi_env,
-        code: *const c_char,
-        msg: *const c_char,
-    ) -> napi_status;
+    pub fn napi_throw_type_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
+    pub fn napi_throw_range_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
     pub fn napi_is_exception_pending(env: napi_env, result: *mut bool) -> napi_status;
-    pub fn napi_get_and_clear_last_exception(env: napi_env, result: *mut napi_value)
-        -> napi_status;
-    pub fn napi_create_error(
-        env: napi_env,
-        code: napi_value,
-        msg: napi_value,
-        result: *mut napi_value,
-    ) -> napi_status;
+    pub fn napi_get_and_clear_last_exception(env: napi_env, result: *mut napi_value) -> napi_status;
+    pub fn napi_create_error(env: napi_env, code: napi_value, msg: napi_value, result: *mut napi_value) -> napi_status;
     pub fn napi_create_type_error(
         env: napi_env,
         code: napi_value,
@@ -379,21 +314,9 @@ extern "C" {
     ) -> napi_status;
 
     // Promises
-    pub fn napi_create_promise(
-        env: napi_env,
-        deferred: *mut napi_deferred,
-        promise: *mut napi_value,
-    ) -> napi_status;
-    pub fn napi_resolve_deferred(
-        env: napi_env,
-        deferred: napi_deferred,
-        resolution: napi_value,
-    ) -> napi_status;
-    pub fn napi_reject_deferred(
-        env: napi_env,
-        deferred: napi_deferred,
-        rejection: napi_value,
-    ) -> napi_status;
+    pub fn napi_create_promise(env: napi_env, deferred: *mut napi_deferred, promise: *mut napi_value) -> napi_status;
+    pub fn napi_resolve_deferred(env: napi_env, deferred: napi_deferred, resolution: napi_value) -> napi_status;
+    pub fn napi_reject_deferred(env: napi_env, deferred: napi_deferred, rejection: napi_value) -> napi_status;
 
     // Async work
     pub fn napi_create_async_work(
@@ -432,14 +355,8 @@ extern "C" {
         func: napi_threadsafe_function,
         mode: napi_threadsafe_function_release_mode,
     ) -> napi_status;
-    pub fn napi_unref_threadsafe_function(
-        env: node_api_basic_env,
-        func: napi_threadsafe_function,
-    ) -> napi_status;
-    pub fn napi_ref_threadsafe_function(
-        env: node_api_basic_env,
-        func: napi_threadsafe_function,
-    ) -> napi_status;
+    pub fn napi_unref_threadsafe_function(env: node_api_basic_env, func: napi_threadsafe_function) -> napi_status;
+    pub fn napi_ref_threadsafe_function(env: node_api_basic_env, func: napi_threadsafe_function) -> napi_status;
 
     // Instance data and lifecycle
     pub fn napi_set_instance_data(
@@ -449,11 +366,7 @@ extern "C" {
         finalize_hint: *mut c_void,
     ) -> napi_status;
     pub fn napi_get_instance_data(env: node_api_basic_env, data: *mut *mut c_void) -> napi_status;
-    pub fn napi_add_env_cleanup_hook(
-        env: node_api_basic_env,
-        fun: napi_cleanup_hook,
-        arg: *mut c_void,
-    ) -> napi_status;
+    pub fn napi_add_env_cleanup_hook(env: node_api_basic_env, fun: napi_cleanup_hook, arg: *mut c_void) -> napi_status;
     pub fn napi_remove_env_cleanup_hook(
         env: node_api_basic_env,
         fun: napi_cleanup_hook,

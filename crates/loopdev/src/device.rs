@@ -7,8 +7,8 @@ use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::unistd::{unlinkat, UnlinkatFlags};
 use nix::sys::stat::{self, fstat, major, makedev, mknodat, FileStat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -344,7 +344,8 @@ impl Loop {
         let host = Path::new(DEV_DIR).join(&name);
         if host.exists() {
             let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
-            let raw = openat(dir.as_raw_fd(), name.as_str(), file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
+            let raw = openat(dir.as_raw_fd(), name.as_str(), file, perm)
+                .map_err(|e| Error::os(e, "open").with_path(&path))?;
             // SAFETY: openat returned a fresh fd we own; we only need the file to exist.
             drop(unsafe { OwnedFd::from_raw_fd(raw) });
             let target = proc_path(dir, &name);
@@ -354,7 +355,8 @@ impl Loop {
             let _ = unlinkat(Some(dir.as_raw_fd()), name.as_str(), UnlinkatFlags::NoRemoveDir);
         }
         let dev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(self.minor));
-        mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, perm, dev).map_err(|e| Error::os(e, "mknod").with_path(&path))
+        mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, perm, dev)
+            .map_err(|e| Error::os(e, "mknod").with_path(&path))
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.

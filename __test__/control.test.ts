@@ -1,0 +1,190 @@
+import test from 'ava';
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { LOCK_EX, LOCK_NB, Loop, LoopControl, LoopError } from '../ts/index.js';
+import { devicesBoundUnder, image, isBound, loopTest, openFds, sysfs } from './helpers.js';
+
+loopTest('add creates a device node and remove deletes it', (t) => {
+  using ctl = new LoopControl();
+  const minor = ctl.add();
+  t.true(fs.statSync(`/dev/loop${minor}`).isBlockDevice());
+  t.not(sysfs(minor, 'size'), null);
+  ctl.remove(minor);
+  t.is(sysfs(minor, 'size'), null);
+});
+
+loopTest('remove of a device that does not exist is ENODEV', (t) => {
+  using ctl = new LoopControl();
+  const err = t.throws(() => ctl.remove(1_000_000), { instanceOf: LoopError });
+  t.is(err?.code, 'ENODEV');
+  t.is(err?.ioctl, 'LOOP_CTL_REMOVE');
+  t.is(err?.path, '/dev/loop-control');
+});
+
+loopTest('getUnbound names an existing loop device', (t) => {
+  using ctl = new LoopControl();
+  const minor = ctl.getUnbound();
+  t.true(Number.isInteger(minor) && minor >= 0);
+  t.true(fs.statSync(`/dev/loop${minor}`).isBlockDevice());
+});
+
+loopTest('loopForFd binds the file and using detaches it', (t) => {
+  const img = image(t);
+  let minor: number;
+  {
+    using ctl = new LoopControl();
+    using lo = ctl.loopForFd(img.fd);
+    minor = lo.minor;
+    t.is(lo.path, `/dev/loop${minor}`);
+    t.is(lo.devname, `loop${minor}`);
+    t.is(sysfs(minor, 'loop/backing_file'), img.path);
+    t.true(lo.isBoundTo(img.fd));
+    t.true(lo.getStatus().isBoundTo(fs.fstatSync(img.fd, { bigint: true })));
+  }
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+});
+
+loopTest('loopForFd applies every option the kernel reports in sysfs', (t) => {
+  const img = image(t, 16 << 20, { readOnly: true });
+  using ctl = new LoopControl();
+  using lo = ctl.loopForFd(img.fd, {
+    offset: 1 << 20,
+    sizeLimit: 4n << 20n,
+    blockSize: 4096,
+    partscan: true,
+    readOnly: true,
+    autoclear: true,
+  });
+  t.is(sysfs(lo.minor, 'loop/offset'), String(1 << 20));
+  t.is(sysfs(lo.minor, 'loop/sizelimit'), String(4 << 20));
+  t.is(sysfs(lo.minor, 'loop/partscan'), '1');
+  t.is(sysfs(lo.minor, 'loop/autoclear'), '1');
+  t.is(sysfs(lo.minor, 'ro'), '1');
+  t.is(sysfs(lo.minor, 'queue/logical_block_size'), '4096');
+  t.is(sysfs(lo.minor, 'size'), String((4 << 20) / 512));
+  const info = lo.getStatus();
+  t.true(info.readOnly && info.partscan && info.autoclear);
+  t.is(info.offset, 1n << 20n);
+  t.is(info.fileName, img.path);
+});
+
+loopTest('an autoclear device frees itself when its last fd closes', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const lo = ctl.loopForFd(img.fd, { autoclear: true });
+  t.true(isBound(lo.minor));
+  lo.close();
+  t.false(isBound(lo.minor));
+  t.is(lo.fd, -1);
+});
+
+loopTest('loopForFdAsync binds off the event loop', async (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  await using lo = await ctl.loopForFdAsync(img.fd, { blockSize: 4096 });
+  t.true(lo.isBoundTo(img.fd));
+  t.is(sysfs(lo.minor, 'queue/logical_block_size'), '4096');
+});
+
+loopTest('setup runs on the opened, still unbound device before configure', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const seen: string[] = [];
+  using lo = ctl.loopForFd(img.fd, {
+    setup: (dev) => {
+      seen.push(dev.path);
+      t.is(t.throws(() => dev.getStatus(), { instanceOf: LoopError })?.code, 'ENXIO');
+    },
+  });
+  t.deepEqual(seen, [lo.path]);
+  t.true(lo.isBoundTo(img.fd));
+});
+
+loopTest.serial('a throwing setup propagates its error and binds nothing', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const before = openFds();
+  const boom = new Error('setup refused');
+  t.is(t.throws(() => ctl.loopForFd(img.fd, { setup: () => { throw boom; } })), boom);
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.is(openFds(), before);
+});
+
+loopTest('lock holds an exclusive flock on the device while it is open', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  using lo = ctl.loopForFd(img.fd, { lock: true });
+  using probe = new Loop(lo.minor);
+  const err = t.throws(() => probe.flock(LOCK_EX | LOCK_NB), { instanceOf: LoopError });
+  t.true(err?.code === 'EWOULDBLOCK' || err?.code === 'EAGAIN');
+  t.is(err?.syscall, 'flock');
+});
+
+loopTest('concurrent loopForFdAsync callers in one process never share a device', async (t) => {
+  const images = Array.from({ length: 12 }, () => image(t, 1 << 20));
+  using a = new LoopControl();
+  using b = new LoopControl();
+  const loops = await Promise.all(images.map((img, i) => (i % 2 ? a : b).loopForFdAsync(img.fd, { autoclear: true })));
+  try {
+    t.is(new Set(loops.map((lo) => lo.minor)).size, loops.length);
+    loops.forEach((lo, i) => t.true(lo.isBoundTo(images[i]!.fd)));
+  } finally {
+    for (const lo of loops) lo.close();
+  }
+  for (const img of images) t.deepEqual(devicesBoundUnder(img.dir), []);
+});
+
+const RACER = `
+import { LoopControl } from ${JSON.stringify(path.resolve('ts/index.ts'))};
+import * as fs from 'node:fs';
+const ctl = new LoopControl();
+const held = [];
+for (const file of process.argv.slice(2)) {
+  const fd = fs.openSync(file, 'r+');
+  const lo = ctl.loopForFd(fd, { autoclear: true });
+  if (!lo.isBoundTo(fd)) throw new Error('bound to the wrong file');
+  held.push(lo.minor);
+  fs.closeSync(fd);
+}
+process.stdout.write(JSON.stringify(held) + '\\n');
+process.stdin.resume();
+process.stdin.on('end', () => process.exit(0));
+`;
+
+loopTest('two processes racing loopForFd never share a device', async (t) => {
+  const files = Array.from({ length: 16 }, () => image(t, 1 << 20).path);
+  const script = path.join(path.dirname(files[0]!), 'racer.mts');
+  fs.writeFileSync(script, RACER);
+  const run = (mine: string[]) => {
+    const child = spawn(process.execPath, ['--import=tsx', script, ...mine], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const minors = new Promise<number[]>((resolve, reject) => {
+      let out = '';
+      child.stdout.on('data', (d) => {
+        out += d;
+        if (out.includes('\n')) resolve(JSON.parse(out));
+      });
+      child.on('exit', (code) => reject(new Error(`racer exited with ${code}`)));
+    });
+    const exited = new Promise((resolve) => child.on('exit', resolve));
+    return { child, minors, exited };
+  };
+  const racers = [run(files.slice(0, 8)), run(files.slice(8))];
+  const [first, second] = await Promise.all(racers.map((r) => r.minors));
+  t.is(new Set([...first!, ...second!]).size, 16);
+  for (const r of racers) r.child.stdin!.end();
+  await Promise.all(racers.map((r) => r.exited));
+  for (const f of files) t.deepEqual(devicesBoundUnder(f), []);
+});
+
+test('use after close is ERR_LOOP_CLOSED and close is idempotent', (t) => {
+  if (!fs.existsSync('/dev/loop-control')) return t.pass();
+  const ctl = new LoopControl();
+  ctl.close();
+  ctl.close();
+  t.true(ctl.closed);
+  for (const call of [() => ctl.add(), () => ctl.remove(0), () => ctl.getUnbound(), () => ctl.loopForFd(0)]) {
+    const err = t.throws(call, { instanceOf: LoopError });
+    t.is(err?.code, 'ERR_LOOP_CLOSED');
+  }
+});

@@ -1,0 +1,99 @@
+import * as fs from 'node:fs';
+import { Loop, LoopControl, LoopError } from '../ts/index.js';
+import { configuredLoop, devicesBoundUnder, image, isBound, loopTest, openFds } from './helpers.js';
+
+loopTest('clearFdWait returns once the device is unbound; close finishes the teardown', async (t) => {
+  const img = image(t);
+  const lo = await configuredLoop(img.fd);
+  await lo.clearFdWait(img.fd, 2000, 5);
+  t.false(lo.isBoundTo(img.fd));
+  lo.close();
+  t.false(isBound(lo.minor) && devicesBoundUnder(img.path).length > 0);
+  t.deepEqual(devicesBoundUnder(img.path), []);
+});
+
+loopTest('clearFdWaitSync behaves the same without a promise', async (t) => {
+  const img = image(t);
+  const lo = await configuredLoop(img.fd);
+  lo.clearFdWaitSync(img.fd, 2000, 5);
+  lo.close();
+  t.deepEqual(devicesBoundUnder(img.path), []);
+});
+
+loopTest('clearFdWait times out with ETIMEDOUT while another fd holds the device, which frees it later', async (t) => {
+  const img = image(t);
+  const lo = await configuredLoop(img.fd);
+  const holder = fs.openSync(lo.path, 'r');
+  const err = await t.throwsAsync(lo.clearFdWait(img.fd, 200, 20), { instanceOf: LoopError });
+  t.is(err?.code, 'ETIMEDOUT');
+  t.is(err?.errno, -110);
+  t.is(err?.path, lo.path);
+  t.regex(err!.message, /^ETIMEDOUT: device still bound after 200 ms, ioctl LOOP_CLR_FD/);
+  t.true(lo.isBoundTo(img.fd), 'still bound while held');
+  lo.close();
+  t.deepEqual(devicesBoundUnder(img.path).length, 1, 'the holder keeps it');
+  fs.closeSync(holder);
+  t.deepEqual(devicesBoundUnder(img.path), [], 'the last close detaches it (autoclear)');
+});
+
+loopTest.serial('using detaches a device this object configured', async (t) => {
+  const img = image(t);
+  const before = openFds();
+  {
+    using lo = await configuredLoop(img.fd);
+    t.true(lo.isBoundTo(img.fd));
+  }
+  t.deepEqual(devicesBoundUnder(img.path), []);
+  t.is(openFds(), before);
+});
+
+loopTest('await using waits for a verified detach', async (t) => {
+  const img = image(t);
+  let minor = -1;
+  {
+    await using lo = await configuredLoop(img.fd);
+    minor = lo.minor;
+  }
+  t.true(minor >= 0);
+  t.deepEqual(devicesBoundUnder(img.path), []);
+});
+
+loopTest('detach of a device held by someone else rejects with ETIMEDOUT and leaves it to autoclear', async (t) => {
+  const img = image(t);
+  const lo = await configuredLoop(img.fd);
+  const holder = fs.openSync(lo.path, 'r');
+  await t.throwsAsync(lo.detach(100), { instanceOf: LoopError, code: 'ETIMEDOUT' });
+  t.throws(() => lo.detachSync(50), { instanceOf: LoopError, code: 'ETIMEDOUT' });
+  lo.close();
+  t.is(devicesBoundUnder(img.path).length, 1);
+  fs.closeSync(holder);
+  t.deepEqual(devicesBoundUnder(img.path), []);
+});
+
+loopTest('dispose of a Loop that did not bind the device leaves it bound', async (t) => {
+  const img = image(t);
+  using owner = await configuredLoop(img.fd);
+  {
+    using viewer = new Loop(owner.minor);
+    t.true(viewer.isBoundTo(img.fd));
+  }
+  t.true(owner.isBoundTo(img.fd));
+});
+
+loopTest('onClose runs once and the fd becomes -1', async (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const lo = ctl.loopForFd(img.fd, { autoclear: true });
+  let calls = 0;
+  lo.onClose = (closed) => {
+    calls++;
+    t.is(closed, lo);
+  };
+  t.true(lo.fd >= 0);
+  lo.close();
+  lo.close();
+  t.is(calls, 1);
+  t.is(lo.fd, -1);
+  const err = t.throws(() => lo.getStatus(), { instanceOf: LoopError });
+  t.is(err?.code, 'ERR_LOOP_CLOSED');
+});

@@ -1,0 +1,104 @@
+import * as fs from 'node:fs';
+import { Loop, LoopControl, LoopError } from '../ts/index.js';
+import { devicesBoundUnder, image, loopTest, openFds, tempDir } from './helpers.js';
+
+const BAD_SIZES: Array<[string, unknown]> = [
+  ['negative', -1],
+  ['NaN', NaN],
+  ['fractional', 1.5],
+  ['Infinity', Infinity],
+  ['2^64 as a number', 2 ** 64],
+  ['2^64 as a bigint', 2n ** 64n],
+  ['negative bigint', -1n],
+];
+
+for (const [what, value] of BAD_SIZES) {
+  loopTest.serial(`an offset that is ${what} is a RangeError and binds nothing`, (t) => {
+    const img = image(t);
+    using ctl = new LoopControl();
+    const before = openFds();
+    const err = t.throws(() => ctl.loopForFd(img.fd, { offset: value as number }), { instanceOf: RangeError });
+    t.is((err as NodeJS.ErrnoException).code, 'ERR_OUT_OF_RANGE');
+    t.deepEqual(devicesBoundUnder(img.dir), []);
+    t.is(openFds(), before);
+  });
+}
+
+loopTest('sizes beyond 2^53 pass as bigint; the kernel caps them at 2^63-1 (EOVERFLOW)', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  using lo = ctl.loopForFd(img.fd, { sizeLimit: 2n ** 63n - 1n, autoclear: true });
+  t.is(lo.getStatus().sizeLimit, 2n ** 63n - 1n);
+  const err = t.throws(() => ctl.loopForFd(img.fd, { sizeLimit: 2n ** 64n - 1n }), { instanceOf: LoopError });
+  t.is(err?.code, 'EOVERFLOW');
+  t.deepEqual(devicesBoundUnder(img.dir), [lo.path]);
+});
+
+loopTest('a non-number offset is a TypeError', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const err = t.throws(() => ctl.loopForFd(img.fd, { offset: '4096' as unknown as number }), { instanceOf: TypeError });
+  t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE');
+});
+
+loopTest('fd -1 is a RangeError', (t) => {
+  using ctl = new LoopControl();
+  t.throws(() => ctl.loopForFd(-1), { instanceOf: RangeError, code: 'ERR_OUT_OF_RANGE' });
+});
+
+loopTest.serial('a closed fd is EBADF and binds nothing', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const fd = fs.openSync(img.path, 'r');
+  fs.closeSync(fd);
+  const before = openFds();
+  const err = t.throws(() => ctl.loopForFd(fd), { instanceOf: LoopError });
+  t.is(err?.code, 'EBADF');
+  t.is(err?.errno, -9);
+  t.is(openFds(), before);
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+});
+
+loopTest.serial('a directory fd is EINVAL and binds nothing', (t) => {
+  const dir = tempDir(t);
+  const fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(fd));
+  using ctl = new LoopControl();
+  const before = openFds();
+  const err = t.throws(() => ctl.loopForFd(fd), { instanceOf: LoopError });
+  t.is(err?.code, 'EINVAL');
+  t.regex(err!.message, /not a regular file or block device/);
+  t.is(openFds(), before);
+});
+
+loopTest('an unknown minor is ENOENT with the path', (t) => {
+  const err = t.throws(() => new Loop(999_999), { instanceOf: LoopError });
+  t.is(err?.code, 'ENOENT');
+  t.is(err?.syscall, 'open');
+  t.is(err?.path, '/dev/loop999999');
+});
+
+loopTest('a minor that is not an integer is a RangeError', (t) => {
+  t.throws(() => new Loop(-1), { instanceOf: RangeError });
+  t.throws(() => new Loop(1.5), { instanceOf: RangeError });
+});
+
+loopTest('a bad block size is EINVAL from LOOP_CONFIGURE and binds nothing', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const err = t.throws(() => ctl.loopForFd(img.fd, { blockSize: 1000 }), { instanceOf: LoopError });
+  t.is(err?.code, 'EINVAL');
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+});
+
+loopTest('double close and double dispose are harmless', (t) => {
+  const img = image(t);
+  const ctl = new LoopControl();
+  const lo = ctl.loopForFd(img.fd);
+  lo[Symbol.dispose]();
+  lo[Symbol.dispose]();
+  lo.close();
+  ctl[Symbol.dispose]();
+  ctl.close();
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+});

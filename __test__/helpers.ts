@@ -1,0 +1,136 @@
+/**
+ * Shared test fixtures. Every image lives in a fresh `loopdev-test-*` temp dir; teardown detaches only
+ * devices bound to files in that dir (never anyone else's) and reports them as leaks.
+ */
+import test, { type ExecutionContext, type TestFn } from 'ava';
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+export const TEST_PREFIX = 'loopdev-test-';
+
+function loopControlProblem(): string | null {
+  try {
+    fs.closeSync(fs.openSync('/dev/loop-control', fs.constants.O_RDWR));
+    return null;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
+/** Why privileged tests cannot run here, or null when /dev/loop-control is usable. */
+export const loopUnusable = loopControlProblem();
+
+if (loopUnusable) console.warn(`# skipping loop device tests: /dev/loop-control unusable (${loopUnusable})`);
+
+/** `test` when real loop devices can be used, else `test.skip` (with the reason printed once). */
+export const loopTest: TestFn = loopUnusable ? (test.skip as unknown as TestFn) : test;
+
+/** Loop devices whose backing file is `file` or lies under `file` (a directory), from sysfs. */
+export function devicesBoundUnder(file: string): string[] {
+  const found: string[] = [];
+  for (const name of fs.readdirSync('/sys/block')) {
+    if (!name.startsWith('loop')) continue;
+    let backing: string;
+    try {
+      backing = fs.readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim();
+    } catch {
+      continue; // unbound
+    }
+    backing = backing.replace(/ \(deleted\)$/, '');
+    if (backing === file || backing.startsWith(file + '/')) found.push(`/dev/${name}`);
+  }
+  return found;
+}
+
+/** A fresh temp dir removed at teardown, after detaching (and reporting) any device still bound into it. */
+export function tempDir(t: ExecutionContext): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), TEST_PREFIX));
+  t.teardown(() => {
+    const leaked = devicesBoundUnder(dir);
+    for (const dev of leaked) {
+      console.error(`# LEAK in "${t.title}": ${dev} still bound to a file in ${dir}; detaching it`);
+      try {
+        execFileSync('losetup', ['-d', dev]);
+      } catch {
+        /* already gone */
+      }
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return dir;
+}
+
+export interface Image {
+  path: string;
+  fd: number;
+  dir: string;
+}
+
+/** A sparse image file of `size` bytes, opened read-write (or read-only); the fd is closed at teardown. */
+export function image(t: ExecutionContext, size = 8 << 20, options: { name?: string; readOnly?: boolean } = {}): Image {
+  const dir = tempDir(t);
+  const file = path.join(dir, options.name ?? 'disk.img');
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, size);
+  const fd = fs.openSync(file, options.readOnly ? 'r' : 'r+');
+  t.teardown(() => closeQuietly(fd));
+  return { path: file, fd, dir };
+}
+
+export function closeQuietly(fd: number): void {
+  try {
+    fs.closeSync(fd);
+  } catch {
+    /* already closed */
+  }
+}
+
+/** `/sys/block/loopN/<attr>`, trimmed; null when absent (e.g. `loop/*` on an unbound device). */
+export function sysfs(minor: number, attr: string): string | null {
+  try {
+    return fs.readFileSync(`/sys/block/loop${minor}/${attr}`, 'utf8').trim();
+  } catch {
+    return null;
+  }
+}
+
+/** Whether the kernel reports loopN as bound (its sysfs `loop/` directory exists). */
+export function isBound(minor: number): boolean {
+  return sysfs(minor, 'loop/backing_file') !== null;
+}
+
+/** Open fds of this process, for leak checks. */
+export function openFds(): number {
+  return fs.readdirSync('/proc/self/fd').length;
+}
+
+/**
+ * Binds a fresh device with `bind` the way a careful caller does without loopForFd: another process may
+ * take the free device first (EBUSY), so retry on a new one. Tests of Loop itself use this.
+ */
+export async function bindFresh(
+  bind: (lo: import('../ts/index.js').Loop) => void | Promise<void>,
+): Promise<import('../ts/index.js').Loop> {
+  const { Loop, LoopControl } = await import('../ts/index.js');
+  using ctl = new LoopControl();
+  for (let attempt = 0; ; attempt++) {
+    const lo = new Loop(ctl.getUnbound());
+    try {
+      await bind(lo);
+      return lo;
+    } catch (e) {
+      lo.close();
+      if ((e as { code?: string }).code !== 'EBUSY' || attempt > 20) throw e;
+    }
+  }
+}
+
+/** `new Loop(getUnbound()).configure(fd, options)`, retried on EBUSY. */
+export function configuredLoop(
+  fd: number,
+  options: import('../ts/index.js').ConfigureOptions = {},
+): Promise<import('../ts/index.js').Loop> {
+  return bindFresh((lo) => lo.configure(fd, options));
+}

@@ -1,0 +1,149 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Loop, LoopError } from '../ts/index.js';
+import { bindFresh, configuredLoop, devicesBoundUnder, image, isBound, loopTest, sysfs } from './helpers.js';
+
+loopTest('configure binds with offset, size limit, partscan, read-only and 4096-byte sectors', async (t) => {
+  const img = image(t, 16 << 20);
+  using lo = await configuredLoop(img.fd, {
+    offset: 8192,
+    sizeLimit: 2 << 20,
+    partscan: true,
+    readOnly: true,
+    blockSize: 4096,
+  });
+  t.is(sysfs(lo.minor, 'loop/backing_file'), img.path);
+  t.is(sysfs(lo.minor, 'loop/offset'), '8192');
+  t.is(sysfs(lo.minor, 'loop/sizelimit'), String(2 << 20));
+  t.is(sysfs(lo.minor, 'loop/partscan'), '1');
+  t.is(sysfs(lo.minor, 'ro'), '1');
+  t.is(sysfs(lo.minor, 'queue/logical_block_size'), '4096');
+  const info = lo.getStatus();
+  t.is(info.number, lo.minor);
+  t.true(Object.isFrozen(info));
+});
+
+loopTest('configureAsync binds off the event loop', async (t) => {
+  const img = image(t);
+  await using lo = await bindFresh((l) => l.configureAsync(img.fd, { autoclear: true }));
+  t.true(lo.isBoundTo(img.fd));
+  t.is(sysfs(lo.minor, 'loop/autoclear'), '1');
+});
+
+loopTest('isBoundTo is true for the backing file only, false once unbound', async (t) => {
+  const img = image(t);
+  const other = image(t);
+  const lo = await configuredLoop(img.fd);
+  t.true(lo.isBoundTo(img.fd));
+  t.false(lo.isBoundTo(other.fd));
+  lo.clearFd();
+  t.false(lo.isBoundTo(img.fd));
+  lo.close();
+  t.false(isBound(lo.minor) && sysfs(lo.minor, 'loop/backing_file') === img.path);
+});
+
+loopTest('setStatus changes what is asked and keeps the rest', async (t) => {
+  const img = image(t);
+  using lo = await configuredLoop(img.fd, { offset: 4096, partscan: true });
+  lo.setStatus({ sizeLimit: 1 << 20, autoclear: true });
+  const info = lo.getStatus();
+  t.is(info.offset, 4096n);
+  t.is(info.sizeLimit, 1n << 20n);
+  t.true(info.autoclear && info.partscan);
+  t.is(info.fileName, img.path);
+  t.is(sysfs(lo.minor, 'loop/sizelimit'), String(1 << 20));
+  lo.setStatus({ autoclear: false });
+  t.false(lo.getStatus().autoclear);
+});
+
+loopTest('setStatus refuses a change the kernel would silently ignore', async (t) => {
+  const img = image(t);
+  using lo = await configuredLoop(img.fd);
+  const err = t.throws(() => lo.setStatus({ readOnly: true }), { instanceOf: LoopError });
+  t.is(err?.code, 'EINVAL');
+  t.is(err?.ioctl, 'LOOP_SET_STATUS64');
+  t.false(lo.getStatus().readOnly);
+});
+
+loopTest('the legacy path (setFd + setStatus + setBlockSize) gives the same device', async (t) => {
+  const img = image(t);
+  using lo = await bindFresh((l) => l.setFd(img.fd));
+  lo.setStatus({ offset: 4096, autoclear: true });
+  lo.setBlockSize(4096);
+  t.is(sysfs(lo.minor, 'loop/offset'), '4096');
+  t.is(sysfs(lo.minor, 'loop/autoclear'), '1');
+  t.is(sysfs(lo.minor, 'queue/logical_block_size'), '4096');
+  t.true(lo.isBoundTo(img.fd));
+});
+
+loopTest('changeFd swaps a read-only device to a same-size file', async (t) => {
+  const a = image(t, 4 << 20, { readOnly: true });
+  const b = image(t, 4 << 20, { name: 'other.img', readOnly: true });
+  using lo = await configuredLoop(a.fd, { readOnly: true });
+  lo.changeFd(b.fd);
+  t.true(lo.isBoundTo(b.fd));
+  t.is(sysfs(lo.minor, 'loop/backing_file'), b.path);
+});
+
+loopTest('setCapacity picks up a grown backing file', async (t) => {
+  const img = image(t, 4 << 20);
+  using lo = await configuredLoop(img.fd);
+  t.is(sysfs(lo.minor, 'size'), String((4 << 20) / 512));
+  fs.ftruncateSync(img.fd, 8 << 20);
+  lo.setCapacity();
+  t.is(sysfs(lo.minor, 'size'), String((8 << 20) / 512));
+});
+
+loopTest('setDirectIo toggles direct I/O on a file that supports it', async (t) => {
+  // tmpfs refuses O_DIRECT; use a file on the root file system.
+  const dir = fs.mkdtempSync(path.join('/var/tmp', 'loopdev-test-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'dio.img');
+  fs.writeFileSync(file, Buffer.alloc(1 << 20));
+  const fd = fs.openSync(file, 'r+');
+  t.teardown(() => fs.closeSync(fd));
+  {
+    using lo = await configuredLoop(fd, { blockSize: 4096 });
+    try {
+      lo.setDirectIo(true);
+    } catch (e) {
+      return t.pass(`direct I/O not supported here: ${(e as Error).message}`);
+    }
+    t.is(sysfs(lo.minor, 'loop/dio'), '1');
+    t.true(lo.getStatus().directIo);
+    lo.setDirectIo(false);
+    t.is(sysfs(lo.minor, 'loop/dio'), '0');
+  }
+  t.deepEqual(devicesBoundUnder(dir), []);
+});
+
+loopTest('flushBuf and flock work on an open device', async (t) => {
+  const img = image(t);
+  using lo = await configuredLoop(img.fd);
+  t.notThrows(() => lo.flushBuf());
+  t.notThrows(() => lo.flock(2 /* LOCK_EX */));
+  t.notThrows(() => lo.flock(8 /* LOCK_UN */));
+});
+
+loopTest('getStatus of an unbound device is ENXIO with ioctl and path', async (t) => {
+  const { LoopControl } = await import('../ts/index.js');
+  using ctl = new LoopControl();
+  const minor = ctl.add();
+  t.teardown(() => {
+    try {
+      ctl.remove(minor);
+    } catch {
+      /* someone else bound it meanwhile */
+    }
+  });
+  {
+    using lo = new Loop(minor);
+    const err = t.throws(() => lo.getStatus(), { instanceOf: LoopError });
+    t.is(err?.code, 'ENXIO');
+    t.is(err?.errno, -6);
+    t.is(err?.syscall, 'ioctl');
+    t.is(err?.ioctl, 'LOOP_GET_STATUS64');
+    t.is(err?.path, `/dev/loop${minor}`);
+    t.is(err?.message, `ENXIO: no such device or address, ioctl LOOP_GET_STATUS64 '/dev/loop${minor}'`);
+  }
+});

@@ -1,0 +1,68 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Loop, LoopControl, LOOP_MAJOR, removeNode, UnexpectedDeviceError } from '../ts/index.js';
+import { image, loopTest, tempDir } from './helpers.js';
+
+function openDir(t: import('ava').ExecutionContext, dir: string): number {
+  const fd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(fd));
+  return fd;
+}
+
+loopTest('mknod makes a block node 7:minor in a directory, removeNode takes it away', (t) => {
+  const img = image(t);
+  const dir = tempDir(t);
+  const dirFd = openDir(t, dir);
+  using ctl = new LoopControl();
+  using lo = ctl.loopForFd(img.fd, { autoclear: true });
+  lo.mknod(dirFd);
+  const node = path.join(dir, lo.devname);
+  const st = fs.statSync(node);
+  t.true(st.isBlockDevice());
+  t.is(Math.floor(st.rdev / 256) & 0xfff, LOOP_MAJOR);
+  t.is(st.rdev & 0xff, lo.minor & 0xff);
+  // The node reads the same bytes as the device itself.
+  const viaNode = fs.openSync(node, 'r');
+  t.teardown(() => fs.closeSync(viaNode));
+  const buf = Buffer.alloc(16);
+  t.is(fs.readSync(viaNode, buf, 0, 16, 0), 16);
+  removeNode(dirFd, lo.devname);
+  t.false(fs.existsSync(node));
+});
+
+loopTest('mknod refuses to replace an existing node (EEXIST)', (t) => {
+  const img = image(t);
+  const dir = tempDir(t);
+  const dirFd = openDir(t, dir);
+  using ctl = new LoopControl();
+  using lo = ctl.loopForFd(img.fd, { autoclear: true });
+  fs.writeFileSync(path.join(dir, lo.devname), '');
+  t.throws(() => lo.mknod(dirFd), { code: 'EEXIST' });
+});
+
+loopTest('a Loop can be opened through a directory fd', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  using bound = ctl.loopForFd(img.fd, { autoclear: true });
+  const devFd = openDir(t, '/dev');
+  using lo = new Loop(bound.minor, { dirFd: devFd });
+  t.is(lo.path, `/dev/loop${bound.minor}`);
+  t.true(lo.isBoundTo(img.fd));
+});
+
+loopTest('a node that is not the loop device asked for is an UnexpectedDeviceError', (t) => {
+  const dir = tempDir(t);
+  fs.symlinkSync('/dev/null', path.join(dir, 'loop3')); // a character device
+  fs.writeFileSync(path.join(dir, 'loop4'), ''); // a regular file
+  const dirFd = openDir(t, dir);
+  using ctl = new LoopControl();
+  const other = ctl.getUnbound();
+  fs.symlinkSync(`/dev/loop${other}`, path.join(dir, 'loop5')); // a loop device, but the wrong minor
+  for (const minor of [3, 4, 5]) {
+    const err = t.throws(() => new Loop(minor, { dirFd }), { instanceOf: UnexpectedDeviceError });
+    t.is(err?.code, 'ERR_LOOP_UNEXPECTED_DEVICE');
+    t.is(err?.expectedMinor, minor);
+    t.is(err?.path, path.join(dir, `loop${minor}`));
+    t.is(typeof err?.rdev, 'bigint');
+  }
+});
