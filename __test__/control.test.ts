@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LOCK_EX, LOCK_NB, Loop, LoopControl, LoopError } from '../ts/index.js';
-import { devicesBoundUnder, image, isBound, loopTest, openFds, sysfs } from './helpers.js';
+import { boundAfterSettling, image, isBound, loopTest, openFds, sysfs } from './helpers.js';
 
 loopTest('add creates a device node and remove deletes it', (t) => {
   using ctl = new LoopControl();
@@ -29,7 +29,7 @@ loopTest('getUnbound names an existing loop device', (t) => {
   t.true(fs.statSync(`/dev/loop${minor}`).isBlockDevice());
 });
 
-loopTest('loopForFd binds the file and using detaches it', (t) => {
+loopTest('loopForFd binds the file and using detaches it', async (t) => {
   const img = image(t);
   let minor: number;
   {
@@ -42,7 +42,7 @@ loopTest('loopForFd binds the file and using detaches it', (t) => {
     t.true(lo.isBoundTo(img.fd));
     t.true(lo.getStatus().isBoundTo(fs.fstatSync(img.fd, { bigint: true })));
   }
-  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
 loopTest('loopForFd applies every option the kernel reports in sysfs', (t) => {
@@ -101,13 +101,13 @@ loopTest('setup runs on the opened, still unbound device before configure', (t) 
   t.true(lo.isBoundTo(img.fd));
 });
 
-loopTest.serial('a throwing setup propagates its error and binds nothing', (t) => {
+loopTest.serial('a throwing setup propagates its error and binds nothing', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
   const before = openFds();
   const boom = new Error('setup refused');
   t.is(t.throws(() => ctl.loopForFd(img.fd, { setup: () => { throw boom; } })), boom);
-  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
   t.is(openFds(), before);
 });
 
@@ -132,7 +132,7 @@ loopTest('concurrent loopForFdAsync callers in one process never share a device'
   } finally {
     for (const lo of loops) lo.close();
   }
-  for (const img of images) t.deepEqual(devicesBoundUnder(img.dir), []);
+  for (const img of images) t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
 const RACER = `
@@ -174,7 +174,7 @@ loopTest('two processes racing loopForFd never share a device', async (t) => {
   t.is(new Set([...first!, ...second!]).size, 16);
   for (const r of racers) r.child.stdin!.end();
   await Promise.all(racers.map((r) => r.exited));
-  for (const f of files) t.deepEqual(devicesBoundUnder(f), []);
+  for (const f of files) t.deepEqual(await boundAfterSettling(f), []);
 });
 
 test('use after close is ERR_LOOP_CLOSED and close is idempotent', (t) => {

@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import { Loop, LoopControl, LoopError } from '../ts/index.js';
-import { configuredLoop, devicesBoundUnder, image, isBound, loopTest, openFds } from './helpers.js';
+import { boundAfterSettling, configuredLoop, devicesBoundUnder, image, loopTest, openFds } from './helpers.js';
 
 loopTest('clearFdWait returns once the device is unbound; close finishes the teardown', async (t) => {
   const img = image(t);
@@ -8,8 +8,7 @@ loopTest('clearFdWait returns once the device is unbound; close finishes the tea
   await lo.clearFdWait(img.fd, 2000, 5);
   t.false(lo.isBoundTo(img.fd));
   lo.close();
-  t.false(isBound(lo.minor) && devicesBoundUnder(img.path).length > 0);
-  t.deepEqual(devicesBoundUnder(img.path), []);
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
 loopTest('clearFdWaitSync behaves the same without a promise', async (t) => {
@@ -17,7 +16,7 @@ loopTest('clearFdWaitSync behaves the same without a promise', async (t) => {
   const lo = await configuredLoop(img.fd);
   lo.clearFdWaitSync(img.fd, 2000, 5);
   lo.close();
-  t.deepEqual(devicesBoundUnder(img.path), []);
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
 loopTest('clearFdWait times out with ETIMEDOUT while another fd holds the device, which frees it later', async (t) => {
@@ -33,7 +32,7 @@ loopTest('clearFdWait times out with ETIMEDOUT while another fd holds the device
   lo.close();
   t.deepEqual(devicesBoundUnder(img.path).length, 1, 'the holder keeps it');
   fs.closeSync(holder);
-  t.deepEqual(devicesBoundUnder(img.path), [], 'the last close detaches it (autoclear)');
+  t.deepEqual(await boundAfterSettling(img.path), [], 'the last close detaches it (autoclear)');
 });
 
 loopTest.serial('using detaches a device this object configured', async (t) => {
@@ -43,7 +42,7 @@ loopTest.serial('using detaches a device this object configured', async (t) => {
     using lo = await configuredLoop(img.fd);
     t.true(lo.isBoundTo(img.fd));
   }
-  t.deepEqual(devicesBoundUnder(img.path), []);
+  t.deepEqual(await boundAfterSettling(img.path), []);
   t.is(openFds(), before);
 });
 
@@ -55,7 +54,7 @@ loopTest('await using waits for a verified detach', async (t) => {
     minor = lo.minor;
   }
   t.true(minor >= 0);
-  t.deepEqual(devicesBoundUnder(img.path), []);
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
 loopTest('detach of a device held by someone else rejects with ETIMEDOUT and leaves it to autoclear', async (t) => {
@@ -67,7 +66,7 @@ loopTest('detach of a device held by someone else rejects with ETIMEDOUT and lea
   lo.close();
   t.is(devicesBoundUnder(img.path).length, 1);
   fs.closeSync(holder);
-  t.deepEqual(devicesBoundUnder(img.path), []);
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
 loopTest('dispose of a Loop that did not bind the device leaves it bound', async (t) => {

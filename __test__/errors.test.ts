@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import { Loop, LoopControl, LoopError } from '../ts/index.js';
-import { devicesBoundUnder, image, loopTest, openFds, tempDir } from './helpers.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, openFds, tempDir } from './helpers.js';
 
 const BAD_SIZES: Array<[string, unknown]> = [
   ['negative', -1],
@@ -13,13 +13,13 @@ const BAD_SIZES: Array<[string, unknown]> = [
 ];
 
 for (const [what, value] of BAD_SIZES) {
-  loopTest.serial(`an offset that is ${what} is a RangeError and binds nothing`, (t) => {
+  loopTest.serial(`an offset that is ${what} is a RangeError and binds nothing`, async (t) => {
     const img = image(t);
     using ctl = new LoopControl();
     const before = openFds();
     const err = t.throws(() => ctl.loopForFd(img.fd, { offset: value as number }), { instanceOf: RangeError });
     t.is((err as NodeJS.ErrnoException).code, 'ERR_OUT_OF_RANGE');
-    t.deepEqual(devicesBoundUnder(img.dir), []);
+    t.deepEqual(await boundAfterSettling(img.dir), []);
     t.is(openFds(), before);
   });
 }
@@ -46,7 +46,7 @@ loopTest('fd -1 is a RangeError', (t) => {
   t.throws(() => ctl.loopForFd(-1), { instanceOf: RangeError, code: 'ERR_OUT_OF_RANGE' });
 });
 
-loopTest.serial('a closed fd is EBADF and binds nothing', (t) => {
+loopTest.serial('a closed fd is EBADF and binds nothing', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
   const fd = fs.openSync(img.path, 'r');
@@ -56,7 +56,7 @@ loopTest.serial('a closed fd is EBADF and binds nothing', (t) => {
   t.is(err?.code, 'EBADF');
   t.is(err?.errno, -9);
   t.is(openFds(), before);
-  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
 loopTest.serial('a directory fd is EINVAL and binds nothing', (t) => {
@@ -83,15 +83,15 @@ loopTest('a minor that is not an integer is a RangeError', (t) => {
   t.throws(() => new Loop(1.5), { instanceOf: RangeError });
 });
 
-loopTest('a bad block size is EINVAL from LOOP_CONFIGURE and binds nothing', (t) => {
+loopTest('a bad block size is EINVAL from LOOP_CONFIGURE and binds nothing', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
   const err = t.throws(() => ctl.loopForFd(img.fd, { blockSize: 1000 }), { instanceOf: LoopError });
   t.is(err?.code, 'EINVAL');
-  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
-loopTest('double close and double dispose are harmless', (t) => {
+loopTest('double close and double dispose are harmless', async (t) => {
   const img = image(t);
   const ctl = new LoopControl();
   const lo = ctl.loopForFd(img.fd);
@@ -100,5 +100,5 @@ loopTest('double close and double dispose are harmless', (t) => {
   lo.close();
   ctl[Symbol.dispose]();
   ctl.close();
-  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
 });

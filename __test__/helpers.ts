@@ -134,3 +134,16 @@ export function configuredLoop(
 ): Promise<import('../ts/index.js').Loop> {
   return bindFresh((lo) => lo.configure(fd, options));
 }
+
+/**
+ * `devicesBoundUnder(file)` once it is empty, or after `timeoutMs`. The kernel finishes a detach at the
+ * last close of the device, and another process probing free devices may hold ours open for a moment.
+ */
+export async function boundAfterSettling(file: string, timeoutMs = 2000): Promise<string[]> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const bound = devicesBoundUnder(file);
+    if (bound.length === 0 || Date.now() > deadline) return bound;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Loop, LoopError } from '../ts/index.js';
-import { bindFresh, configuredLoop, devicesBoundUnder, image, isBound, loopTest, sysfs } from './helpers.js';
+import { boundAfterSettling, bindFresh, configuredLoop, image, loopTest, sysfs } from './helpers.js';
 
 loopTest('configure binds with offset, size limit, partscan, read-only and 4096-byte sectors', async (t) => {
   const img = image(t, 16 << 20);
@@ -39,7 +39,7 @@ loopTest('isBoundTo is true for the backing file only, false once unbound', asyn
   lo.clearFd();
   t.false(lo.isBoundTo(img.fd));
   lo.close();
-  t.false(isBound(lo.minor) && sysfs(lo.minor, 'loop/backing_file') === img.path);
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
 loopTest('setStatus changes what is asked and keeps the rest', async (t) => {
@@ -114,7 +114,7 @@ loopTest('setDirectIo toggles direct I/O on a file that supports it', async (t) 
     lo.setDirectIo(false);
     t.is(sysfs(lo.minor, 'loop/dio'), '0');
   }
-  t.deepEqual(devicesBoundUnder(dir), []);
+  t.deepEqual(await boundAfterSettling(dir), []);
 });
 
 loopTest('flushBuf and flock work on an open device', async (t) => {

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The whole test suite: static checks, Rust unit tests, and the ava suite against real loop devices.
+# Ends with one plain line "N passed, N failed" (each static check counts as one test).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+
+passed=0
+failed=0
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+
+check() { # name, command...
+  local name=$1
+  shift
+  if "$@" >"$log/$name.out" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok - $name"
+  else
+    failed=$((failed + 1))
+    echo "not ok - $name"
+    sed 's/^/    /' "$log/$name.out" | tail -40
+  fi
+}
+
+bound_to_tests() { losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | awk '$2 ~ /loopdev-test-/'; }
+leaks_before=$(bound_to_tests)
+
+check tsc npx --no-install tsc --noEmit -p tsconfig.json
+check rustfmt cargo fmt --all -- --check
+check clippy cargo clippy --workspace --all-targets -- -D warnings
+
+cargo test --workspace 2>&1 | tee "$log/cargo.out" | grep -E '^(test |test result|error)' || true
+cargo_pass=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log/cargo.out")
+cargo_fail=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log/cargo.out")
+if ! grep -q '^test result:' "$log/cargo.out"; then cargo_fail=$((cargo_fail + 1)); fi
+passed=$((passed + cargo_pass))
+failed=$((failed + cargo_fail))
+
+npx --no-install ava --tap "$@" 2>&1 | tee "$log/ava.out" | grep -Ev '^(# (pass|fail|skip|todo)|1\.\.)'
+ava_pass=$(awk '/^# pass/ {print $3}' "$log/ava.out" | tail -1)
+ava_fail=$(awk '/^# fail/ {print $3}' "$log/ava.out" | tail -1)
+ava_skip=$(awk '/^# skip/ {print $3}' "$log/ava.out" | tail -1)
+if [ -z "$ava_pass" ]; then ava_fail=$((${ava_fail:-0} + 1)); fi
+passed=$((passed + ${ava_pass:-0}))
+failed=$((failed + ${ava_fail:-0}))
+
+# Nothing the suite created may stay bound (only devices on loopdev-test-* files are ours).
+leaks_after=$(bound_to_tests)
+if [ "$leaks_after" != "$leaks_before" ]; then
+  echo "not ok - no loop device left bound by the suite"
+  echo "$leaks_after" | sed 's/^/    /'
+  failed=$((failed + 1))
+else
+  echo "ok - no loop device left bound by the suite"
+  passed=$((passed + 1))
+fi
+
+echo "${passed} passed, ${failed} failed, ${ava_skip:-0} skipped"
+[ "$failed" -eq 0 ]
