@@ -188,3 +188,34 @@ test('use after close is ERR_LOOP_CLOSED and close is idempotent', (t) => {
     t.is(err?.code, 'ERR_LOOP_CLOSED');
   }
 });
+
+loopTest('loopForFdAsync runs setup on the JS thread before configuring', async (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const seen: number[] = [];
+  await using lo = await ctl.loopForFdAsync(img.fd, {
+    setup: (dev) => {
+      seen.push(dev.minor);
+      t.is(t.throws(() => dev.getStatus(), { instanceOf: LoopError })?.code, 'ENXIO');
+      // A sync loopForFd from inside setup must not deadlock on the loop-control flock.
+      ctl.loopForFd(image(t).fd, { autoclear: true }).close();
+    },
+  });
+  t.deepEqual(seen, [lo.minor]);
+  t.true(lo.isBoundTo(img.fd));
+});
+
+loopTest('a throwing async setup rejects with its error and binds nothing', async (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const boom = new Error('async setup refused');
+  const err = await t.throwsAsync(
+    ctl.loopForFdAsync(img.fd, {
+      setup: () => {
+        throw boom;
+      },
+    }),
+  );
+  t.is(err, boom);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
+});

@@ -2,7 +2,7 @@
 
 use crate::convert::{self, borrow};
 use crate::handle::{self, Handle, Resource};
-use crate::js::{arg, Env, Failure, JsResult, Value};
+use crate::js::{arg, Env, JsResult, Value};
 use loopdev::{Loop, LoopControl};
 
 /// controlOpen(dirFd?) → handle
@@ -47,27 +47,129 @@ pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     let lock = env.to_bool(arg(env, args, 3)?)?;
     let setup = arg(env, args, 4)?;
     let setup = if env.is_nullish(setup)? { None } else { Some(setup) };
-    let lo = ctl.loop_for_fd(borrow(fd), &opts, lock, |lo: &Loop| -> JsResult<()> {
-        let Some(setup) = setup else { return Ok(()) };
-        let view = convert::new_loop(env, lo.try_clone()?)?;
-        let view_handle = env.get(view, "handle")?;
-        let result = env.call(setup, &[view]);
-        handle::close(env, view_handle)?;
-        result.map(drop)
-    })?;
+    let setup = setup.map(|setup| {
+        move |lo: &Loop| -> JsResult<()> {
+            let view = convert::new_loop(env, lo.try_clone()?)?;
+            let view_handle = env.get(view, "handle")?;
+            let result = env.call(setup, &[view]);
+            handle::close(env, view_handle)?;
+            result.map(drop)
+        }
+    });
+    let lo = ctl.loop_for_fd(borrow(fd), &opts, lock, setup)?;
     convert::new_loop(env, lo)
 }
 
-/// controlLoopForFdAsync(h, fd, options, lock) → Promise<{ handle, minor, path, fd }>
+/// controlLoopForFdAsync(h, fd, options, lock, setup?) → Promise<{ handle, minor, path, fd }>
+/// The retry loop runs on the pool; `setup` is called on the JS thread through a threadsafe function
+/// while the worker waits for it.
 pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
     let ctl = handle::control(env, arg(env, args, 0)?)?;
     let fd = convert::fd(env, arg(env, args, 1)?, "fd")?;
     let opts = convert::configure_options(env, arg(env, args, 2)?)?;
     let lock = env.to_bool(arg(env, args, 3)?)?;
+    let setup = arg(env, args, 4)?;
+    let setup = if env.is_nullish(setup)? { None } else { Some(setup::Remote::new(env, setup)?) };
     crate::task::spawn(
         env,
         "loopdev.loopForFd",
-        move || ctl.loop_for_fd(borrow(fd), &opts, lock, |_| Ok::<(), Failure>(())),
+        move || {
+            let call = setup.as_ref().map(|remote| move |lo: &Loop| remote.call(lo.try_clone()?));
+            ctl.loop_for_fd(borrow(fd), &opts, lock, call)
+        },
         convert::new_loop,
     )
+}
+
+mod setup {
+    use crate::convert;
+    use crate::handle;
+    use crate::js::{Env, Failure, JsResult, Value};
+    use crate::sys::*;
+    use loopdev::Loop;
+    use std::ffi::c_void;
+    use std::ptr;
+    use std::sync::mpsc;
+
+    /// A JS `setup` callback callable from a worker thread.
+    pub struct Remote(napi_threadsafe_function);
+
+    // SAFETY: threadsafe functions are made to be called and released from any thread.
+    unsafe impl Send for Remote {}
+
+    struct Call {
+        lo: Loop,
+        reply: mpsc::SyncSender<JsResult<()>>,
+    }
+
+    impl Remote {
+        pub fn new(env: Env, func: Value) -> JsResult<Remote> {
+            let name = env.string("loopdev.loopForFd.setup")?;
+            let mut tsfn = ptr::null_mut();
+            // SAFETY: valid env and values; no finalizer or context; call_js matches the Call data we send.
+            let status = unsafe {
+                napi_create_threadsafe_function(
+                    env.0,
+                    func,
+                    ptr::null_mut(),
+                    name,
+                    0,
+                    1,
+                    ptr::null_mut(),
+                    None,
+                    ptr::null_mut(),
+                    Some(call_js),
+                    &mut tsfn,
+                )
+            };
+            if status != NAPI_OK {
+                return Err(Failure::Pending);
+            }
+            Ok(Remote(tsfn))
+        }
+
+        /// Runs the callback on the JS thread with a temporary handle on `lo`, waiting for it to return.
+        pub fn call(&self, lo: Loop) -> JsResult<()> {
+            let (reply, answer) = mpsc::sync_channel(1);
+            let call = Box::into_raw(Box::new(Call { lo, reply }));
+            // SAFETY: the tsfn is alive until Drop; ownership of `call` passes to call_js on success.
+            let status = unsafe { napi_call_threadsafe_function(self.0, call.cast(), NAPI_TSFN_BLOCKING) };
+            if status != NAPI_OK {
+                // SAFETY: not queued, so still ours.
+                drop(unsafe { Box::from_raw(call) });
+                return Err(Failure::Type("setup callback could not be called (environment closing)".into()));
+            }
+            answer.recv().unwrap_or_else(|_| Err(Failure::Type("setup callback was dropped".into())))
+        }
+    }
+
+    impl Drop for Remote {
+        fn drop(&mut self) {
+            // SAFETY: we hold the one thread count taken at creation.
+            unsafe { napi_release_threadsafe_function(self.0, NAPI_TSFN_RELEASE) };
+        }
+    }
+
+    unsafe extern "C" fn call_js(env: napi_env, func: napi_value, _context: *mut c_void, data: *mut c_void) {
+        // SAFETY: `data` is the Call boxed in Remote::call; call_js runs once per call.
+        let call = unsafe { Box::from_raw(data.cast::<Call>()) };
+        let result = if env.is_null() {
+            Err(Failure::Type("setup callback was not run: the environment is closing".into()))
+        } else {
+            run(Env(env), func, call.lo)
+        };
+        let _ = call.reply.send(result);
+    }
+
+    fn run(env: Env, func: Value, lo: Loop) -> JsResult<()> {
+        let view = convert::new_loop(env, lo)?;
+        let view_handle = env.get(view, "handle")?;
+        let called = env.call(func, &[view]);
+        let thrown = if env.exception_pending() { Some(env.take_exception()?) } else { None };
+        handle::close(env, view_handle)?;
+        match (called, thrown) {
+            (_, Some(t)) => Err(Failure::Thrown(t)),
+            (result, None) => result.map(drop),
+        }
+    }
 }

@@ -68,6 +68,7 @@ pub fn to_js(env: Env, failure: &Failure) -> JsResult<Value> {
         Failure::Type(msg) => return plain(env, napi_create_type_error, "ERR_INVALID_ARG_TYPE", msg),
         Failure::Range(msg) => return plain(env, napi_create_range_error, "ERR_OUT_OF_RANGE", msg),
         Failure::Pending => return env.undefined(),
+        Failure::Thrown(t) => return env.thrown_value(t),
     };
     let message = env.string(&message)?;
     match class {

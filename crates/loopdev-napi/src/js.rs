@@ -16,7 +16,17 @@ pub enum Failure {
     Range(String),
     /// A JS exception is already pending (thrown by a callback, or by N-API itself).
     Pending,
+    /// A value a JS callback threw while we were off the JS thread; rethrown when the promise settles.
+    Thrown(Thrown),
 }
+
+/// A reference to a thrown JS value, carried across threads but only touched on the JS thread.
+#[derive(Debug)]
+pub struct Thrown(pub napi_ref);
+
+// SAFETY: the reference is created and dereferenced only on the JS thread (call_js / complete); worker
+// threads merely move it along.
+unsafe impl Send for Thrown {}
 
 impl From<loopdev::Error> for Failure {
     fn from(e: loopdev::Error) -> Self {
@@ -189,6 +199,20 @@ impl Env {
 
     pub fn reference(self, v: Value) -> JsResult<napi_ref> {
         Ok(out!(self, napi_create_reference(v, 1)))
+    }
+
+    /// Takes the pending exception (if any) out of the env so it can be rethrown later.
+    pub fn take_exception(self) -> JsResult<Thrown> {
+        let e = out!(self, napi_get_and_clear_last_exception());
+        Ok(Thrown(self.reference(e)?))
+    }
+
+    /// The value behind a `Thrown`, releasing the reference.
+    pub fn thrown_value(self, t: &Thrown) -> JsResult<Value> {
+        let v = self.deref(t.0)?;
+        // SAFETY: the reference belongs to this env and is not used again.
+        unsafe { napi_delete_reference(self.0, t.0) };
+        Ok(v)
     }
 
     pub fn deref(self, r: napi_ref) -> JsResult<Value> {

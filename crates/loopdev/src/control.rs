@@ -65,31 +65,16 @@ impl LoopControl {
     /// get-free → open → `setup` → (lock: LOCK_EX|LOCK_NB) → configure. Another process can take the free
     /// device between get-free and configure; then the kernel answers EBUSY (or the node vanished, or someone
     /// holds its lock) and we try a fresh device after a short jittered pause, at most MAX_ATTEMPTS times.
-    /// Cooperating processes are serialised by an exclusive flock on loop-control, which also keeps them
-    /// from picking the same "free" minor. A device this call did not bind is never cleared.
+    /// Cooperating processes are serialised by an exclusive flock on loop-control from get-free to
+    /// configure, so they do not even collide. The flock is not held while `setup` runs: the callback may
+    /// wait on other work (in JS, the event loop) that itself wants the flock. A device this call did not
+    /// bind is never cleared.
     pub fn loop_for_fd<E, F>(
         &self,
         backing: BorrowedFd,
         opts: &ConfigureOptions,
         lock: bool,
-        mut setup: F,
-    ) -> std::result::Result<Loop, E>
-    where
-        E: From<Error>,
-        F: FnMut(&Loop) -> std::result::Result<(), E>,
-    {
-        ioctl::flock(self.fd.as_fd(), libc::LOCK_EX).map_err(|e| Error::os(e, "flock").with_path(&self.path))?;
-        let result = self.loop_for_fd_locked(backing, opts, lock, &mut setup);
-        let _ = ioctl::flock(self.fd.as_fd(), libc::LOCK_UN);
-        result
-    }
-
-    fn loop_for_fd_locked<E, F>(
-        &self,
-        backing: BorrowedFd,
-        opts: &ConfigureOptions,
-        lock: bool,
-        setup: &mut F,
+        mut setup: Option<F>,
     ) -> std::result::Result<Loop, E>
     where
         E: From<Error>,
@@ -100,6 +85,7 @@ impl LoopControl {
             if attempt > 0 {
                 std::thread::sleep(backoff(attempt));
             }
+            let mut serial = Some(self.serialise()?);
             let minor = self.get_unbound()?;
             let lo = match self.open_loop(minor) {
                 Ok(lo) => lo,
@@ -110,7 +96,10 @@ impl LoopControl {
                 }
                 Err(e) => return Err(e.into()),
             };
-            setup(&lo)?;
+            if let Some(setup) = setup.as_mut() {
+                serial = None;
+                setup(&lo)?;
+            }
             if lock {
                 match lo.flock(libc::LOCK_EX | libc::LOCK_NB) {
                     Err(e) if e.is(Errno::EWOULDBLOCK) => {
@@ -120,6 +109,10 @@ impl LoopControl {
                     other => other?,
                 }
             }
+            let _serial = match serial {
+                Some(held) => held,
+                None => self.serialise()?,
+            };
             match lo.configure(backing, opts) {
                 Ok(()) => return Ok(lo),
                 Err(e) if e.is(Errno::EBUSY) => last = e,
@@ -127,6 +120,20 @@ impl LoopControl {
             }
         }
         Err(last.with_detail(format!("no free loop device after {MAX_ATTEMPTS} attempts")).into())
+    }
+
+    /// Exclusive flock on loop-control until the guard drops.
+    fn serialise(&self) -> Result<Serialised<'_>> {
+        ioctl::flock(self.fd.as_fd(), libc::LOCK_EX).map_err(|e| Error::os(e, "flock").with_path(&self.path))?;
+        Ok(Serialised(self.fd.as_fd()))
+    }
+}
+
+struct Serialised<'a>(BorrowedFd<'a>);
+
+impl Drop for Serialised<'_> {
+    fn drop(&mut self) {
+        let _ = ioctl::flock(self.0, libc::LOCK_UN);
     }
 }
 
