@@ -3,7 +3,7 @@
 use crate::handle::{Handle, Resource};
 use crate::js::{Env, JsResult, Value};
 use loopdev::{ConfigureOptions, Loop, LoopInfo, StatusChange};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 /// A file descriptor argument: an integer ≥ 0 (the kernel answers EBADF for one that is not open).
 pub fn fd(env: Env, v: Value, what: &str) -> JsResult<RawFd> {

@@ -10,7 +10,7 @@ fn this(env: Env, args: &[Value]) -> JsResult<std::sync::Arc<Loop>> {
     handle::lo(env, arg(env, args, 0)?)
 }
 
-fn fd_at(env: Env, args: &[Value], i: usize, what: &str) -> JsResult<std::os::fd::RawFd> {
+fn fd_at(env: Env, args: &[Value], i: usize, what: &str) -> JsResult<std::os::unix::io::RawFd> {
     convert::fd(env, arg(env, args, i)?, what)
 }
 
@@ -58,7 +58,7 @@ pub fn clear_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
     crate::task::spawn(env, "loopdev.clearFd", move || Ok(lo.clear_fd()?), done)
 }
 
-fn wait_args(env: Env, args: &[Value]) -> JsResult<(std::os::fd::RawFd, Duration, Duration)> {
+fn wait_args(env: Env, args: &[Value]) -> JsResult<(std::os::unix::io::RawFd, Duration, Duration)> {
     let fd = fd_at(env, args, 1, "fd")?;
     let (timeout, wait) = detach_args(env, args.get(1..).unwrap_or(&[]))?;
     Ok((fd, timeout, wait))

@@ -229,9 +229,9 @@ impl Env {
     pub fn throw(self, failure: Failure) {
         if let Failure::Pending = failure {
             if !self.exception_pending() {
-                let msg = c"N-API call failed";
+                let msg = b"N-API call failed\0";
                 // SAFETY: valid env and NUL-terminated message.
-                unsafe { napi_throw_error(self.0, ptr::null(), msg.as_ptr()) };
+                unsafe { napi_throw_error(self.0, ptr::null(), msg.as_ptr().cast()) };
             }
             return;
         }

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::ioctl;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 

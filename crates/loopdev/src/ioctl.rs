@@ -3,7 +3,7 @@
 
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::io::{AsRawFd, BorrowedFd};
 use std::os::raw::c_int;
 
 mod raw {

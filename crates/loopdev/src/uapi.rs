@@ -77,7 +77,16 @@ impl Default for LoopConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::mem::offset_of;
+
+    /// `offset_of!` without needing Rust 1.77 (Debian 12 ships 1.63).
+    macro_rules! offset_of {
+        ($ty:ty, $field:ident) => {{
+            let base = std::mem::MaybeUninit::<$ty>::uninit();
+            let p = base.as_ptr();
+            // SAFETY: addr_of! computes the field address without reading the uninitialised value.
+            unsafe { std::ptr::addr_of!((*p).$field) as usize - p as usize }
+        }};
+    }
 
     #[test]
     fn field_offsets_match_the_kernel_header() {
