@@ -32,16 +32,33 @@ loopTest.serial('packed tarballs install offline and work without cargo or rustc
   t.timeout(120_000);
   t.true(fs.existsSync(path.join(root, 'dist/index.js')), 'run `npm run build` first');
   const work = tempDir(t);
-  const main = pack(root, work);
-  const platformDir = path.join(work, platform);
-  fs.cpSync(path.join(root, 'npm', platform), platformDir, { recursive: true });
-  fs.copyFileSync(path.join(root, `loopdev.${platform}.node`), path.join(platformDir, `loopdev.${platform}.node`));
-  const native = pack(platformDir, work);
+  // Stage what a release job has: the package, its npm/<platform> dirs, and the built addon as an artifact.
+  const stage = path.join(work, 'stage');
+  fs.mkdirSync(path.join(stage, 'artifacts'), { recursive: true });
+  for (const entry of ['package.json', 'README.md', 'dist', 'npm']) {
+    fs.cpSync(path.join(root, entry), path.join(stage, entry), { recursive: true });
+  }
+  for (const target of ['linux-x64-gnu', 'linux-arm64-gnu']) {
+    const built = path.join(root, `loopdev.${target}.node`);
+    t.true(fs.existsSync(built), `${built} missing: run npm run build:native and scripts/build-arm64.sh`);
+    fs.copyFileSync(built, path.join(stage, 'artifacts', `loopdev.${target}.node`));
+  }
+  // `napi artifacts` moves each binary into its npm/<platform> package; `napi pre-publish` would then add
+  // the platform packages as optionalDependencies (it also wants GitHub, so set them the same way here).
+  execFileSync(path.join(root, 'node_modules/.bin/napi'), ['artifacts', '--output-dir', 'artifacts'], { cwd: stage });
+  t.true(fs.existsSync(path.join(stage, 'npm', platform, `loopdev.${platform}.node`)));
+  t.true(fs.existsSync(path.join(stage, 'npm/linux-arm64-gnu/loopdev.linux-arm64-gnu.node')));
+  const targets = fs.readdirSync(path.join(stage, 'npm'));
+  execFileSync('npm', ['pkg', 'set', ...targets.map((p) => `optionalDependencies.@loopdev/loop-${p}=0.1.0`)], {
+    cwd: stage,
+  });
+  const main = pack(stage, work);
+  const native = pack(path.join(stage, 'npm', platform), work);
 
   const listed = execFileSync('tar', ['-tzf', main], { encoding: 'utf8' }).split('\n').filter(Boolean);
   t.true(listed.includes('package/dist/index.js') && listed.includes('package/dist/index.d.ts'));
   t.deepEqual(
-    listed.filter((f) => /__test__|\/target\/|\.rs$|\/crates\/|\.node$|\/ts\//.test(f)),
+    listed.filter((f) => /__test__|\/target\/|\.rs$|\/crates\/|\.node$|\/ts\/|\/npm\//.test(f)),
     [],
     'no tests, sources or binaries in the main tarball',
   );
@@ -49,6 +66,7 @@ loopTest.serial('packed tarballs install offline and work without cargo or rustc
   const proj = path.join(work, 'proj');
   fs.mkdirSync(proj);
   fs.writeFileSync(path.join(proj, 'package.json'), JSON.stringify({ name: 'proj', private: true, type: 'module' }));
+  // The arm64 optional dependency is not in any registry here; npm skips it, as it skips it on x64 anyway.
   execFileSync('npm', ['install', '--offline', '--no-audit', '--no-fund', '--loglevel=error', main, native], {
     cwd: proj,
   });
