@@ -122,7 +122,8 @@ export async function bindFresh(
       return lo;
     } catch (e) {
       lo.close();
-      if ((e as { code?: string }).code !== 'EBUSY' || attempt > 20) throw e;
+      if ((e as { code?: string }).code !== 'EBUSY' || attempt >= 64) throw e;
+      await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt + 1, 10)));
     }
   }
 }

@@ -36,7 +36,8 @@ loopTest('isBoundTo is true for the backing file only, false once unbound', asyn
   const lo = await configuredLoop(img.fd);
   t.true(lo.isBoundTo(img.fd));
   t.false(lo.isBoundTo(other.fd));
-  lo.clearFd();
+  // clearFd alone only marks the device autoclear while anyone else (a prober) has it open; wait for it.
+  await lo.clearFdWait(img.fd, 2000, 5);
   t.false(lo.isBoundTo(img.fd));
   lo.close();
   t.deepEqual(await boundAfterSettling(img.path), []);

@@ -9,12 +9,18 @@ function openDir(t: import('ava').ExecutionContext, dir: string): number {
   return fd;
 }
 
-loopTest('mknod makes a block node 7:minor in a directory, removeNode takes it away', (t) => {
+/** A bound autoclear device and an empty directory (with an fd) to make its node in. */
+function deviceAndDir(t: import('ava').ExecutionContext) {
   const img = image(t);
   const dir = tempDir(t);
-  const dirFd = openDir(t, dir);
   using ctl = new LoopControl();
-  using lo = ctl.loopForFd(img.fd, { autoclear: true });
+  const lo = ctl.loopForFd(img.fd, { autoclear: true });
+  t.teardown(() => lo.close());
+  return { lo, dir, dirFd: openDir(t, dir) };
+}
+
+loopTest('mknod makes a block node 7:minor in a directory, removeNode takes it away', (t) => {
+  const { lo, dir, dirFd } = deviceAndDir(t);
   lo.mknod(dirFd);
   const node = path.join(dir, lo.devname);
   const st = fs.statSync(node);
@@ -31,11 +37,7 @@ loopTest('mknod makes a block node 7:minor in a directory, removeNode takes it a
 });
 
 loopTest('mknod refuses to replace an existing node (EEXIST)', (t) => {
-  const img = image(t);
-  const dir = tempDir(t);
-  const dirFd = openDir(t, dir);
-  using ctl = new LoopControl();
-  using lo = ctl.loopForFd(img.fd, { autoclear: true });
+  const { lo, dir, dirFd } = deviceAndDir(t);
   fs.writeFileSync(path.join(dir, lo.devname), '');
   t.throws(() => lo.mknod(dirFd), { code: 'EEXIST' });
 });
@@ -55,10 +57,11 @@ loopTest('a node that is not the loop device asked for is an UnexpectedDeviceErr
   fs.symlinkSync('/dev/null', path.join(dir, 'loop3')); // a character device
   fs.writeFileSync(path.join(dir, 'loop4'), ''); // a regular file
   const dirFd = openDir(t, dir);
-  using ctl = new LoopControl();
-  const other = ctl.getUnbound();
-  fs.symlinkSync(`/dev/loop${other}`, path.join(dir, 'loop5')); // a loop device, but the wrong minor
-  for (const minor of [3, 4, 5]) {
+  // A real loop device (held open by us, so nobody removes it) under another minor's name.
+  const { lo } = deviceAndDir(t);
+  const wrong = lo.minor + 1000;
+  fs.symlinkSync(lo.path, path.join(dir, `loop${wrong}`));
+  for (const minor of [3, 4, wrong]) {
     const err = t.throws(() => new Loop(minor, { dirFd }), { instanceOf: UnexpectedDeviceError });
     t.is(err?.code, 'ERR_LOOP_UNEXPECTED_DEVICE');
     t.is(err?.expectedMinor, minor);

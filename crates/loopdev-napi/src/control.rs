@@ -3,7 +3,9 @@
 use crate::convert::{self, borrow};
 use crate::handle::{self, Handle, Resource};
 use crate::js::{arg, Env, JsResult, Value};
-use loopdev::{Loop, LoopControl};
+use loopdev::{ConfigureOptions, Loop, LoopControl};
+use std::os::unix::io::RawFd;
+use std::sync::Arc;
 
 /// controlOpen(dirFd?) → handle
 pub fn open(env: Env, args: &[Value]) -> JsResult<Value> {
@@ -38,25 +40,32 @@ pub fn get_unbound(env: Env, args: &[Value]) -> JsResult<Value> {
     env.int(i64::from(ctl.get_unbound()?))
 }
 
+/// The arguments of controlLoopForFd / controlLoopForFdAsync: (h, fd, options, lock, setup?).
+struct Request {
+    ctl: Arc<LoopControl>,
+    fd: RawFd,
+    opts: ConfigureOptions,
+    lock: bool,
+    setup: Option<Value>,
+}
+
+fn request(env: Env, args: &[Value]) -> JsResult<Request> {
+    let setup = arg(env, args, 4)?;
+    Ok(Request {
+        ctl: handle::control(env, arg(env, args, 0)?)?,
+        fd: convert::fd(env, arg(env, args, 1)?, "fd")?,
+        opts: convert::configure_options(env, arg(env, args, 2)?)?,
+        lock: env.to_bool(arg(env, args, 3)?)?,
+        setup: if env.is_nullish(setup)? { None } else { Some(setup) },
+    })
+}
+
 /// controlLoopForFd(h, fd, options, lock, setup?) → { handle, minor, path, fd }
 /// `setup(loop)` runs on a temporary handle (same open file) that is closed when it returns.
 pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
-    let ctl = handle::control(env, arg(env, args, 0)?)?;
-    let fd = convert::fd(env, arg(env, args, 1)?, "fd")?;
-    let opts = convert::configure_options(env, arg(env, args, 2)?)?;
-    let lock = env.to_bool(arg(env, args, 3)?)?;
-    let setup = arg(env, args, 4)?;
-    let setup = if env.is_nullish(setup)? { None } else { Some(setup) };
-    let setup = setup.map(|setup| {
-        move |lo: &Loop| -> JsResult<()> {
-            let view = convert::new_loop(env, lo.try_clone()?)?;
-            let view_handle = env.get(view, "handle")?;
-            let result = env.call(setup, &[view]);
-            handle::close(env, view_handle)?;
-            result.map(drop)
-        }
-    });
-    let lo = ctl.loop_for_fd(borrow(fd), &opts, lock, setup)?;
+    let r = request(env, args)?;
+    let call = r.setup.map(|func| move |lo: &Loop| setup::run(env, func, lo.try_clone()?));
+    let lo = r.ctl.loop_for_fd(borrow(r.fd), &r.opts, r.lock, call)?;
     convert::new_loop(env, lo)
 }
 
@@ -64,12 +73,8 @@ pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
 /// The retry loop runs on the pool; `setup` is called on the JS thread through a threadsafe function
 /// while the worker waits for it.
 pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
-    let ctl = handle::control(env, arg(env, args, 0)?)?;
-    let fd = convert::fd(env, arg(env, args, 1)?, "fd")?;
-    let opts = convert::configure_options(env, arg(env, args, 2)?)?;
-    let lock = env.to_bool(arg(env, args, 3)?)?;
-    let setup = arg(env, args, 4)?;
-    let setup = if env.is_nullish(setup)? { None } else { Some(setup::Remote::new(env, setup)?) };
+    let Request { ctl, fd, opts, lock, setup } = request(env, args)?;
+    let setup = setup.map(|func| setup::Remote::new(env, func)).transpose()?;
     crate::task::spawn(
         env,
         "loopdev.loopForFd",
@@ -161,7 +166,8 @@ mod setup {
         let _ = call.reply.send(result);
     }
 
-    fn run(env: Env, func: Value, lo: Loop) -> JsResult<()> {
+    /// Calls `func` with a view of `lo` that is closed afterwards; a throw comes back as `Failure::Thrown`.
+    pub fn run(env: Env, func: Value, lo: Loop) -> JsResult<()> {
         let view = convert::new_loop(env, lo)?;
         let view_handle = env.get(view, "handle")?;
         let called = env.call(func, &[view]);

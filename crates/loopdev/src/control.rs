@@ -62,9 +62,9 @@ impl LoopControl {
 
     /// Binds `backing` to a free loop device and returns it open.
     ///
-    /// get-free → open → `setup` → (lock: LOCK_EX|LOCK_NB) → configure. Another process can take the free
-    /// device between get-free and configure; then the kernel answers EBUSY (or the node vanished, or someone
-    /// holds its lock) and we try a fresh device after a short jittered pause, at most MAX_ATTEMPTS times.
+    /// get-free → open → (still unbound?) → `setup` → (lock: LOCK_EX|LOCK_NB) → configure. Another process can
+    /// take the free device between get-free and configure; then the kernel answers EBUSY (or the device is
+    /// already bound when opened, or the node vanished, or someone holds its lock) and we try a fresh device after a short jittered pause, at most MAX_ATTEMPTS times.
     /// Cooperating processes are serialised by an exclusive flock on loop-control from get-free to
     /// configure, so they do not even collide. The flock is not held while `setup` runs: the callback may
     /// wait on other work (in JS, the event loop) that itself wants the flock. A device this call did not
@@ -96,6 +96,15 @@ impl LoopControl {
                 }
                 Err(e) => return Err(e.into()),
             };
+            // Someone else bound it between get-free and open: do not even show it to setup.
+            match lo.get_status() {
+                Ok(_) => {
+                    last = Error::ioctl(Errno::EBUSY, "LOOP_CONFIGURE").with_path(lo.path());
+                    continue;
+                }
+                Err(e) if e.is(Errno::ENXIO) => {}
+                Err(e) => return Err(e.into()),
+            }
             if let Some(setup) = setup.as_mut() {
                 serial = None;
                 setup(&lo)?;
