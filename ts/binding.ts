@@ -91,6 +91,27 @@ export interface Native {
   loopSetCapacity(h: Handle): void;
   loopMknod(h: Handle, dirFd: number, mode: number): void;
   removeNode(dirFd: number, name: string): void;
+  remoteServerListen(socketPath: string, allowUids?: readonly number[]): Handle;
+  remoteServerClose(h: Handle): Promise<void>;
+  remoteServerStats(h: Handle): {
+    running: boolean;
+    connections: number;
+    devices: number;
+    requests: number;
+    failures: number;
+    refused: number;
+  };
+  remoteClientConnect(socketPath: string): Handle;
+  remoteClientRequest(
+    h: Handle,
+    fd: number,
+    dirFd: number,
+    o: { offset?: Size; sizeLimit?: Size; lock?: boolean; partscan?: boolean; readOnly?: boolean; sectorSize?: Size },
+  ): Promise<
+    | { devname: string; exception?: undefined }
+    | { devname?: undefined; exception: { type: string; value: string; traceback: string; errno?: number } }
+  >;
+  remoteClientClose(h: Handle): void;
 }
 
 const SUPPORTED = ['linux-x64-gnu', 'linux-arm64-gnu'];

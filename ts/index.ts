@@ -3,3 +3,4 @@ export { Loop, removeNode, DETACH_TIMEOUT_MS, type ConfigureOptions, type LoopOp
 export { LoopInfo, type FileIdentity } from './info.js';
 export { LoopError, UnexpectedDeviceError, type LoopErrorFields, type UnexpectedDeviceFields } from './errors.js';
 export * from './constants.js';
+export { LoopServer, LoopClient, RemoteDevice, RemoteLoopError, serve, type LoopServerOptions, type LoopServerStats, type RemoteDeviceOptions, type ServeOptions } from './remote/index.js';

@@ -10,6 +10,7 @@ mod device;
 mod errors;
 mod handle;
 mod js;
+mod remote;
 mod sys;
 mod task;
 
@@ -45,6 +46,12 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("loopSetCapacity", device::set_capacity),
     ("loopMknod", device::mknod),
     ("removeNode", device::remove_node),
+    ("remoteServerListen", remote::server_listen),
+    ("remoteServerClose", remote::server_close),
+    ("remoteServerStats", remote::server_stats),
+    ("remoteClientConnect", remote::client_connect),
+    ("remoteClientRequest", remote::client_request),
+    ("remoteClientClose", remote::client_close),
 ];
 
 /// Entry point node looks up when it loads the addon.

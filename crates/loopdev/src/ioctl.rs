@@ -3,8 +3,8 @@
 
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
-use std::os::unix::io::{AsRawFd, BorrowedFd};
 use std::os::raw::c_int;
+use std::os::unix::io::{AsRawFd, BorrowedFd};
 
 mod raw {
     use super::*;

@@ -6,6 +6,7 @@ pub mod device;
 pub mod error;
 pub mod info;
 pub mod ioctl;
+pub mod remote;
 pub mod uapi;
 
 pub use control::LoopControl;

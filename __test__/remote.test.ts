@@ -1,0 +1,407 @@
+/**
+ * Remote loop (osbuild remoteloop wire format): our server and client against each other, across
+ * processes and uids, and against a Python peer that speaks like osbuild's own LoopClient / LoopServer.
+ */
+import type { ExecutionContext } from 'ava';
+import { execFileSync, spawn, type SpawnOptions } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, sysfs } from './helpers.js';
+
+const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
+const PEER = path.join(FIXTURES, 'osbuild_remoteloop.py');
+const SERVE = path.join(FIXTURES, 'remote-serve.ts');
+
+type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/** JSON lines of a child's stdout, one at a time. */
+function jsonLines(child: { stdout: NodeJS.ReadableStream | null }): () => Promise<Json> {
+  const it = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  return async () => {
+    const { value, done } = await it.next();
+    if (done) throw new Error('child closed its stdout');
+    return JSON.parse(value as string) as Json;
+  };
+}
+
+function exited(child: { exitCode: number | null; once: (e: 'exit', f: () => void) => void }): Promise<void> {
+  return child.exitCode !== null ? Promise.resolve() : new Promise((resolve) => child.once('exit', () => resolve()));
+}
+
+/** Runs the Python peer to completion and returns its JSON lines. */
+async function runPeer(args: string[], options: SpawnOptions = {}): Promise<Json[]> {
+  const child = spawn('python3', [PEER, ...args], { stdio: ['ignore', 'pipe', 'inherit'], ...options });
+  const out: Json[] = [];
+  for await (const line of createInterface({ input: child.stdout! })) out.push(JSON.parse(line) as Json);
+  await exited(child);
+  return out;
+}
+
+/** A started LoopServer on `<dir>/remoteloop`, closed at teardown (before the temp dir is checked). */
+async function server(t: ExecutionContext, dir: string, allowUids?: number[]): Promise<LoopServer> {
+  const s = new LoopServer({ socketPath: path.join(dir, 'remoteloop'), ...(allowUids ? { allowUids } : {}) });
+  await s.listen();
+  t.teardown(() => s.close());
+  return s;
+}
+
+/** Removes a node a server made in `dir`, whoever made it (bind mount or mknod); fine if already gone. */
+function dropNode(dir: string, devname: string): void {
+  const dirFd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    removeNode(dirFd, devname);
+  } catch (e) {
+    if ((e as { code?: string }).code !== 'ENOENT') throw e;
+  } finally {
+    fs.closeSync(dirFd);
+  }
+}
+
+function minorOf(devname: string): number {
+  return Number(devname.slice('loop'.length));
+}
+
+/** The loop minor a node in a directory reaches (rdev 7:minor), whether a bind mount or a mknod node. */
+function nodeMinor(p: string): number {
+  const st = fs.statSync(p);
+  const major = (st.rdev >> 8) & 0xfff;
+  if (!st.isBlockDevice() || major !== 7) throw new Error(`${p} is not a loop device node`);
+  return (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00);
+}
+
+/** Polls `ok` every 5 ms; throws after `timeoutMs`. */
+async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/**
+ * Holds flock(LOCK_EX) on /dev/loop-control, which loopForFd takes, until `release()` (or teardown, or
+ * this process dying: the holder exits when its stdin closes). Tests using it are serial: while the lock
+ * is held, nothing in this process may wait on a loop device allocation.
+ */
+async function holdLoopControlLock(t: ExecutionContext): Promise<{ release: () => Promise<void> }> {
+  const locker = spawn('flock', ['-w', '30', '/dev/loop-control', '-c', 'echo locked; read x'], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  t.teardown(() => {
+    if (locker.exitCode === null) locker.kill();
+  });
+  const next = createInterface({ input: locker.stdout })[Symbol.asyncIterator]();
+  const first = await next.next();
+  if (first.value !== 'locked') throw new Error(`flock said ${String(first.value)}`);
+  return {
+    release: async () => {
+      locker.stdin.end('\n');
+      await exited(locker);
+    },
+  };
+}
+
+loopTest('round trip in one process: the device has the options asked for, freed when the server closes', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const dev = await client.device(img.path, {
+    devDir: img.dir,
+    offset: 4096,
+    sizeLimit: 1 << 20,
+    readOnly: true,
+    sectorSize: 4096,
+    lock: true,
+  });
+  t.teardown(() => dev.removeSync());
+  t.true(dev instanceof RemoteDevice);
+  t.regex(dev.devname, /^loop\d+$/);
+  t.is(dev.path, path.join(img.dir, dev.devname));
+  const minor = minorOf(dev.devname);
+  t.is(nodeMinor(dev.path), minor, 'the node in devDir reaches the device the server named');
+  t.is(sysfs(minor, 'loop/backing_file'), img.path);
+  t.is(sysfs(minor, 'loop/offset'), '4096');
+  t.is(sysfs(minor, 'loop/sizelimit'), String(1 << 20));
+  t.is(sysfs(minor, 'loop/autoclear'), '1', 'the server always asks for autoclear');
+  t.is(sysfs(minor, 'ro'), '1');
+  t.is(sysfs(minor, 'queue/logical_block_size'), '4096');
+  t.like(srv.stats(), { running: true, connections: 1, devices: 1, requests: 1, failures: 0 });
+
+  await dev[Symbol.asyncDispose]();
+  t.false(fs.existsSync(dev.path), 'disposing the RemoteDevice removes the node');
+  t.true(dev.removed);
+  t.deepEqual(devicesBoundUnder(img.dir), [`/dev/${dev.devname}`], 'the server still pins the device');
+
+  await srv.close();
+  t.false(fs.existsSync(srv.socketPath), 'the socket file is removed');
+  t.deepEqual(await boundAfterSettling(img.dir), []);
+  await srv.close(); // idempotent
+});
+
+loopTest('a refused request is a RemoteLoopError and the connection keeps serving', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const err = await t.throwsAsync(client.device('/dev/null', { devDir: img.dir }), { instanceOf: RemoteLoopError });
+  t.is(err.code, 'EINVAL');
+  t.is(err.errno, -22);
+  t.is(err.remoteType, 'OSError');
+  t.regex(err.remoteValue, /^\[Errno 22\] EINVAL: .*not a regular file or block device/);
+  t.is(err.path, srv.socketPath);
+
+  // An open fd works too, and stays the caller's.
+  await using dev = await client.device(img.fd, { devDir: img.dir });
+  t.is(sysfs(minorOf(dev.devname), 'loop/backing_file'), img.path);
+  t.true(fs.fstatSync(img.fd).isFile(), "the caller's fd is still open");
+  t.like(srv.stats(), { requests: 2, failures: 1, devices: 1 });
+  client.close();
+  t.throws(() => client.device(img.path), { code: 'ERR_LOOP_CLOSED' });
+});
+
+loopTest('closing the server frees every device it attached', async (t) => {
+  const images = [image(t), image(t), image(t)];
+  const srv = await server(t, images[0]!.dir);
+  using client = new LoopClient(srv.socketPath);
+  const devs: RemoteDevice[] = [];
+  for (const img of images) {
+    const dev = await client.device(img.path, { devDir: images[0]!.dir });
+    t.teardown(() => dev.removeSync());
+    devs.push(dev);
+  }
+  t.is(new Set(devs.map((d) => d.devname)).size, 3);
+  for (const img of images) t.is(devicesBoundUnder(img.dir).length, 1);
+  t.is(srv.stats().devices, 3);
+  await srv.close();
+  for (const img of images) t.deepEqual(await boundAfterSettling(img.dir), [], `${img.path} is free`);
+});
+
+loopTest('across processes: a serve() child serves our client and releases its devices on SIGTERM', async (t) => {
+  const img = image(t);
+  const socketPath = path.join(img.dir, 'remoteloop');
+  const child = spawn(process.execPath, ['--import=tsx', SERVE, socketPath], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.teardown(() => {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  const next = jsonLines(child);
+  t.like(await next(), { event: 'ready' });
+  {
+    using client = new LoopClient(socketPath);
+    await using dev = await client.device(img.path, { devDir: img.dir, partscan: true });
+    t.is(nodeMinor(dev.path), minorOf(dev.devname));
+    t.is(sysfs(minorOf(dev.devname), 'loop/partscan'), '1');
+  }
+  t.is(devicesBoundUnder(img.dir).length, 1, 'the child still holds the device after our node is gone');
+  child.kill('SIGTERM');
+  t.like(await next(), { event: 'stopped', why: 'SIGTERM' });
+  await exited(child);
+  t.is(child.exitCode, 0);
+  t.false(fs.existsSync(socketPath));
+  t.deepEqual(await boundAfterSettling(img.dir), []);
+});
+
+/** The dir and socket reachable by another uid, so only SO_PEERCRED stands in its way. */
+function openToOthers(dir: string, socketPath: string): void {
+  fs.chmodSync(dir, 0o711);
+  fs.chmodSync(socketPath, 0o666);
+}
+
+loopTest('a peer whose uid is not allowed is refused (child running as uid 65534)', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  openToOthers(img.dir, srv.socketPath);
+  const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  const [result] = await runPeer(['client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir], {
+    uid: 65534,
+    gid: 65534,
+    stdio: ['ignore', 'pipe', 'inherit', img.fd, dirFd],
+  });
+  t.false(result!.ok, JSON.stringify(result));
+  t.regex(result!.error, /^OSError: \[Errno 1\] EPERM: uid 65534 is not allowed to use this loop server/);
+  t.like(srv.stats(), { refused: 1, devices: 0, connections: 0 });
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop']);
+});
+
+loopTest('a uid in allowUids gets a device (child running as uid 65534)', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir, [0, 65534]);
+  openToOthers(img.dir, srv.socketPath);
+  const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  const [result, unlinked] = await runPeer(
+    ['client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir],
+    { uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'inherit', img.fd, dirFd] },
+  );
+  t.true(result!.ok, JSON.stringify(result));
+  t.true(result!.isBlock);
+  t.teardown(() => dropNode(img.dir, result!.devname));
+  t.false(unlinked!.unlinked, 'uid 65534 cannot remove a node from a 0711 directory');
+  t.is(sysfs(minorOf(result!.devname), 'loop/backing_file'), img.path);
+  t.like(srv.stats(), { refused: 0, devices: 1 });
+});
+
+loopTest("our server with osbuild's LoopClient (Python): exact request bytes, device, errors", async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  const base = ['client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir];
+  const [ok, unlinked] = await runPeer([...base, '--offset', '512', '--sizelimit', '1048576', '--read-only']);
+  t.true(ok!.ok, JSON.stringify(ok));
+  t.teardown(() => dropNode(img.dir, ok!.devname));
+  t.is(
+    ok!.request,
+    '{"fd": 0, "dir_fd": 1, "offset": 512, "sizelimit": 1048576, "lock": false, "partscan": false, ' +
+      '"read_only": true, "sector_size": 512}',
+  );
+  t.true(ok!.isBlock);
+  const minor = minorOf(ok!.devname);
+  t.is(sysfs(minor, 'loop/offset'), '512');
+  t.is(sysfs(minor, 'loop/sizelimit'), '1048576');
+  t.is(sysfs(minor, 'ro'), '1');
+  // osbuild's client only unlinks; our server bind-mounted the host node, which cannot be unlinked in the
+  // same mount namespace. Either way the node must be gone once we dropNode it.
+  t.true(unlinked!.unlinked === true || unlinked!.errno === 'EBUSY', JSON.stringify(unlinked));
+
+  const [refused] = await runPeer(['client', srv.socketPath, '--file', '/dev/null', '--dev-dir', img.dir]);
+  t.false(refused!.ok);
+  t.regex(refused!.error, /^OSError: \[Errno 22\] EINVAL: /);
+  t.like(refused!.reply, { method: 'exception', exception: { type: 'OSError' } });
+  t.deepEqual(Object.keys(refused!.reply), ['method', 'exception']);
+  t.deepEqual(Object.keys(refused!.reply.exception), ['type', 'value', 'traceback']);
+  t.like(srv.stats(), { requests: 2, failures: 1, devices: 1 });
+});
+
+loopTest("our LoopClient with osbuild's LoopServer (Python): request, device, exception, release", async (t) => {
+  const img = image(t);
+  const socketPath = path.join(img.dir, 'remoteloop');
+  const peer = spawn('python3', [PEER, 'server', socketPath], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.teardown(() => {
+    if (peer.exitCode === null) peer.kill('SIGKILL');
+  });
+  const next = jsonLines(peer);
+  t.like(await next(), { event: 'ready' });
+  using client = new LoopClient(socketPath);
+
+  const dev = await client.device(img.path, { devDir: img.dir, offset: 8192, sectorSize: 4096, partscan: true });
+  t.teardown(() => dev.removeSync());
+  const request = await next();
+  t.is(request.fds, 2);
+  t.is(
+    JSON.stringify(request.msg),
+    '{"fd":0,"dir_fd":1,"offset":8192,"lock":false,"partscan":true,"read_only":false,"sector_size":4096}',
+    'keys and values as osbuild sends them',
+  );
+  t.like(await next(), { event: 'device', devname: dev.devname });
+  const minor = minorOf(dev.devname);
+  t.is(nodeMinor(dev.path), minor);
+  t.is(sysfs(minor, 'loop/offset'), '8192');
+  t.is(sysfs(minor, 'queue/logical_block_size'), '4096');
+  t.is(sysfs(minor, 'loop/autoclear'), '1');
+  await dev.remove();
+  t.false(fs.existsSync(dev.path));
+
+  // /proc is no place for a node: osbuild's server raises, and says so in its exception message.
+  const err = await t.throwsAsync(client.device(img.path, { devDir: '/proc' }), { instanceOf: RemoteLoopError });
+  t.like(await next(), { event: 'request' });
+  const raised = await next();
+  t.is(raised.event, 'exception');
+  t.is(err.remoteType, raised.type);
+  t.is(err.remoteValue, raised.value);
+  t.regex(err.message, /loop server '.*remoteloop': \w+Error: /);
+
+  peer.kill('SIGTERM');
+  t.like(await next(), { event: 'closed', devices: 1 });
+  await exited(peer);
+  t.deepEqual(await boundAfterSettling(img.dir), [], "osbuild's server releases what it pinned on exit");
+});
+
+// Serial (AVA runs these first, one at a time): blocking this thread, or holding the loop-control lock,
+// while another test of this file waits for a device would deadlock the two.
+loopTest.serial('the server does not need the event loop: a client is served while JS is blocked', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  // execFileSync blocks this thread until the Python client is done: only the server thread can answer it.
+  const out = execFileSync('python3', [PEER, 'client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir], {
+    encoding: 'utf8',
+  });
+  const [result] = out.trim().split('\n').map((l) => JSON.parse(l) as Json);
+  t.true(result!.ok, out);
+  dropNode(img.dir, result!.devname);
+  t.is(srv.stats().devices, 1);
+});
+
+loopTest.serial('a configure waiting on the kernel does not stall JS', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const lock = await holdLoopControlLock(t);
+  let settled = false;
+  let pending: Promise<RemoteDevice>;
+  try {
+    pending = client.device(img.path, { devDir: img.dir });
+    void pending.finally(() => (settled = true)).catch(() => {});
+    let ticks = 0;
+    await until('the request to reach the server', () => ++ticks >= 20 && srv.stats().requests === 1);
+    t.false(settled, 'the server thread is still waiting for the loop-control lock');
+    t.true(ticks >= 20, 'timers kept running meanwhile');
+  } finally {
+    await lock.release();
+  }
+  await using dev = await pending;
+  t.is(nodeMinor(dev.path), minorOf(dev.devname));
+});
+
+loopTest.serial('a client that hangs up before its reply leaks nothing', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  const lock = await holdLoopControlLock(t);
+  try {
+    // The Python client sends a valid request and exits without reading; the server is stuck on the lock.
+    const child = spawn('python3', ['-c', HANG_UP, srv.socketPath, img.path, img.dir], { stdio: 'inherit' });
+    await exited(child);
+    t.is(child.exitCode, 0);
+    await until('the request to reach the server', () => srv.stats().requests === 1);
+  } finally {
+    await lock.release();
+  }
+  // The server attaches, makes the node, fails to deliver the reply, and undoes both.
+  await until('the server to drop the connection', () => srv.stats().connections === 0);
+  t.like(srv.stats(), { requests: 1, devices: 0 });
+  t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'no node left behind');
+  t.deepEqual(await boundAfterSettling(img.dir), [], 'no device left bound');
+});
+
+const HANG_UP = `
+import array, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind("")
+s.connect(sys.argv[1])
+fds = [os.open(sys.argv[2], os.O_RDWR), os.open(sys.argv[3], os.O_DIRECTORY)]
+req = b'{"fd": 0, "dir_fd": 1, "lock": false, "partscan": false, "read_only": false, "sector_size": 512}'
+s.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+`;
+
+loopTest('LoopServer: listen errors, double listen, close before listen', async (t) => {
+  const img = image(t);
+  const taken = path.join(img.dir, 'taken');
+  fs.writeFileSync(taken, 'x');
+  const s = new LoopServer({ socketPath: taken });
+  const inUse = await t.throwsAsync(s.listen(), { code: 'EADDRINUSE' });
+  t.like(inUse, { syscall: 'bind', path: taken });
+  t.is(fs.readFileSync(taken, 'utf8'), 'x', 'an existing file is left alone');
+  await s.close();
+
+  const srv = await server(t, img.dir);
+  await t.throwsAsync(srv.listen(), { code: 'ERR_SERVER_ALREADY_LISTEN' });
+  t.true(srv.listening);
+  await srv.close();
+  t.false(srv.listening);
+  await t.throwsAsync(srv.listen(), { code: 'ERR_LOOP_CLOSED' });
+  t.throws(() => srv.stats(), { code: 'ERR_LOOP_CLOSED' });
+  t.like(t.throws(() => new LoopClient(srv.socketPath), { code: 'ENOENT' }), { syscall: 'connect' });
+  t.throws(() => new LoopServer({ socketPath: '' }), { instanceOf: TypeError });
+  await new LoopServer({ socketPath: path.join(img.dir, 'never') }).close();
+});

@@ -1,0 +1,165 @@
+//! Exports for the osbuild-compatible remote loop server and client. The server runs on its own Rust
+//! thread (see `loopdev::remote::server`); JS only starts it, reads its counters and stops it, and the
+//! stop (which joins the thread) runs as async work. A client request blocks until the reply, so it runs
+//! as async work too.
+
+use crate::convert::{self, borrow};
+use crate::js::{arg, Env, Failure, JsResult, Value};
+use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// What a remote handle holds. close() takes the value out; work already running keeps its own `Arc`.
+enum Remote {
+    Server(Mutex<Option<Server>>),
+    Client(Mutex<Option<Arc<Client>>>),
+}
+
+fn remote<'a>(env: Env, v: Value) -> JsResult<&'a Remote> {
+    env.external_ref::<Remote>(v)
+}
+
+fn server_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Server>>> {
+    match remote(env, arg(env, args, 0)?)? {
+        Remote::Server(s) => Ok(s),
+        Remote::Client(_) => Err(Failure::Type("expected a LoopServer handle".into())),
+    }
+}
+
+fn client_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Arc<Client>>>> {
+    match remote(env, arg(env, args, 0)?)? {
+        Remote::Client(c) => Ok(c),
+        Remote::Server(_) => Err(Failure::Type("expected a LoopClient handle".into())),
+    }
+}
+
+fn done(env: Env, _: ()) -> JsResult<Value> {
+    env.undefined()
+}
+
+/// `allowUids`: an array of uids, or nullish for the default (our euid and root).
+fn allow_uids(env: Env, v: Value) -> JsResult<Option<Vec<u32>>> {
+    if env.is_nullish(v)? {
+        return Ok(None);
+    }
+    let len = env.to_int(env.get(v, "length")?, "allowUids.length", 0, 1 << 16)?;
+    (0..len)
+        .map(|i| {
+            let uid = env.get(v, &i.to_string())?;
+            Ok(env.to_int(uid, &format!("allowUids[{i}]"), 0, i64::from(u32::MAX))? as u32)
+        })
+        .collect::<JsResult<Vec<u32>>>()
+        .map(Some)
+}
+
+/// remoteServerListen(socketPath, allowUids?) → handle. Binds and listens now (errors throw), then
+/// serves on a new thread.
+pub fn server_listen(env: Env, args: &[Value]) -> JsResult<Value> {
+    let path = env.to_string(arg(env, args, 0)?)?;
+    let mut options = ServerOptions::default();
+    if let Some(uids) = allow_uids(env, arg(env, args, 1)?)? {
+        options.allow_uids = uids;
+    }
+    let server = Server::bind(Path::new(&path), options)?;
+    env.external(Remote::Server(Mutex::new(Some(server))))
+}
+
+/// remoteServerClose(h) → Promise<void>: stops the thread, closes every device, removes the socket.
+/// Idempotent.
+pub fn server_close(env: Env, args: &[Value]) -> JsResult<Value> {
+    let server = server_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).take();
+    crate::task::spawn(
+        env,
+        "loopdev.serverClose",
+        move || match server {
+            Some(s) => Ok(s.shutdown()?),
+            None => Ok(()),
+        },
+        done,
+    )
+}
+
+/// remoteServerStats(h) → { running, connections, devices, requests, failures, refused }
+pub fn server_stats(env: Env, args: &[Value]) -> JsResult<Value> {
+    let stats = match server_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        Some(s) => s.stats(),
+        None => return Err(Failure::Closed("loop server")),
+    };
+    let o = env.object()?;
+    env.set(o, "running", env.boolean(stats.running)?)?;
+    env.set(o, "connections", env.int(stats.connections as i64)?)?;
+    env.set(o, "devices", env.int(stats.devices as i64)?)?;
+    env.set(o, "requests", env.int(stats.requests as i64)?)?;
+    env.set(o, "failures", env.int(stats.failures as i64)?)?;
+    env.set(o, "refused", env.int(stats.refused as i64)?)?;
+    Ok(o)
+}
+
+/// remoteClientConnect(socketPath) → handle
+pub fn client_connect(env: Env, args: &[Value]) -> JsResult<Value> {
+    let path = env.to_string(arg(env, args, 0)?)?;
+    let client = Client::connect(Path::new(&path))?;
+    env.external(Remote::Client(Mutex::new(Some(Arc::new(client)))))
+}
+
+/// `{ offset?, sizeLimit?, lock?, partscan?, readOnly?, sectorSize? }` → the wire request.
+fn request(env: Env, o: Value) -> JsResult<Request> {
+    Ok(Request {
+        offset: env.opt_u64(o, "offset")?,
+        sizelimit: env.opt_u64(o, "sizeLimit")?,
+        lock: env.opt_bool(o, "lock")?.unwrap_or(false),
+        partscan: env.opt_bool(o, "partscan")?.unwrap_or(false),
+        read_only: env.opt_bool(o, "readOnly")?.unwrap_or(false),
+        sector_size: match env.opt(o, "sectorSize")? {
+            Some(v) => convert::u32_size(env, v, "sectorSize")?,
+            None => loopdev::remote::wire::DEFAULT_SECTOR_SIZE,
+        },
+        ..Request::default()
+    })
+}
+
+/// `{ devname }` or `{ exception: { type, value, traceback } }`; the TS layer turns the latter into an error.
+fn reply(env: Env, r: Reply) -> JsResult<Value> {
+    let o = env.object()?;
+    match r {
+        Reply::Device(name) => env.set(o, "devname", env.string(&name)?)?,
+        Reply::Exception(e) => {
+            let x = env.object()?;
+            env.set(x, "type", env.string(&e.kind)?)?;
+            env.set(x, "value", env.string(&e.value)?)?;
+            env.set(x, "traceback", env.string(&e.traceback)?)?;
+            if let Some(errno) = e.errno() {
+                env.set(x, "errno", env.int(i64::from(errno))?)?;
+            }
+            env.set(o, "exception", x)?;
+        }
+    }
+    Ok(o)
+}
+
+/// remoteClientRequest(h, fileFd, dirFd, options) → Promise<reply>. The fds stay the caller's; they must
+/// stay open until the promise settles.
+pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
+    let client = client_slot(env, args)?
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or(Failure::Closed("loop client"))?;
+    let file = convert::fd(env, arg(env, args, 1)?, "fd")?;
+    let dir = convert::fd(env, arg(env, args, 2)?, "dirFd")?;
+    let req = request(env, arg(env, args, 3)?)?;
+    crate::task::spawn(
+        env,
+        "loopdev.remoteRequest",
+        move || Ok(client.request(borrow(file), borrow(dir), &req)?),
+        reply,
+    )
+}
+
+/// remoteClientClose(h): shuts the socket down (a pending request fails with ECONNRESET) and drops it.
+pub fn client_close(env: Env, args: &[Value]) -> JsResult<Value> {
+    if let Some(client) = client_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = client.shutdown();
+    }
+    env.undefined()
+}

@@ -1,0 +1,15 @@
+//! Remote loop devices, wire-compatible with osbuild's `remoteloop`: a server that attaches loop devices
+//! for clients on an AF_UNIX `SOCK_SEQPACKET` socket, and the client that asks for them.
+//!
+//! Layers, bottom up: `seqpacket` (the syscalls), `jsoncomm` (one JSON message per packet, fds in
+//! `SCM_RIGHTS`, the `<args-via-fd>` memfd form), `wire` (the request and reply JSON), `server`, `client`.
+
+pub mod client;
+pub mod jsoncomm;
+pub mod seqpacket;
+pub mod server;
+pub mod wire;
+
+pub use client::Client;
+pub use server::{Server, ServerOptions, Stats};
+pub use wire::{Exception, Reply, Request};

@@ -1,0 +1,299 @@
+//! AF_UNIX `SOCK_SEQPACKET` sockets with fds in `SCM_RIGHTS`: the transport of osbuild's jsoncomm.
+//! One small safe function per system call; every fd the kernel hands us becomes an `OwnedFd` at once,
+//! so nothing received can leak whatever the caller does next.
+
+use crate::error::{Error, Result};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use std::ffi::CStr;
+use std::io::IoSlice;
+use std::io::IoSliceMut;
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+/// The kernel's limit of fds in one `SCM_RIGHTS` message (osbuild sizes its receive buffer for it).
+pub const SCM_MAX_FD: usize = 253;
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const SUN_PATH_MAX: usize = 107;
+
+fn own(raw: RawFd) -> OwnedFd {
+    // SAFETY: every caller passes an fd the kernel just returned to us and that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Credentials of the peer of a connected socket (`SO_PEERCRED`), as of `connect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC [| SOCK_NONBLOCK]).
+pub fn socket(nonblocking: bool) -> Result<OwnedFd> {
+    let flags = if nonblocking { SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK } else { SockFlag::SOCK_CLOEXEC };
+    socket::socket(AddressFamily::Unix, SockType::SeqPacket, flags, None).map(own).map_err(|e| Error::os(e, "socket"))
+}
+
+/// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC): a connected pair, for tests and in-process use.
+pub fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map(|(a, b)| (own(a), own(b)))
+        .map_err(|e| Error::os(e, "socketpair"))
+}
+
+/// A path usable as `sun_path`. Paths longer than `sun_path` go through `/proc/self/fd/<parent>/<name>`,
+/// so `parent` must stay open until the bind or connect is done.
+pub struct SocketAddr {
+    addr: UnixAddr,
+    _parent: Option<OwnedFd>,
+}
+
+impl SocketAddr {
+    pub fn new(path: &Path) -> Result<SocketAddr> {
+        let err = |e: Errno| Error::os(e, "socket").with_path(path);
+        if path.as_os_str().len() <= SUN_PATH_MAX {
+            return Ok(SocketAddr { addr: UnixAddr::new(path).map_err(err)?, _parent: None });
+        }
+        let (parent, name) = split_path(path).ok_or_else(|| err(Errno::ENAMETOOLONG))?;
+        let dir = crate::device::open_in(None, &parent.to_string_lossy(), nix::fcntl::OFlag::O_PATH)
+            .map_err(|e| e.with_path(path))?;
+        let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+        Ok(SocketAddr { addr: UnixAddr::new(&short).map_err(err)?, _parent: Some(dir) })
+    }
+}
+
+/// `(parent, file name)` of a path that names a file.
+pub fn split_path(path: &Path) -> Option<(PathBuf, &std::ffi::OsStr)> {
+    let name = path.file_name()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Some((parent, name))
+}
+
+/// bind(2) to a filesystem path.
+pub fn bind(fd: BorrowedFd, path: &Path) -> Result<()> {
+    let addr = SocketAddr::new(path)?;
+    socket::bind(fd.as_raw_fd(), &addr.addr).map_err(|e| Error::os(e, "bind").with_path(path))
+}
+
+/// bind(2) with an empty address: Linux autobinds the socket to a unique abstract name (osbuild's
+/// `sock.bind("")`), so the server sees who is talking even before `SO_PEERCRED`.
+pub fn bind_auto(fd: BorrowedFd) -> Result<()> {
+    socket::bind(fd.as_raw_fd(), &UnixAddr::new_unnamed()).map_err(|e| Error::os(e, "bind"))
+}
+
+/// listen(2).
+pub fn listen(fd: BorrowedFd, backlog: usize) -> Result<()> {
+    socket::listen(fd.as_raw_fd(), backlog).map_err(|e| Error::os(e, "listen"))
+}
+
+/// connect(2) to a filesystem path.
+pub fn connect(fd: BorrowedFd, path: &Path) -> Result<()> {
+    let addr = SocketAddr::new(path)?;
+    socket::connect(fd.as_raw_fd(), &addr.addr).map_err(|e| Error::os(e, "connect").with_path(path))
+}
+
+/// accept4(2) with `SOCK_CLOEXEC | SOCK_NONBLOCK`.
+pub fn accept(fd: BorrowedFd) -> Result<OwnedFd> {
+    socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
+        .map(own)
+        .map_err(|e| Error::os(e, "accept"))
+}
+
+/// getsockopt(SO_PEERCRED).
+pub fn peer_cred(fd: BorrowedFd) -> Result<PeerCred> {
+    let cred =
+        socket::getsockopt(fd.as_raw_fd(), socket::sockopt::PeerCredentials).map_err(|e| Error::os(e, "getsockopt"))?;
+    Ok(PeerCred { pid: cred.pid(), uid: cred.uid(), gid: cred.gid() })
+}
+
+/// shutdown(SHUT_RDWR): wakes a thread blocked in `recv` on the same socket.
+pub fn shutdown(fd: BorrowedFd) -> Result<()> {
+    socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Both).map_err(|e| Error::os(e, "shutdown"))
+}
+
+/// sendmsg(2) of one packet, `fds` in one `SCM_RIGHTS` message (none when empty). `MSG_NOSIGNAL`: a peer
+/// that went away is EPIPE, never SIGPIPE. On a non-blocking socket a full peer is EAGAIN.
+pub fn send(fd: BorrowedFd, bytes: &[u8], fds: &[BorrowedFd]) -> Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    socket::sendmsg::<()>(fd.as_raw_fd(), &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(|e| Error::os(e, "sendmsg"))
+}
+
+/// One received packet. `fds` holds every descriptor that arrived, already owned (close-on-exec).
+#[derive(Debug)]
+pub struct Packet {
+    /// Bytes stored in the buffer (at most its length).
+    pub len: usize,
+    pub fds: Vec<OwnedFd>,
+    /// `MSG_TRUNC`: the packet was longer than the buffer; the rest is gone.
+    pub truncated: bool,
+    /// `MSG_CTRUNC`: more fds were sent than fitted; the kernel closed the rest.
+    pub fds_truncated: bool,
+}
+
+/// recvmsg(2) of one packet with `MSG_CMSG_CLOEXEC` and room for `max_fds` descriptors. Extra descriptors
+/// are dropped by the kernel (`fds_truncated`), or arrive in the alignment slack of the control buffer
+/// (then `fds.len() > max_fds`): either way the caller owns whatever arrived.
+pub fn recv(fd: BorrowedFd, buf: &mut [u8], max_fds: usize) -> Result<Packet> {
+    let mut cmsg = Vec::with_capacity(cmsg_space(max_fds));
+    let mut iov = [IoSliceMut::new(buf)];
+    let control = if max_fds == 0 { None } else { Some(&mut cmsg) };
+    let msg = socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, control, MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(|e| Error::os(e, "recvmsg"))?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs() {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(own));
+        }
+    }
+    Ok(Packet {
+        len: msg.bytes,
+        fds,
+        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        fds_truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+    })
+}
+
+/// recv(MSG_PEEK | MSG_TRUNC [| MSG_DONTWAIT]): the full length of the next packet, without taking it.
+/// 0 = end of stream (osbuild treats an empty packet the same way).
+pub fn peek_len(fd: BorrowedFd, wait: bool) -> Result<usize> {
+    let mut none = [0u8; 0];
+    let mut flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC;
+    if !wait {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    socket::recv(fd.as_raw_fd(), &mut none, flags).map_err(|e| Error::os(e, "recvmsg"))
+}
+
+fn cmsg_space(fds: usize) -> usize {
+    let bytes = (fds * std::mem::size_of::<RawFd>()) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE(bytes) as usize }
+}
+
+/// memfd_create(2) with `MFD_CLOEXEC`; `name` is NUL-terminated.
+pub fn memfd(name: &[u8]) -> Result<OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let name = CStr::from_bytes_with_nul(name).map_err(|_| Error::os(Errno::EINVAL, "memfd_create"))?;
+    memfd_create(name, MemFdCreateFlag::MFD_CLOEXEC).map(own).map_err(|e| Error::os(e, "memfd_create"))
+}
+
+/// fcntl(F_GETFL): the open flags of `fd` (to refuse `O_PATH` descriptors).
+pub fn status_flags(fd: BorrowedFd) -> Result<nix::fcntl::OFlag> {
+    let bits = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| Error::os(e, "fcntl"))?;
+    Ok(nix::fcntl::OFlag::from_bits_truncate(bits))
+}
+
+/// fcntl(F_GET_SEALS): succeeds only on shmem files (memfd, tmpfs), whose reads never block.
+pub fn seals(fd: BorrowedFd) -> Result<i32> {
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).map_err(|e| Error::os(e, "fcntl"))
+}
+
+/// eventfd(2), non-blocking and close-on-exec: the shutdown signal of the server thread.
+pub fn eventfd() -> Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; the result is checked before it is owned.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    Errno::result(raw).map(own).map_err(|e| Error::os(e, "eventfd"))
+}
+
+/// Adds 1 to an eventfd.
+pub fn eventfd_signal(fd: BorrowedFd) -> Result<()> {
+    nix::unistd::write(fd.as_raw_fd(), &1u64.to_ne_bytes()).map(drop).map_err(|e| Error::os(e, "write"))
+}
+
+/// poll(2). EINTR is returned to the caller, which simply polls again.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
+    // SAFETY: the pointer and length describe `fds`, which poll only writes `revents` into.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    Errno::result(n).map(|n| n as usize).map_err(|e| Error::os(e, "poll"))
+}
+
+/// A `pollfd` for `fd` waiting on `events`.
+pub fn pollfd(fd: BorrowedFd, events: i16) -> libc::pollfd {
+    libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 }
+}
+
+/// The `/proc/sys/net/core/wmem_max` limit jsoncomm senders use to pick the memfd path (64000 if unknown).
+pub fn wmem_max() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/wmem_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(64_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::AsFd;
+
+    #[test]
+    fn fds_cross_a_socketpair_and_extras_are_refused_by_size() {
+        let (a, b) = socketpair().unwrap();
+        let f1 = std::fs::File::open("/dev/null").unwrap();
+        let f2 = std::fs::File::open("/").unwrap();
+        assert_eq!(send(a.as_fd(), b"hello", &[f1.as_fd(), f2.as_fd()]).unwrap(), 5);
+        assert_eq!(peek_len(b.as_fd(), true).unwrap(), 5);
+        let mut buf = [0u8; 16];
+        let p = recv(b.as_fd(), &mut buf, 2).unwrap();
+        assert_eq!(&buf[..p.len], b"hello");
+        assert_eq!(p.fds.len(), 2);
+        assert!(!p.truncated && !p.fds_truncated);
+        let flags = nix::fcntl::fcntl(p.fds[0].as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds are close-on-exec");
+
+        // Ten fds into room for one: the kernel drops what does not fit and says so.
+        let many: Vec<_> = (0..10).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let borrowed: Vec<_> = many.iter().map(|f| f.as_fd()).collect();
+        send(a.as_fd(), b"x", &borrowed).unwrap();
+        let p = recv(b.as_fd(), &mut buf, 1).unwrap();
+        assert!(p.fds_truncated);
+        assert!(p.fds.len() < 10);
+    }
+
+    #[test]
+    fn a_long_packet_is_reported_truncated() {
+        let (a, b) = socketpair().unwrap();
+        send(a.as_fd(), &[7u8; 100], &[]).unwrap();
+        assert_eq!(peek_len(b.as_fd(), true).unwrap(), 100);
+        let mut buf = [0u8; 10];
+        let p = recv(b.as_fd(), &mut buf, 0).unwrap();
+        assert!(p.truncated);
+        assert_eq!(p.len, 10);
+        drop(a);
+        assert_eq!(peek_len(b.as_fd(), true).unwrap(), 0, "closed peer reads as an empty packet");
+    }
+
+    #[test]
+    fn peer_credentials_are_ours_on_a_pair() {
+        let (a, _b) = socketpair().unwrap();
+        let cred = peer_cred(a.as_fd()).unwrap();
+        assert_eq!(cred.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(cred.pid, std::process::id() as i32);
+    }
+
+    #[test]
+    fn long_paths_bind_through_proc() {
+        let dir = std::env::temp_dir().join(format!("loopdev-seqpacket-{}-{}", std::process::id(), "d".repeat(120)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let s = socket(false).unwrap();
+        bind(s.as_fd(), &path).unwrap();
+        listen(s.as_fd(), 4).unwrap();
+        let c = socket(false).unwrap();
+        bind_auto(c.as_fd()).unwrap();
+        connect(c.as_fd(), &path).unwrap();
+        let conn = accept(s.as_fd()).unwrap();
+        send(c.as_fd(), b"hi", &[]).unwrap();
+        let mut buf = [0u8; 4];
+        let mut pfd = [pollfd(conn.as_fd(), libc::POLLIN)];
+        poll(&mut pfd, 5000).unwrap();
+        assert_eq!(recv(conn.as_fd(), &mut buf, 0).unwrap().len, 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,180 @@
+/**
+ * `LoopClient`: osbuild's remoteloop client. Asks a `LoopServer` (ours or osbuild's) for a loop device
+ * bound to a file, with its node created in a directory of ours (default `/dev`).
+ */
+import * as fs from 'node:fs';
+import { constants as osConstants } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { native, type Handle } from '../binding.js';
+import { closedError, LoopError } from '../errors.js';
+import { removeNode } from '../loop.js';
+
+type Size = number | bigint;
+
+const open = promisify(fs.open);
+const close = promisify(fs.close);
+
+export interface RemoteDeviceOptions {
+  /** Start of the device in the file, bytes (0 = start). */
+  offset?: Size;
+  /** Size of the device, bytes (0 = up to the end of the file). */
+  sizeLimit?: Size;
+  /** Server takes `flock(LOCK_EX)` on the device (keeps udev away) for as long as it holds it. */
+  lock?: boolean;
+  partscan?: boolean;
+  /** Read-only device; the file is opened O_RDONLY. */
+  readOnly?: boolean;
+  /** Logical sector size (default 512). */
+  sectorSize?: number;
+  /** Directory the server creates the `loopN` node in (default `/dev`). */
+  devDir?: string;
+}
+
+/** An exception reply of the server (`{"method": "exception", …}`), as a LoopError. */
+export class RemoteLoopError extends LoopError {
+  /** Python exception type name the server reported (`OSError`, …). */
+  readonly remoteType: string;
+  readonly remoteValue: string;
+  readonly remoteTraceback: string;
+
+  constructor(
+    socketPath: string,
+    exception: { type: string; value: string; traceback: string; errno?: number | undefined },
+  ) {
+    const code = exception.errno === undefined ? undefined : errnoName(exception.errno);
+    super(`${code ?? 'ERR_LOOP_REMOTE'}: loop server '${socketPath}': ${exception.type}: ${exception.value}`, {
+      code: code ?? 'ERR_LOOP_REMOTE',
+      ...(code === undefined || exception.errno === undefined ? {} : { errno: -exception.errno }),
+      syscall: 'remoteloop',
+      path: socketPath,
+    });
+    this.remoteType = exception.type;
+    this.remoteValue = exception.value;
+    this.remoteTraceback = exception.traceback;
+  }
+}
+
+function errnoName(errno: number): string | undefined {
+  for (const [name, n] of Object.entries(osConstants.errno)) if (n === errno) return name;
+  return undefined;
+}
+
+/** A device node the server made for us. Disposing it removes the node (the device stays the server's). */
+export class RemoteDevice implements AsyncDisposable {
+  /** `loopN`. */
+  readonly devname: string;
+  /** The directory the node is in. */
+  readonly devDir: string;
+  /** `<devDir>/loopN`. */
+  readonly path: string;
+  #removed = false;
+
+  constructor(devDir: string, devname: string) {
+    this.devDir = devDir;
+    this.devname = devname;
+    this.path = join(devDir, devname);
+  }
+
+  get removed(): boolean {
+    return this.#removed;
+  }
+
+  /**
+   * Removes the node (unmounting it first when the server bind-mounted the host's node), like osbuild's
+   * context manager. Idempotent; a node already gone is fine. The device itself is released by the server
+   * when it closes.
+   */
+  removeSync(): void {
+    if (this.#removed) return;
+    const dirFd = fs.openSync(this.devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    try {
+      removeNode(dirFd, this.devname);
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'ENOENT') throw e;
+    } finally {
+      fs.closeSync(dirFd);
+    }
+    this.#removed = true;
+  }
+
+  async remove(): Promise<void> {
+    this.removeSync();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.remove();
+  }
+}
+
+export class LoopClient implements Disposable {
+  readonly socketPath: string;
+  #handle: Handle | null;
+  /** One request at a time: replies carry no id. Queued here so waiting does not hold a pool thread. */
+  #queue: Promise<unknown> = Promise.resolve();
+
+  /** Connects (autobound SOCK_SEQPACKET) to the server at `socketPath`. */
+  constructor(socketPath: string) {
+    this.socketPath = socketPath;
+    this.#handle = native.remoteClientConnect(socketPath);
+  }
+
+  get closed(): boolean {
+    return this.#handle === null;
+  }
+
+  #h(): Handle {
+    if (this.#handle === null) throw closedError('loop client', this.socketPath);
+    return this.#handle;
+  }
+
+  /**
+   * Asks the server for a loop device bound to `file` (a path, or an open fd that stays yours), with its node
+   * created in `devDir`. Rejects with `RemoteLoopError` when the server answers with an exception.
+   */
+  device(file: string | number, options: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
+    const handle = this.#h();
+    const run = this.#queue.then(() => this.#request(handle, file, options));
+    this.#queue = run.catch(() => {});
+    return run;
+  }
+
+  async #request(handle: Handle, file: string | number, o: RemoteDeviceOptions): Promise<RemoteDevice> {
+    const devDir = o.devDir ?? '/dev';
+    const opened: number[] = [];
+    try {
+      const fd =
+        typeof file === 'number'
+          ? file
+          : await open(file, o.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR).then((n) => {
+              opened.push(n);
+              return n;
+            });
+      const dirFd = await open(devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+      opened.push(dirFd);
+      const reply = await native.remoteClientRequest(handle, fd, dirFd, {
+        offset: o.offset,
+        sizeLimit: o.sizeLimit,
+        lock: o.lock,
+        partscan: o.partscan,
+        readOnly: o.readOnly,
+        sectorSize: o.sectorSize,
+      });
+      if (reply.exception) throw new RemoteLoopError(this.socketPath, reply.exception);
+      return new RemoteDevice(devDir, reply.devname);
+    } finally {
+      await Promise.all(opened.map((n) => close(n)));
+    }
+  }
+
+  /** Closes the connection; a request still waiting for its reply fails. Idempotent. */
+  close(): void {
+    if (this.#handle === null) return;
+    native.remoteClientClose(this.#handle);
+    this.#handle = null;
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}

@@ -1,0 +1,109 @@
+/**
+ * `LoopServer`: osbuild's remoteloop server (wire-compatible with its `LoopClient`). The server runs on a
+ * native thread of its own, so requests are served while JS is busy, and a configure waiting on the kernel
+ * never stalls the event loop.
+ */
+import { native, type Handle } from '../binding.js';
+import { closedError, LoopError } from '../errors.js';
+
+export interface LoopServerOptions {
+  /** Where to bind the AF_UNIX SOCK_SEQPACKET socket. Must not exist; removed again by `close()`. */
+  socketPath: string;
+  /**
+   * Peer uids (checked with SO_PEERCRED at connect) that may request devices. Others get one exception
+   * reply and are disconnected. Default: this process's effective uid and root.
+   */
+  allowUids?: readonly number[];
+}
+
+export interface LoopServerStats {
+  /** The server thread is serving. */
+  running: boolean;
+  /** Open client connections. */
+  connections: number;
+  /** Devices attached and held open (they are released by `close()`). */
+  devices: number;
+  /** Messages received, well-formed or not. */
+  requests: number;
+  /** Exception replies sent. */
+  failures: number;
+  /** Connections refused because of their uid. */
+  refused: number;
+}
+
+/** Never fires; keeps the process alive while the server listens, like a listening `net.Server`. */
+const FOREVER_MS = 2 ** 31 - 1;
+
+export class LoopServer implements AsyncDisposable {
+  readonly socketPath: string;
+  readonly allowUids: readonly number[] | undefined;
+
+  #handle: Handle | null = null;
+  #closed: Promise<void> | null = null;
+  #keepAlive: NodeJS.Timeout | null = null;
+  #ref = true;
+
+  constructor(options: LoopServerOptions) {
+    if (typeof options?.socketPath !== 'string' || options.socketPath === '') {
+      throw new TypeError('LoopServer: socketPath must be a non-empty string');
+    }
+    this.socketPath = options.socketPath;
+    this.allowUids = options.allowUids === undefined ? undefined : Object.freeze([...options.allowUids]);
+  }
+
+  get listening(): boolean {
+    return this.#handle !== null && this.#closed === null;
+  }
+
+  /** Binds the socket and starts serving. Rejects with EADDRINUSE if the path exists. */
+  async listen(): Promise<void> {
+    if (this.#closed) throw closedError('loop server', this.socketPath);
+    if (this.#handle) {
+      throw new LoopError(`ERR_SERVER_ALREADY_LISTEN: the loop server already listens '${this.socketPath}'`, {
+        code: 'ERR_SERVER_ALREADY_LISTEN',
+        path: this.socketPath,
+      });
+    }
+    this.#handle = native.remoteServerListen(this.socketPath, this.allowUids);
+    // The callback holds `this`: a listening server is never garbage-collected (which would stop it).
+    this.#keepAlive = setInterval(() => void this, FOREVER_MS);
+    if (!this.#ref) this.#keepAlive.unref();
+  }
+
+  /** Counters of the server thread. */
+  stats(): LoopServerStats {
+    if (this.#handle === null || this.#closed) throw closedError('loop server', this.socketPath);
+    return native.remoteServerStats(this.#handle);
+  }
+
+  /** Let the process exit even while the server listens (like `net.Server#unref`). */
+  unref(): this {
+    this.#ref = false;
+    this.#keepAlive?.unref();
+    return this;
+  }
+
+  ref(): this {
+    this.#ref = true;
+    this.#keepAlive?.ref();
+    return this;
+  }
+
+  /**
+   * Stops serving: closes the socket and every connection, removes the socket file, and closes every
+   * device the server attached (autoclear then frees each one nobody else holds open). Idempotent.
+   */
+  close(): Promise<void> {
+    if (!this.#closed) {
+      const handle = this.#handle;
+      if (this.#keepAlive) clearInterval(this.#keepAlive);
+      this.#keepAlive = null;
+      this.#closed = handle ? native.remoteServerClose(handle) : Promise.resolve();
+    }
+    return this.#closed;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
