@@ -96,3 +96,14 @@ loopTest('onClose runs once and the fd becomes -1', async (t) => {
   const err = t.throws(() => lo.getStatus(), { instanceOf: LoopError });
   t.is(err?.code, 'ERR_LOOP_CLOSED');
 });
+
+loopTest('clearFdWait completes once another holder closes during the wait', async (t) => {
+  const img = image(t);
+  const lo = await configuredLoop(img.fd);
+  const holder = fs.openSync(lo.path, 'r');
+  setTimeout(() => fs.closeSync(holder), 100);
+  await t.notThrowsAsync(lo.clearFdWait(img.fd, 5000, 10));
+  t.false(lo.isBoundTo(img.fd));
+  lo.close();
+  t.deepEqual(await boundAfterSettling(img.path), []);
+});

@@ -173,13 +173,17 @@ impl Loop {
         }
     }
 
+    /// LOOP_CLR_FD while someone else has the device open only marks it autoclear, and our own open fd then
+    /// keeps it bound after they close. So the clear is repeated on every poll while the device is still bound
+    /// to the same file; once we are the only opener, it takes effect. Holding the fd, the binding cannot have
+    /// passed to anyone else in between.
     fn clear_and_wait(&self, dev: u64, ino: u64, timeout: Duration, poll: Duration) -> Result<()> {
-        match self.clear_fd() {
-            Err(e) if e.is(Errno::ENXIO) => return Ok(()),
-            other => other?,
-        }
         let deadline = Instant::now() + timeout;
         loop {
+            match self.clear_fd() {
+                Err(e) if e.is(Errno::ENXIO) => return Ok(()),
+                other => other?,
+            }
             match self.get_status() {
                 Err(e) if e.is(Errno::ENXIO) => return Ok(()),
                 Err(e) => return Err(e),
