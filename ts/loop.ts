@@ -60,6 +60,11 @@ export class Loop implements Disposable, AsyncDisposable {
     return lo;
   }
 
+  /** For subclasses (`LoopDevice`): constructor options that adopt a device the native layer already opened. */
+  protected static adoptOptions(raw: NativeLoop): LoopOptions {
+    return { [kNative]: raw } as LoopOptions;
+  }
+
   /** The device's file descriptor; -1 once closed. */
   get fd(): number {
     return this.#fd;

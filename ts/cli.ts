@@ -1,0 +1,360 @@
+#!/usr/bin/env node
+/**
+ * `loopdev`: losetup-like CLI on top of the library. Exit 0 on success, 1 with one line on stderr otherwise.
+ */
+import * as fs from 'node:fs';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { attach } from './attach.js';
+import { detach } from './device.js';
+import {
+  deviceInfo,
+  list,
+  LOSETUP_ALL_COLUMNS,
+  LOSETUP_COLUMNS,
+  stringifyJson,
+  toLosetup,
+  type LoopDeviceInfo,
+  type LosetupValue,
+} from './list.js';
+import { formatBytes, parseSize } from './size.js';
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+type Values = Record<string, string | boolean | (string | boolean)[] | undefined>;
+
+interface Command {
+  usage: string;
+  summary: string;
+  help: string;
+  options: Options;
+  run(values: Values, positionals: string[]): Promise<number>;
+}
+
+/** A mistake in the command line: printed with a pointer to `--help`. */
+class UsageError extends Error {
+  constructor(
+    readonly command: string | null,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const out = (s: string) => process.stdout.write(s.endsWith('\n') ? s : `${s}\n`);
+
+function table(rows: Record<string, LosetupValue>[], columns: string[]): string {
+  const cell = (v: LosetupValue) => (v === null ? '' : typeof v === 'boolean' ? (v ? '1' : '0') : String(v));
+  const numeric = (c: string) => !['name', 'back-file', 'back-maj:min', 'maj:min'].includes(c);
+  const cells = rows.map((r) => columns.map((c) => cell(r[c] ?? null)));
+  const head = columns.map((c) => c.toUpperCase());
+  const widths = columns.map((_, i) => Math.max(head[i]!.length, ...cells.map((r) => r[i]!.length)));
+  const line = (r: string[]) =>
+    r
+      .map((v, i) => (numeric(columns[i]!) ? v.padStart(widths[i]!) : v.padEnd(widths[i]!)))
+      .join(' ')
+      .trimEnd();
+  return [line(head), ...cells.map(line)].join('\n');
+}
+
+function flagsOf(d: { readOnly: boolean; partscan: boolean; directIo: boolean; autoclear: boolean }): string {
+  const flags = [
+    d.readOnly ? 'read-only' : 'read-write',
+    d.directIo ? 'direct-io' : 'buffered-io',
+    ...(d.partscan ? ['partscan'] : []),
+    ...(d.autoclear ? ['autoclear'] : []),
+  ];
+  return flags.join(', ');
+}
+
+function describe(d: LoopDeviceInfo): string {
+  const rows: [string, string][] = [
+    ['device', `${d.path} (${d.majMin})`],
+    ['backing file', d.backingFile],
+    [
+      'backing inode',
+      d.inode === null ? '-' : `${d.inode} on ${d.backingMajMin ?? '?'}`,
+    ],
+    ['size', `${formatBytes(d.size)} (${d.size} bytes)`],
+    ['offset', `${d.offset}`],
+    ['size limit', d.sizeLimit === 0n ? '0 (to the end of the file)' : `${d.sizeLimit}`],
+    ['sector size', `${d.logSec}`],
+    ['flags', flagsOf(d)],
+    ['partitions', d.partitions.length ? d.partitions.join(' ') : '-'],
+  ];
+  const w = Math.max(...rows.map(([k]) => k.length));
+  return rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n');
+}
+
+function infoJson(d: LoopDeviceInfo): Record<string, unknown> {
+  return { ...toLosetup(d, LOSETUP_ALL_COLUMNS), size: d.size, partitions: d.partitions };
+}
+
+function size(values: Values, key: string): bigint | undefined {
+  const v = values[key];
+  return typeof v === 'string' ? parseSize(v, `--${key}`) : undefined;
+}
+
+const COMMANDS: Record<string, Command> = {
+  attach: {
+    usage:
+      'loopdev attach FILE [--offset N] [--sizelimit N] [--sector-size N] [--read-only] [--partscan] ' +
+      '[--no-direct-io] [--json]',
+    summary: 'bind FILE to a free loop device and print its path',
+    help: `Binds FILE to a free loop device and prints the device path (like losetup --find --show).
+The device stays attached after loopdev exits; remove it with "loopdev detach DEV".
+Direct I/O is used when the file system allows it, else buffered I/O (see "dio" in loopdev list).
+A file that cannot be written (no write permission, read-only mount) is attached read-only.
+
+Options:
+  -o, --offset N        start N bytes into FILE (suffixes: K, M, G, KiB, MB, …; s = 512-byte sectors)
+      --sizelimit N     map at most N bytes
+  -b, --sector-size N   logical sector size (512, 1024, 2048, 4096)
+  -r, --read-only       open FILE read-only and create a read-only device
+  -P, --partscan        let the kernel scan the partition table
+      --no-direct-io    use buffered I/O even where direct I/O works
+  -J, --json            print the device as JSON (losetup --json field names)
+  -h, --help            show this help`,
+    options: {
+      offset: { type: 'string', short: 'o' },
+      sizelimit: { type: 'string' },
+      'sector-size': { type: 'string', short: 'b' },
+      'read-only': { type: 'boolean', short: 'r' },
+      partscan: { type: 'boolean', short: 'P' },
+      'no-direct-io': { type: 'boolean' },
+      json: { type: 'boolean', short: 'J' },
+    },
+    async run(values, positionals) {
+      if (positionals.length !== 1) {
+        throw new UsageError('attach', positionals.length ? 'expected exactly one FILE' : 'missing FILE');
+      }
+      const offset = size(values, 'offset');
+      const sizeLimit = size(values, 'sizelimit');
+      const sectorSize = size(values, 'sector-size');
+      // Never autoclear: this process closes its fds at exit and the device must outlive it.
+      const dev = await attach(positionals[0]!, {
+        ...(offset === undefined ? {} : { offset }),
+        ...(sizeLimit === undefined ? {} : { sizeLimit }),
+        ...(sectorSize === undefined ? {} : { sectorSize }),
+        ...(values['read-only'] ? { readOnly: true } : {}),
+        partscan: values.partscan === true,
+        directIo: values['no-direct-io'] !== true,
+        autoclear: false,
+      });
+      try {
+        if (values.json) {
+          const info = await deviceInfo(dev.devname);
+          out(info ? stringifyJson(infoJson(info)) : stringifyJson({ name: dev.path }));
+        } else {
+          out(dev.path);
+        }
+      } finally {
+        dev.close(); // keeps the binding
+      }
+      return 0;
+    },
+  },
+
+  detach: {
+    usage: 'loopdev detach DEV…',
+    summary: 'detach loop devices (waits until the kernel released them)',
+    help: `Detaches each DEV (/dev/loop3, loop3 or 3) and waits until the kernel has released the backing
+file. If something still holds the device open (a mount), the kernel finishes the detach when it closes it
+and loopdev reports the device as still bound.
+
+Options:
+      --timeout MS      how long to wait for the kernel (default 10000)
+  -h, --help            show this help`,
+    options: { timeout: { type: 'string' } },
+    async run(values, positionals) {
+      if (positionals.length === 0) throw new UsageError('detach', 'missing DEV');
+      const timeout = values.timeout === undefined ? undefined : Number(values.timeout);
+      if (timeout !== undefined && !(Number.isInteger(timeout) && timeout >= 0)) {
+        throw new UsageError('detach', `invalid --timeout '${String(values.timeout)}'`);
+      }
+      let failed = 0;
+      for (const dev of positionals) {
+        try {
+          await detach(dev, timeout);
+        } catch (e) {
+          if (positionals.length === 1) throw e;
+          failed++;
+          process.stderr.write(`loopdev: ${oneLine(e)}\n`);
+        }
+      }
+      return failed ? 1 : 0;
+    },
+  },
+
+  list: {
+    usage: 'loopdev list [--json] [--output-all]',
+    summary: 'list attached loop devices (like losetup --list)',
+    help: `Lists attached loop devices from sysfs (no device is opened), with losetup's columns.
+
+Options:
+  -J, --json            JSON with losetup --json field names and values
+  -O, --output-all      all of losetup's columns (back-ino, back-maj:min, maj:min, partscan)
+  -h, --help            show this help`,
+    options: { json: { type: 'boolean', short: 'J' }, 'output-all': { type: 'boolean', short: 'O' } },
+    async run(values) {
+      const columns = values['output-all'] ? LOSETUP_ALL_COLUMNS : LOSETUP_COLUMNS;
+      const rows = (await list()).map((d) => toLosetup(d, columns));
+      if (values.json) out(stringifyJson({ loopdevices: rows }));
+      else if (rows.length) out(table(rows, columns));
+      return 0;
+    },
+  },
+
+  info: {
+    usage: 'loopdev info DEV [--json]',
+    summary: 'show one loop device: backing file, size, flags, partitions',
+    help: `Shows what the kernel reports for DEV (/dev/loop3, loop3 or 3). Exit 1 if it is not attached.
+
+Options:
+  -J, --json            JSON (losetup --json field names, plus size and partitions)
+  -h, --help            show this help`,
+    options: { json: { type: 'boolean', short: 'J' } },
+    async run(values, positionals) {
+      if (positionals.length !== 1) {
+        throw new UsageError('info', positionals.length ? 'expected one DEV' : 'missing DEV');
+      }
+      const d = await deviceInfo(positionals[0]!);
+      if (d === null) throw new Error(`${positionals[0]}: not attached`);
+      out(values.json ? stringifyJson(infoJson(d)) : describe(d));
+      return 0;
+    },
+  },
+
+  serve: {
+    usage: 'loopdev serve --socket PATH [--allow-uid UID]…',
+    summary: 'run an osbuild-compatible remote loop server on a unix socket',
+    help: `Serves loop devices to clients on a SOCK_SEQPACKET unix socket, wire-compatible with osbuild's
+LoopClient. Runs until SIGINT or SIGTERM, then releases every device it attached and removes the socket.
+
+Options:
+  -s, --socket PATH     socket path to listen on
+      --allow-uid UID   accept clients with this uid (repeatable; default: any)
+  -h, --help            show this help`,
+    options: { socket: { type: 'string', short: 's' }, 'allow-uid': { type: 'string', multiple: true } },
+    async run(values) {
+      if (typeof values.socket !== 'string') throw new UsageError('serve', 'missing --socket PATH');
+      const raw = (values['allow-uid'] as string[] | undefined) ?? [];
+      const allowUids = raw.map((u) => {
+        if (!/^\d+$/.test(u)) throw new UsageError('serve', `invalid --allow-uid '${u}'`);
+        return Number(u);
+      });
+      // Loaded on demand: the other commands do not pay for the remote module.
+      const { serve } = await import('./remote/serve.js');
+      const stoppedBy = await serve({
+        socketPath: values.socket,
+        ...(allowUids.length ? { allowUids } : {}),
+        onListening: () => process.stderr.write(`loopdev serve: listening on ${String(values.socket)}\n`),
+      });
+      process.stderr.write(`loopdev serve: stopped (${stoppedBy}); devices released\n`);
+      return 0;
+    },
+  },
+
+  demo: {
+    usage: 'loopdev demo',
+    summary: 'attach a small partitioned ext4 image, read from it, detach, clean up',
+    help: `Creates a small image in a temp dir (GPT partition table via sfdisk and an ext4 file system via
+mkfs.ext4 when those tools exist, else raw data), attaches it read-only with partscan, shows the device,
+partitions, size and flags, reads the partition table header and the ext4 superblock through the device,
+then detaches and removes the temp dir. Nothing is left behind, also on errors and Ctrl-C. Needs root.
+
+Options:
+  -h, --help            show this help`,
+    options: {},
+    async run() {
+      const { demo } = await import('./demo.js');
+      await demo({ log: out });
+      return 0;
+    },
+  },
+};
+
+function mainHelp(): string {
+  const w = Math.max(...Object.keys(COMMANDS).map((k) => k.length));
+  return `loopdev — Linux loop devices (losetup-like)
+
+Usage: loopdev COMMAND [options]
+
+Commands:
+${Object.entries(COMMANDS)
+  .map(([name, c]) => `  ${name.padEnd(w)}  ${c.summary}`)
+  .join('\n')}
+
+Run "loopdev COMMAND --help" for the options of a command.
+Exit status: 0 on success, 1 on errors (one line on stderr).`;
+}
+
+function version(): string {
+  try {
+    const text = fs.readFileSync(new URL('../package.json', import.meta.url), 'utf8');
+    const pkg = JSON.parse(text) as { version?: string };
+    return pkg.version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+
+function oneLine(e: unknown): string {
+  const msg = e instanceof Error ? e.message : String(e);
+  return msg.split('\n')[0]!.trim() || 'unknown error';
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    const topic = name === 'help' ? rest[0] : undefined;
+    if (topic !== undefined) {
+      const c = COMMANDS[topic];
+      if (!c) throw new UsageError(null, `unknown command '${topic}'`);
+      out(`Usage: ${c.usage}\n\n${c.help}`);
+    } else {
+      out(mainHelp());
+    }
+    return 0;
+  }
+  if (name === '--version' || name === '-V') {
+    out(version());
+    return 0;
+  }
+  const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
+  if (!command) throw new UsageError(null, `unknown command '${name}'`);
+  let parsed: { values: Values; positionals: string[] };
+  try {
+    parsed = parseArgs({
+      args: rest,
+      options: { ...command.options, help: { type: 'boolean', short: 'h' } },
+      allowPositionals: true,
+      strict: true,
+    }) as { values: Values; positionals: string[] };
+  } catch (e) {
+    throw new UsageError(name, oneLine(e).replace(/\. To specify a positional argument.*$/, ''));
+  }
+  if (parsed.values.help) {
+    out(`Usage: ${command.usage}\n\n${command.help}`);
+    return 0;
+  }
+  return command.run(parsed.values, parsed.positionals);
+}
+
+function report(e: unknown): void {
+  if (e instanceof UsageError) {
+    const where = e.command ? `loopdev ${e.command}` : 'loopdev';
+    process.stderr.write(`${where}: ${e.message} (see "${where} --help")\n`);
+  } else {
+    process.stderr.write(`loopdev: ${oneLine(e)}\n`);
+  }
+  if (process.env.LOOPDEV_DEBUG && e instanceof Error && e.stack) process.stderr.write(`${e.stack}\n`);
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    report(e);
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,286 @@
+/** `LoopDevice`: what `attach()` returns — a bound loop device that owns its cleanup. */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { native, type NativeLoop } from './binding.js';
+import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
+import { LoopInfo } from './info.js';
+import { loopName } from './list.js';
+import { DETACH_TIMEOUT_MS, Loop } from './loop.js';
+import { bindingGone, loopNumber, partitionNames, readLoop } from './sysfs.js';
+import { errnoCode, sysError, toLoopError } from './syserr.js';
+
+const POLL_MS = 5;
+
+/** The backing file as attach saw it. */
+export interface Backing {
+  /** Absolute path given to attach, or what `/proc/self/fd/N` points at for an fd. */
+  path: string;
+  fd: number;
+  /** True when attach opened the fd itself (then detach/close close it). */
+  owned: boolean;
+  dev: bigint;
+  ino: bigint;
+}
+
+/** What the kernel applied, read back (sysfs + LOOP_GET_STATUS64) right after binding. */
+export interface Applied {
+  readOnly: boolean;
+  directIo: boolean;
+  partscan: boolean;
+  autoclear: boolean;
+  offset: bigint;
+  sizeLimit: bigint;
+  /** Device size in bytes. */
+  size: bigint;
+  /** Logical sector size in bytes. */
+  sectorSize: number;
+  /** sysfs `backing_file` as the kernel reported it. */
+  backingFile: string;
+  diskseq: bigint | null;
+}
+
+/**
+ * A loop device bound by `attach()`. The fields describe the binding as the kernel applied it at attach time
+ * (`getStatus()` gives the live state). `detach()` is verified: it returns once the kernel has really
+ * released the backing file. `using`/`await using` detach on every exit path.
+ */
+export class LoopDevice extends Loop {
+  /** The backing file: the path given to attach (absolute), or the fd's target. */
+  readonly backingFile: string;
+  /** Whether attach opened the backing fd itself (it is then closed by detach/close; else the caller's). */
+  readonly ownsBackingFd: boolean;
+  /** `st_dev` / `st_ino` of the backing file. */
+  readonly backingDevice: bigint;
+  readonly backingInode: bigint;
+  readonly readOnly: boolean;
+  /** Direct I/O in effect (false after a silent fallback to buffered I/O). */
+  readonly directIo: boolean;
+  readonly partscan: boolean;
+  readonly autoclear: boolean;
+  readonly offset: bigint;
+  readonly sizeLimit: bigint;
+  /** Device size in bytes. */
+  readonly size: bigint;
+  /** Logical sector size in bytes. */
+  readonly sectorSize: number;
+
+  #backingFd: number;
+  readonly #sysfsBacking: string;
+  readonly #diskseq: bigint | null;
+
+  /** @internal Built by `attach()`; takes ownership of `raw` (and of the backing fd when `backing.owned`). */
+  constructor(raw: NativeLoop, backing: Backing, applied: Applied) {
+    super(raw.minor, LoopDevice.adoptOptions(raw));
+    this.backingFile = backing.path;
+    this.ownsBackingFd = backing.owned;
+    this.backingDevice = backing.dev;
+    this.backingInode = backing.ino;
+    this.#backingFd = backing.fd;
+    this.readOnly = applied.readOnly;
+    this.directIo = applied.directIo;
+    this.partscan = applied.partscan;
+    this.autoclear = applied.autoclear;
+    this.offset = applied.offset;
+    this.sizeLimit = applied.sizeLimit;
+    this.size = applied.size;
+    this.sectorSize = applied.sectorSize;
+    this.#sysfsBacking = applied.backingFile;
+    this.#diskseq = applied.diskseq;
+  }
+
+  /**
+   * Takes charge of a device that is already bound (`/dev/loop3`, `loop3` or `3`), e.g. one attached by
+   * `loopdev attach` or losetup, so that it can be detached (verified) or inspected. ENXIO when unbound.
+   */
+  static open(device: string | number): LoopDevice {
+    try {
+      const name = loopName(device);
+      const raw = native.loopOpen(loopNumber(name));
+      let ok = false;
+      try {
+        let info: LoopInfo;
+        try {
+          info = new LoopInfo(native.loopGetStatus(raw.handle));
+        } catch (e) {
+          if (errnoCode(e) === 'ENXIO') {
+            throw notAttached(raw.path);
+          }
+          throw e;
+        }
+        const sys = readLoop(name);
+        if (sys === null) {
+          throw notAttached(raw.path);
+        }
+        const dev = new LoopDevice(
+          raw,
+          { path: sys.backingFile, fd: -1, owned: false, dev: info.device, ino: info.inode },
+          {
+            readOnly: sys.readOnly,
+            directIo: sys.directIo,
+            partscan: sys.partscan,
+            autoclear: sys.autoclear,
+            offset: info.offset,
+            sizeLimit: info.sizeLimit,
+            size: sys.size,
+            sectorSize: sys.logSec,
+            backingFile: sys.backingFile,
+            diskseq: sys.diskseq,
+          },
+        );
+        ok = true;
+        return dev;
+      } finally {
+        if (!ok) native.close(raw.handle);
+      }
+    } catch (e) {
+      throw toLoopError(e);
+    }
+  }
+
+  /** The backing fd (attach's own, or the caller's); -1 once an owned one was closed. */
+  get backingFd(): number {
+    return this.#backingFd;
+  }
+
+  /**
+   * Closes the device (and the backing fd attach opened) without detaching: the binding stays unless
+   * autoclear was set, in which case the kernel detaches at the last close.
+   */
+  override close(): void {
+    try {
+      super.close();
+    } finally {
+      this.#closeBacking();
+    }
+  }
+
+  #closeBacking(): void {
+    if (this.ownsBackingFd && this.#backingFd >= 0) {
+      const fd = this.#backingFd;
+      this.#backingFd = -1;
+      fs.closeSync(fd);
+    }
+  }
+
+  /** Whether the kernel no longer carries the binding attach made (unbound, or bound anew). */
+  get released(): boolean {
+    return bindingGone(this.devname, this.#diskseq, this.#sysfsBacking);
+  }
+
+  /** Partition nodes from sysfs (`/dev/loop3p1`, …), for partscan devices; may be ahead of devtmpfs. */
+  partitions(): string[] {
+    const dir = path.dirname(this.path);
+    return partitionNames(this.devname).map((p) => path.join(dir, p));
+  }
+
+  /**
+   * Waits until the kernel's partitions of this device are listed in sysfs and their nodes exist, and the
+   * list is stable; returns them. Returns what exists (possibly `[]`) when `timeoutMs` passes first.
+   */
+  async waitForPartitions(timeoutMs = 2000): Promise<string[]> {
+    const deadline = Date.now() + timeoutMs;
+    let previous = '';
+    for (;;) {
+      const parts = this.partitions();
+      const ready = parts.length > 0 && parts.every((p) => fs.existsSync(p));
+      const key = parts.join('\0');
+      if (ready && key === previous) return parts;
+      previous = ready ? key : '';
+      if (Date.now() >= deadline) return parts.filter((p) => fs.existsSync(p));
+      await new Promise((resolve) => setTimeout(resolve, ready ? 2 : 10));
+    }
+  }
+
+  /**
+   * Verified detach: clears the binding (only if it is still this attach's), closes the device and the
+   * backing fd attach opened, then waits until sysfs shows the device no longer refers to the file.
+   * ETIMEDOUT when something else keeps the device open (a mount, another opener): the kernel then finishes
+   * the detach at their last close. Idempotent.
+   */
+  override detach(timeoutMs = DETACH_TIMEOUT_MS): Promise<void> {
+    return runAsync(this.#detachFlow(timeoutMs));
+  }
+
+  override detachSync(timeoutMs = DETACH_TIMEOUT_MS): void {
+    runSync(this.#detachFlow(timeoutMs));
+  }
+
+  *#detachFlow(timeoutMs: number): Flow<void> {
+    const deadline = Date.now() + timeoutMs;
+    try {
+      if (!this.closed) {
+        this.#clearIfOurs(this);
+        this.close();
+      } else if (!this.released) {
+        // Closed without detaching: open the node again just long enough to clear our binding.
+        let lo: Loop | null = null;
+        try {
+          lo = new Loop(this.minor);
+        } catch (e) {
+          if (errnoCode(e) !== 'ENOENT' && errnoCode(e) !== 'ENXIO') throw e;
+        }
+        if (lo) {
+          try {
+            this.#clearIfOurs(lo);
+          } finally {
+            lo.close();
+          }
+        }
+      }
+      while (!this.released) {
+        if (Date.now() >= deadline) {
+          throw sysError('ETIMEDOUT', {
+            syscall: 'ioctl',
+            ioctl: 'LOOP_CLR_FD',
+            path: this.path,
+            detail:
+              `still bound to '${this.backingFile}' after ${timeoutMs} ms: the device is open elsewhere ` +
+              '(mounted?); the kernel detaches it at its last close',
+          });
+        }
+        yield* call(sleep(POLL_MS));
+      }
+    } finally {
+      this.#closeBacking();
+    }
+  }
+
+  /** LOOP_CLR_FD through `lo`, but only while the device still carries this attach's binding. */
+  #clearIfOurs(lo: Loop): void {
+    let ours: boolean;
+    try {
+      ours = lo.getStatus().isBoundTo({ dev: this.backingDevice, ino: this.backingInode }) && !this.released;
+    } catch (e) {
+      if (errnoCode(e) === 'ENXIO') return; // already being torn down
+      throw e;
+    }
+    if (!ours) return;
+    try {
+      lo.clearFd();
+    } catch (e) {
+      if (errnoCode(e) !== 'ENXIO') throw e;
+    }
+  }
+
+  /** Verified detach (see `detachSync`); never leaves the device open. */
+  override [Symbol.dispose](): void {
+    this.detachSync();
+  }
+
+  override async [Symbol.asyncDispose](): Promise<void> {
+    await this.detach();
+  }
+}
+
+function notAttached(path: string) {
+  return sysError('ENXIO', { syscall: 'ioctl', ioctl: 'LOOP_GET_STATUS64', path, detail: 'not attached' });
+}
+
+/** Verified detach of an already bound device by name or path (`loopdev detach`, `losetup -d`). */
+export async function detach(device: string | number, timeoutMs = DETACH_TIMEOUT_MS): Promise<void> {
+  await LoopDevice.open(device).detach(timeoutMs);
+}
+
+export function detachSync(device: string | number, timeoutMs = DETACH_TIMEOUT_MS): void {
+  LoopDevice.open(device).detachSync(timeoutMs);
+}
