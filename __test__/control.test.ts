@@ -65,6 +65,7 @@ loopTest('loopForFd applies every option the kernel reports in sysfs', (t) => {
     partscan: true,
     readOnly: true,
     autoclear: true,
+    fileName: img.path,
   });
   t.is(sysfs(lo.minor, 'loop/offset'), String(1 << 20));
   t.is(sysfs(lo.minor, 'loop/sizelimit'), String(4 << 20));
@@ -147,17 +148,22 @@ const RACER = `
 import { LoopControl } from ${JSON.stringify(path.resolve('ts/index.ts'))};
 import * as fs from 'node:fs';
 const ctl = new LoopControl();
+// A Loop the garbage collector reclaims is closed (and autoclear then frees the device), so the devices stay
+// reachable until stdin ends: V8 may drop module variables no closure uses once the module has run.
 const held = [];
 for (const file of process.argv.slice(2)) {
   const fd = fs.openSync(file, 'r+');
   const lo = ctl.loopForFd(fd, { autoclear: true });
   if (!lo.isBoundTo(fd)) throw new Error('bound to the wrong file');
-  held.push(lo.minor);
+  held.push(lo);
   fs.closeSync(fd);
 }
-process.stdout.write(JSON.stringify(held) + '\\n');
+process.stdout.write(JSON.stringify(held.map((lo) => lo.minor)) + '\\n');
 process.stdin.resume();
-process.stdin.on('end', () => process.exit(0));
+process.stdin.on('end', () => {
+  for (const lo of held) lo.close();
+  process.exit(0);
+});
 `;
 
 loopTest('two processes racing loopForFd never share a device', async (t) => {
@@ -204,8 +210,6 @@ loopTest('loopForFdAsync runs setup on the JS thread before configuring', async 
   await using lo = await ctl.loopForFdAsync(img.fd, {
     setup: (dev) => {
       seen.push([dev.path, statusCode(dev)]);
-      // A sync loopForFd from inside setup must not deadlock on the loop-control flock.
-      ctl.loopForFd(image(t).fd, { autoclear: true }).close();
     },
   });
   t.deepEqual(seen.at(-1), [lo.path, 'ENXIO']);

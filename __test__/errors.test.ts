@@ -102,3 +102,15 @@ loopTest('double close and double dispose are harmless', async (t) => {
   ctl.close();
   t.deepEqual(await boundAfterSettling(img.dir), []);
 });
+
+loopTest('null options mean the defaults; options of another type are a TypeError before anything is opened', (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  using lo = ctl.loopForFd(img.fd, null as never);
+  t.true(lo.isBoundTo(img.fd));
+  for (const bad of ['x', 42, true]) {
+    t.throws(() => ctl.loopForFd(img.fd, bad as never), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
+  }
+  t.throws(() => ctl.loopForFd(img.fd, { setup: 42 as never }), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
+  t.throws(() => lo.setStatus('x' as never), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
+});

@@ -24,8 +24,13 @@ export const loopUnusable = loopControlProblem();
 
 if (loopUnusable) console.warn(`# skipping loop device tests: /dev/loop-control unusable (${loopUnusable})`);
 
-/** `test` when real loop devices can be used, else `test.skip` (with the reason printed once). */
-export const loopTest: TestFn = loopUnusable ? (test.skip as unknown as TestFn) : test;
+/** `test` when real loop devices can be used, else every test (serial ones too) is skipped. */
+export const loopTest: TestFn = loopUnusable
+  ? (Object.assign((title: string, impl: never) => test.skip(title, impl), {
+      serial: Object.assign((title: string, impl: never) => test.serial.skip(title, impl), { skip: test.serial.skip }),
+      skip: test.skip,
+    }) as unknown as TestFn)
+  : test;
 
 /** Loop devices whose backing file is `file` or lies under `file` (a directory), from sysfs. */
 export function devicesBoundUnder(file: string): string[] {
@@ -116,13 +121,16 @@ export async function bindFresh(
   const { Loop, LoopControl } = await import('../ts/index.js');
   using ctl = new LoopControl();
   for (let attempt = 0; ; attempt++) {
-    const lo = new Loop(ctl.getUnbound());
+    let lo: import('../ts/index.js').Loop | undefined;
     try {
+      lo = new Loop(ctl.getUnbound());
       await bind(lo);
       return lo;
     } catch (e) {
-      lo.close();
-      if ((e as { code?: string }).code !== 'EBUSY' || attempt >= 64) throw e;
+      lo?.close();
+      // EBUSY: someone bound it first. ENXIO: someone bound and already cleared it (it is going away).
+      const code = (e as { code?: string }).code;
+      if ((code !== 'EBUSY' && code !== 'ENXIO') || attempt >= 64) throw e;
       await new Promise((r) => setTimeout(r, Math.random() * Math.min(attempt + 1, 10)));
     }
   }

@@ -45,7 +45,7 @@ loopTest('isBoundTo is true for the backing file only, false once unbound', asyn
 
 loopTest('setStatus changes what is asked and keeps the rest', async (t) => {
   const img = image(t);
-  using lo = await configuredLoop(img.fd, { offset: 4096, partscan: true });
+  using lo = await configuredLoop(img.fd, { offset: 4096, partscan: true, fileName: img.path });
   lo.setStatus({ sizeLimit: 1 << 20, autoclear: true });
   const info = lo.getStatus();
   t.is(info.offset, 4096n);

@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { native, type Handle, type NativeConfigure, type NativeLoop } from './binding.js';
+import { configureArgs, native, type Handle, type NativeConfigure, type NativeLoop } from './binding.js';
 import { LoopDevice, type Applied, type Backing } from './device.js';
 import { call, runAsync, runSync, type Flow, type Op } from './flow.js';
 import { LoopInfo } from './info.js';
@@ -124,8 +124,8 @@ function openOp(p: string, flags: number): Op<number> {
 
 function loopForFdOp(ctl: Handle, fd: number, o: NativeConfigure, lock: boolean): Op<NativeLoop> {
   return {
-    sync: () => native.controlLoopForFd(ctl, fd, o, lock),
-    async: () => native.controlLoopForFdAsync(ctl, fd, o, lock),
+    sync: () => native.controlLoopForFd(ctl, fd, configureArgs(o), lock),
+    async: () => native.controlLoopForFdAsync(ctl, fd, configureArgs(o), lock),
   };
 }
 
@@ -317,6 +317,7 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
         readOnly,
         directIo: dio,
         ...(o.blockSize === undefined ? {} : { blockSize: o.blockSize }),
+        ...(backing.path === undefined ? {} : { fileName: backing.path }),
       };
       const raw = yield* call(loopForFdOp(ctl, backing.fd, config, o.lock));
       let got: ReturnType<typeof readApplied>;

@@ -39,6 +39,31 @@ export interface NativeConfigure {
   partscan?: boolean;
   readOnly?: boolean;
   directIo?: boolean;
+  fileName?: string;
+}
+
+/** Configure options in the order the native side reads them (see `configureArgs`). */
+export type ConfigureArgs = readonly [
+  offset?: Size,
+  sizeLimit?: Size,
+  blockSize?: Size,
+  autoclear?: boolean,
+  partscan?: boolean,
+  readOnly?: boolean,
+  directIo?: boolean,
+  fileName?: string,
+];
+
+/**
+ * An options object in the positional form the native side reads: looking named properties up through
+ * N-API costs about as much as the rest of a bind's overhead together. Values are checked natively.
+ */
+export function configureArgs(o: NativeConfigure | null | undefined): ConfigureArgs {
+  if (o == null) return [];
+  if (typeof o !== 'object') {
+    throw Object.assign(new TypeError('options must be an object'), { code: 'ERR_INVALID_ARG_TYPE' });
+  }
+  return [o.offset, o.sizeLimit, o.blockSize, o.autoclear, o.partscan, o.readOnly, o.directIo, o.fileName];
 }
 
 export interface NativeStatus {
@@ -59,15 +84,15 @@ export interface Native {
   controlLoopForFd(
     h: Handle,
     fd: number,
-    o: NativeConfigure,
-    lock: boolean,
+    o: ConfigureArgs,
+    lock: boolean | undefined,
     setup?: (lo: NativeLoop) => void,
   ): NativeLoop;
   controlLoopForFdAsync(
     h: Handle,
     fd: number,
-    o: NativeConfigure,
-    lock: boolean,
+    o: ConfigureArgs,
+    lock: boolean | undefined,
     setup?: (lo: NativeLoop) => void,
   ): Promise<NativeLoop>;
   loopOpen(minor: number, dirFd?: number): NativeLoop;
@@ -84,8 +109,8 @@ export interface Native {
   loopIsBoundTo(h: Handle, fd: number): boolean;
   loopSetStatus(h: Handle, o: NativeStatus): void;
   loopGetStatus(h: Handle): NativeInfo;
-  loopConfigure(h: Handle, fd: number, o: NativeConfigure): void;
-  loopConfigureAsync(h: Handle, fd: number, o: NativeConfigure): Promise<void>;
+  loopConfigure(h: Handle, fd: number, o: ConfigureArgs): void;
+  loopConfigureAsync(h: Handle, fd: number, o: ConfigureArgs): Promise<void>;
   loopSetDirectIo(h: Handle, on: boolean): void;
   loopSetBlockSize(h: Handle, size: Size): void;
   loopSetCapacity(h: Handle): void;

@@ -1,4 +1,4 @@
-import { native, type Handle, type NativeLoop } from './binding.js';
+import { configureArgs, native, type Handle, type NativeLoop } from './binding.js';
 import { closedError } from './errors.js';
 import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
 
@@ -56,20 +56,26 @@ export class LoopControl implements Disposable {
    * (retries on a fresh one), serialised across processes with flock on loop-control.
    */
   loopForFd(fd: number, options: LoopForFdOptions = {}): Loop {
-    const { lock = false, setup, ...configure } = options;
-    const raw = native.controlLoopForFd(this.#h(), fd, configure, lock, setup && wrapSetup(setup));
+    const raw = native.controlLoopForFd(this.#h(), fd, configureArgs(options), options?.lock, wrapSetup(options?.setup));
     return Loop.fromNative(raw, true);
   }
 
   /** `loopForFd` off the event loop. */
   async loopForFdAsync(fd: number, options: LoopForFdOptions = {}): Promise<Loop> {
-    const { lock = false, setup, ...configure } = options;
-    const raw = await native.controlLoopForFdAsync(this.#h(), fd, configure, lock, setup && wrapSetup(setup));
+    const raw = await native.controlLoopForFdAsync(
+      this.#h(),
+      fd,
+      configureArgs(options),
+      options?.lock,
+      wrapSetup(options?.setup),
+    );
     return Loop.fromNative(raw, true);
   }
 }
 
-/** The callback sees a Loop on a temporary handle that is closed when it returns. */
-function wrapSetup(setup: (lo: Loop) => void): (raw: NativeLoop) => void {
+/** The callback sees a Loop on a temporary handle that is closed when it returns. A non-function is passed on
+ * as is, for the native side to reject with ERR_INVALID_ARG_TYPE. */
+function wrapSetup(setup: unknown): ((raw: NativeLoop) => void) | undefined {
+  if (typeof setup !== 'function') return setup as undefined;
   return (raw) => setup(Loop.fromNative(raw, false));
 }

@@ -1,4 +1,4 @@
-import { native, type Handle, type NativeLoop } from './binding.js';
+import { configureArgs, native, type Handle, type NativeLoop } from './binding.js';
 import { closedError } from './errors.js';
 import { LoopInfo } from './info.js';
 
@@ -21,6 +21,8 @@ export interface ConfigureOptions extends StatusOptions {
   /** Logical sector size in bytes (512…page size, a power of two). */
   blockSize?: Size;
   directIo?: boolean;
+  /** Recorded as `lo_file_name` (`getStatus().fileName`, 63 bytes at most); empty unless given. */
+  fileName?: string;
 }
 
 /** How long dispose/detach wait for the kernel to let go of the backing file. */
@@ -144,12 +146,12 @@ export class Loop implements Disposable, AsyncDisposable {
 
   /** Binds `fd` with LOOP_CONFIGURE (falls back to LOOP_SET_FD + LOOP_SET_STATUS64 on old kernels). */
   configure(fd: number, options: ConfigureOptions = {}): void {
-    native.loopConfigure(this.#h(), fd, options);
+    native.loopConfigure(this.#h(), fd, configureArgs(options));
     this.#bound = true;
   }
 
   async configureAsync(fd: number, options: ConfigureOptions = {}): Promise<void> {
-    await native.loopConfigureAsync(this.#h(), fd, options);
+    await native.loopConfigureAsync(this.#h(), fd, configureArgs(options));
     this.#bound = true;
   }
 

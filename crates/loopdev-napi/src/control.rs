@@ -2,7 +2,8 @@
 
 use crate::convert::{self, borrow};
 use crate::handle::{self, Handle, Resource};
-use crate::js::{arg, Env, JsResult, Value};
+use crate::js::{arg, Env, Failure, JsResult, Value};
+use crate::sys::{NAPI_FUNCTION, NAPI_NULL, NAPI_UNDEFINED};
 use loopdev::{ConfigureOptions, Loop, LoopControl};
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ pub fn get_unbound(env: Env, args: &[Value]) -> JsResult<Value> {
     env.int(i64::from(ctl.get_unbound()?))
 }
 
-/// The arguments of controlLoopForFd / controlLoopForFdAsync: (h, fd, options, lock, setup?).
+/// The arguments of controlLoopForFd / controlLoopForFdAsync: (h, fd, configureArgs, lock, setup?).
 struct Request {
     ctl: Arc<LoopControl>,
     fd: RawFd,
@@ -51,16 +52,23 @@ struct Request {
 
 fn request(env: Env, args: &[Value]) -> JsResult<Request> {
     let setup = arg(env, args, 4)?;
+    let setup = match env.type_of(setup)? {
+        NAPI_UNDEFINED | NAPI_NULL => None,
+        NAPI_FUNCTION => Some(setup),
+        _ => return Err(Failure::Type("setup must be a function".into())),
+    };
+    let lock = arg(env, args, 3)?;
     Ok(Request {
         ctl: handle::control(env, arg(env, args, 0)?)?,
         fd: convert::fd(env, arg(env, args, 1)?, "fd")?,
         opts: convert::configure_options(env, arg(env, args, 2)?)?,
-        lock: env.to_bool(arg(env, args, 3)?)?,
-        setup: if env.is_nullish(setup)? { None } else { Some(setup) },
+        lock: !env.is_nullish(lock)?
+            && env.to_bool(lock).map_err(|_| Failure::Type("lock must be a boolean".into()))?,
+        setup,
     })
 }
 
-/// controlLoopForFd(h, fd, options, lock, setup?) → { handle, minor, path, fd }
+/// controlLoopForFd(h, fd, configureArgs, lock, setup?) → { handle, minor, path, fd }
 /// `setup(loop)` runs on a temporary handle (same open file) that is closed when it returns.
 pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     let r = request(env, args)?;
@@ -69,7 +77,7 @@ pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     convert::new_loop(env, lo)
 }
 
-/// controlLoopForFdAsync(h, fd, options, lock, setup?) → Promise<{ handle, minor, path, fd }>
+/// controlLoopForFdAsync(h, fd, configureArgs, lock, setup?) → Promise<{ handle, minor, path, fd }>
 /// The retry loop runs on the pool; `setup` is called on the JS thread through a threadsafe function
 /// while the worker waits for it.
 pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {

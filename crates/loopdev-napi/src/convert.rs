@@ -1,7 +1,8 @@
 //! JS option objects ↔ core types.
 
 use crate::handle::{Handle, Resource};
-use crate::js::{Env, JsResult, Value};
+use crate::js::{Env, Failure, JsResult, Value};
+use crate::sys::NAPI_OBJECT;
 use loopdev::{ConfigureOptions, Loop, LoopInfo, StatusChange};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
@@ -12,22 +13,54 @@ pub fn fd(env: Env, v: Value, what: &str) -> JsResult<RawFd> {
 
 pub fn u32_size(env: Env, v: Value, what: &str) -> JsResult<u32> {
     let n = env.to_u64(v, what)?;
-    u32::try_from(n).map_err(|_| crate::js::Failure::Range(format!("{what} must be at most {}", u32::MAX)))
+    u32::try_from(n).map_err(|_| Failure::Range(format!("{what} must be at most {}", u32::MAX)))
 }
 
-pub fn configure_options(env: Env, o: Value) -> JsResult<ConfigureOptions> {
+/// An options argument: an object, or undefined/null for the defaults; anything else is a TypeError.
+pub fn options(env: Env, o: Value) -> JsResult<Value> {
+    if env.is_nullish(o)? || env.type_of(o)? == NAPI_OBJECT {
+        Ok(o)
+    } else {
+        Err(Failure::Type("options must be an object".into()))
+    }
+}
+
+/// Configure options arrive as an array in this order (see `configureArgs` in ts/binding.ts): reading
+/// elements is several times cheaper than looking up named properties through N-API.
+const CONFIGURE_FIELDS: [&str; 8] =
+    ["offset", "sizeLimit", "blockSize", "autoclear", "partscan", "readOnly", "directIo", "fileName"];
+
+pub fn configure_options(env: Env, args: Value) -> JsResult<ConfigureOptions> {
+    if env.is_nullish(args)? {
+        return Ok(ConfigureOptions::default());
+    }
+    let mut v = [std::ptr::null_mut(); 8];
+    for (i, slot) in v.iter_mut().enumerate() {
+        let field = env.element(args, i as u32)?;
+        *slot = if env.is_nullish(field)? { std::ptr::null_mut() } else { field };
+    }
+    let size = |i: usize| if v[i].is_null() { Ok(0) } else { env.to_u64(v[i], CONFIGURE_FIELDS[i]) };
+    let flag = |i: usize| {
+        if v[i].is_null() {
+            Ok(false)
+        } else {
+            env.to_bool(v[i]).map_err(|_| Failure::Type(format!("{} must be a boolean", CONFIGURE_FIELDS[i])))
+        }
+    };
     Ok(ConfigureOptions {
-        offset: env.opt_u64(o, "offset")?.unwrap_or(0),
-        size_limit: env.opt_u64(o, "sizeLimit")?.unwrap_or(0),
-        block_size: env.opt(o, "blockSize")?.map(|v| u32_size(env, v, "blockSize")).transpose()?.unwrap_or(0),
-        autoclear: env.opt_bool(o, "autoclear")?.unwrap_or(false),
-        partscan: env.opt_bool(o, "partscan")?.unwrap_or(false),
-        read_only: env.opt_bool(o, "readOnly")?.unwrap_or(false),
-        direct_io: env.opt_bool(o, "directIo")?.unwrap_or(false),
+        offset: size(0)?,
+        size_limit: size(1)?,
+        block_size: if v[2].is_null() { 0 } else { u32_size(env, v[2], "blockSize")? },
+        autoclear: flag(3)?,
+        partscan: flag(4)?,
+        read_only: flag(5)?,
+        direct_io: flag(6)?,
+        file_name: if v[7].is_null() { None } else { Some(env.to_string(v[7])?) },
     })
 }
 
 pub fn status_change(env: Env, o: Value) -> JsResult<StatusChange> {
+    let o = options(env, o)?;
     Ok(StatusChange {
         offset: env.opt_u64(o, "offset")?,
         size_limit: env.opt_u64(o, "sizeLimit")?,

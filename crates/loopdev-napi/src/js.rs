@@ -88,6 +88,11 @@ impl Env {
         Ok(out!(self, napi_get_property(obj, key)))
     }
 
+    /// `arr[i]` (undefined past the end).
+    pub fn element(self, arr: Value, i: u32) -> JsResult<Value> {
+        Ok(out!(self, napi_get_element(arr, i)))
+    }
+
     pub fn type_of(self, v: Value) -> JsResult<napi_valuetype> {
         Ok(out!(self, napi_typeof(v)))
     }
@@ -245,10 +250,10 @@ impl Env {
 pub type Exported = fn(Env, &[Value]) -> JsResult<Value>;
 
 /// The one C entry point of every exported function; the Rust function rides in the callback's data.
-/// Reads up to 8 arguments, turns a Failure into a thrown exception, never unwinds into C.
+/// Reads up to 12 arguments, turns a Failure into a thrown exception, never unwinds into C.
 unsafe extern "C" fn trampoline(env: napi_env, info: napi_callback_info) -> napi_value {
     let env = Env(env);
-    let mut argv = [ptr::null_mut(); 8];
+    let mut argv = [ptr::null_mut(); 12];
     let mut argc = argv.len();
     let mut data: *mut c_void = ptr::null_mut();
     // SAFETY: argv has room for argc values; `this` is not requested.

@@ -25,6 +25,10 @@ pub struct ConfigureOptions {
     pub partscan: bool,
     pub read_only: bool,
     pub direct_io: bool,
+    /// Stored in lo_file_name (what LOOP_GET_STATUS64 and old losetup show), truncated to 63 bytes. The kernel
+    /// keeps the real path in sysfs `loop/backing_file` anyway, so it is left empty unless given: looking
+    /// the name up from the fd would cost a readlink on every bind.
+    pub file_name: Option<String>,
 }
 
 impl ConfigureOptions {
@@ -265,19 +269,24 @@ impl Loop {
     /// LOOP_SET_FD + LOOP_SET_STATUS64 (+ block size, direct I/O). If a fallback step after the bind fails,
     /// the bind we made is undone and the LOOP_CONFIGURE error is returned.
     pub fn configure(&self, backing: BorrowedFd, opts: &ConfigureOptions) -> Result<()> {
-        check_backing(backing).map_err(|e| e.with_path(&self.path))?;
         let mut info = LoopInfo64 {
             lo_offset: opts.offset,
             lo_sizelimit: opts.size_limit,
             lo_flags: opts.flags(),
             ..Default::default()
         };
-        fill_file_name(&mut info, backing);
+        if let Some(name) = &opts.file_name {
+            let n = name.len().min(uapi::LO_NAME_SIZE - 1);
+            info.lo_file_name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        }
         let config =
             LoopConfig { fd: backing.as_raw_fd() as u32, block_size: opts.block_size, info, ..Default::default() };
         let first = match ioctl::configure(self.fd.as_fd(), &config) {
             Ok(()) => return Ok(()),
             Err(e @ (Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS)) => {
+                // A backing fd of the wrong kind also gives EINVAL: say so rather than try the old path.
+                // (Checked only on failure, to keep the common bind at one syscall.)
+                check_backing(backing).map_err(|e| e.with_path(&self.path))?;
                 Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)
             }
             Err(e) => return Err(Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)),
@@ -385,16 +394,6 @@ pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
 impl AsFd for Loop {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-}
-
-/// lo_file_name is informational (losetup shows it); the kernel truncates, so do we, at 63 bytes + NUL.
-fn fill_file_name(info: &mut LoopInfo64, backing: BorrowedFd) {
-    if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{}", backing.as_raw_fd())) {
-        use std::os::unix::ffi::OsStrExt;
-        let bytes = target.as_os_str().as_bytes();
-        let n = bytes.len().min(uapi::LO_NAME_SIZE - 1);
-        info.lo_file_name[..n].copy_from_slice(&bytes[..n]);
     }
 }
 

@@ -133,6 +133,7 @@ impl Request {
             partscan: self.partscan,
             read_only: self.read_only,
             direct_io: false,
+            file_name: None,
         }
     }
 }
