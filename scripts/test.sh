@@ -53,6 +53,14 @@ if [ -z "$ava_pass" ]; then ava_fail=$((${ava_fail:-0} + 1)); fi
 passed=$((passed + ${ava_pass:-0}))
 failed=$((failed + ${ava_fail:-0}))
 
+# The reliability suite at its reduced (CI) size: concurrency, SIGKILLed attachers, bad inputs, kernel races.
+npx --no-install ava --config ava.stress.config.mjs --tap 2>&1 | tee "$log/stress.out" | grep -Ev '^(# (pass|fail|skip|todo)|1\.\.)'
+stress_pass=$(awk '/^# pass/ {print $3}' "$log/stress.out" | tail -1)
+stress_fail=$(awk '/^# fail/ {print $3}' "$log/stress.out" | tail -1)
+if [ -z "$stress_pass" ]; then stress_fail=$((${stress_fail:-0} + 1)); fi
+passed=$((passed + ${stress_pass:-0}))
+failed=$((failed + ${stress_fail:-0}))
+
 # Nothing the suite created may stay bound (only devices on loopdev-test-* files are ours).
 leaks_after=$(bound_to_tests)
 if [ "$leaks_after" != "$leaks_before" ]; then
