@@ -110,7 +110,8 @@ check('attach', () => {
     const h = m.controlOpen();
     let r;
     try {
-      r = m.controlLoopForFd(h, fd, { autoclear: true }, false);
+      // Configure options travel as an array (see configureArgs in ts/binding.ts): autoclear, fileName.
+      r = m.controlLoopForFd(h, fd, [, , , true, , , , file], false);
       expect(r.path === `/dev/loop${r.minor}` && Number.isInteger(r.fd), `returned ${JSON.stringify(r)}`);
       const st = m.loopGetStatus(r.handle);
       expect(st.fileName === file, `loopGetStatus().fileName is ${st.fileName}`);
