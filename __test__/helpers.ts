@@ -7,6 +7,9 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { devicesBoundUnder } from './bound.js';
+
+export { devicesBoundUnder };
 
 export const TEST_PREFIX = 'loopdev-test-';
 
@@ -32,22 +35,6 @@ export const loopTest: TestFn = loopUnusable
     }) as unknown as TestFn)
   : test;
 
-/** Loop devices whose backing file is `file` or lies under `file` (a directory), from sysfs. */
-export function devicesBoundUnder(file: string): string[] {
-  const found: string[] = [];
-  for (const name of fs.readdirSync('/sys/block')) {
-    if (!name.startsWith('loop')) continue;
-    let backing: string;
-    try {
-      backing = fs.readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim();
-    } catch {
-      continue; // unbound
-    }
-    backing = backing.replace(/ \(deleted\)$/, '');
-    if (backing === file || backing.startsWith(file + '/')) found.push(`/dev/${name}`);
-  }
-  return found;
-}
 
 /** A fresh temp dir removed at teardown, after detaching (and reporting) any device still bound into it. */
 export function tempDir(t: ExecutionContext): string {

@@ -5,6 +5,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import { devicesBoundUnder } from '../__test__/bound.js';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -50,22 +51,6 @@ export function scratchImage(size = 8 << 20): Scratch {
   return { dir, file, fd, cleanup };
 }
 
-/** Loop devices whose backing file is `file` or lies under the directory `file` (sysfs). */
-export function devicesBoundUnder(file: string): string[] {
-  const found: string[] = [];
-  for (const name of fs.readdirSync('/sys/block')) {
-    if (!name.startsWith('loop')) continue;
-    let backing: string;
-    try {
-      backing = fs.readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim();
-    } catch {
-      continue;
-    }
-    backing = backing.replace(/ \(deleted\)$/, '');
-    if (backing === file || backing.startsWith(file + '/')) found.push(`/dev/${name}`);
-  }
-  return found;
-}
 
 /** `--name value` / `--name=value` / `--flag`, plus positionals. */
 export function parseArgs(argv = process.argv.slice(2)): { opts: Map<string, string>; positional: string[] } {

@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { configureArgs, native, type Handle, type NativeConfigure, type NativeLoop } from './binding.js';
-import { LoopDevice, type Applied, type Backing } from './device.js';
+import { appliedFrom, LoopDevice, type Applied, type Backing } from './device.js';
 import { call, runAsync, runSync, type Flow, type Op } from './flow.js';
 import { LoopInfo } from './info.js';
 import type { ConfigureOptions } from './loop.js';
@@ -186,21 +186,7 @@ function readApplied(raw: NativeLoop): { applied: Applied; info: LoopInfo } | nu
   const info = new LoopInfo(native.loopGetStatus(raw.handle));
   const sys = readLoop(`loop${raw.minor}`);
   if (sys === null) return null;
-  return {
-    info,
-    applied: {
-      readOnly: sys.readOnly,
-      directIo: sys.directIo,
-      partscan: sys.partscan,
-      autoclear: info.autoclear,
-      offset: info.offset,
-      sizeLimit: info.sizeLimit,
-      size: sys.size,
-      sectorSize: sys.logSec,
-      backingFile: sys.backingFile,
-      diskseq: sys.diskseq,
-    },
-  };
+  return { info, applied: appliedFrom(sys, info) };
 }
 
 interface Expected {

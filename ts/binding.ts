@@ -7,6 +7,7 @@ import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
+import type { LoopServerStats } from './remote/server.js';
 
 /** Opaque native object; only the functions below understand it. */
 export type Handle = { readonly __native: unique symbol };
@@ -118,14 +119,7 @@ export interface Native {
   removeNode(dirFd: number, name: string): void;
   remoteServerListen(socketPath: string, allowUids?: readonly number[]): Handle;
   remoteServerClose(h: Handle): Promise<void>;
-  remoteServerStats(h: Handle): {
-    running: boolean;
-    connections: number;
-    devices: number;
-    requests: number;
-    failures: number;
-    refused: number;
-  };
+  remoteServerStats(h: Handle): LoopServerStats;
   remoteClientConnect(socketPath: string): Handle;
   remoteClientRequest(
     h: Handle,

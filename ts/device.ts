@@ -6,7 +6,7 @@ import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
 import { LoopInfo } from './info.js';
 import { loopName } from './list.js';
 import { DETACH_TIMEOUT_MS, Loop } from './loop.js';
-import { bindingGone, loopNumber, partitionNames, readLoop } from './sysfs.js';
+import { bindingGone, loopNumber, partitionNames, readLoop, type SysfsLoop } from './sysfs.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 const POLL_MS = 5;
@@ -37,6 +37,22 @@ export interface Applied {
   /** sysfs `backing_file` as the kernel reported it. */
   backingFile: string;
   diskseq: bigint | null;
+}
+
+/** What the kernel applied, from sysfs and LOOP_GET_STATUS64. */
+export function appliedFrom(sys: SysfsLoop, info: LoopInfo): Applied {
+  return {
+    readOnly: sys.readOnly,
+    directIo: sys.directIo,
+    partscan: sys.partscan,
+    autoclear: info.autoclear,
+    offset: info.offset,
+    sizeLimit: info.sizeLimit,
+    size: sys.size,
+    sectorSize: sys.logSec,
+    backingFile: sys.backingFile,
+    diskseq: sys.diskseq,
+  };
 }
 
 /**
@@ -114,18 +130,7 @@ export class LoopDevice extends Loop {
         const dev = new LoopDevice(
           raw,
           { path: sys.backingFile, fd: -1, owned: false, dev: info.device, ino: info.inode },
-          {
-            readOnly: sys.readOnly,
-            directIo: sys.directIo,
-            partscan: sys.partscan,
-            autoclear: sys.autoclear,
-            offset: info.offset,
-            sizeLimit: info.sizeLimit,
-            size: sys.size,
-            sectorSize: sys.logSec,
-            backingFile: sys.backingFile,
-            diskseq: sys.diskseq,
-          },
+          appliedFrom(sys, info),
         );
         ok = true;
         return dev;
