@@ -34,6 +34,10 @@ pub fn configure_options(env: Env, args: Value) -> JsResult<ConfigureOptions> {
     if env.is_nullish(args)? {
         return Ok(ConfigureOptions::default());
     }
+    if !env.is_array(args)? {
+        // Only the TS layer calls this; an options object here would silently mean "all defaults".
+        return Err(Failure::Type("configure options must come as an array (configureArgs)".into()));
+    }
     let mut v = [std::ptr::null_mut(); 8];
     for (i, slot) in v.iter_mut().enumerate() {
         let field = env.element(args, i as u32)?;

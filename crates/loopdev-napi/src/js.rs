@@ -88,6 +88,10 @@ impl Env {
         Ok(out!(self, napi_get_property(obj, key)))
     }
 
+    pub fn is_array(self, v: Value) -> JsResult<bool> {
+        Ok(out!(self, napi_is_array(v)))
+    }
+
     /// `arr[i]` (undefined past the end).
     pub fn element(self, arr: Value, i: u32) -> JsResult<Value> {
         Ok(out!(self, napi_get_element(arr, i)))
