@@ -1,4 +1,6 @@
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { Loop, LoopControl, LoopError } from '../ts/index.js';
 import { boundAfterSettling, configuredLoop, devicesBoundUnder, image, loopTest, openFds } from './helpers.js';
 
@@ -105,5 +107,33 @@ loopTest('clearFdWait completes once another holder closes during the wait', asy
   await t.notThrowsAsync(lo.clearFdWait(img.fd, 5000, 10));
   t.false(lo.isBoundTo(img.fd));
   lo.close();
+  t.deepEqual(await boundAfterSettling(img.path), []);
+});
+
+const FORGETFUL = `
+import { LoopControl } from ${JSON.stringify(path.resolve('ts/index.ts'))};
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+process.on('warning', (w) => console.log(JSON.stringify({ code: w.code, message: w.message })));
+const fd = fs.openSync(process.argv[2], 'r+');
+(() => {
+  const ctl = new LoopControl();
+  ctl.loopForFd(fd, { autoclear: true }); // never closed, and neither is ctl
+})();
+globalThis.gc();
+await new Promise((r) => setTimeout(r, 100));
+globalThis.gc();
+await new Promise((r) => setTimeout(r, 100));
+`;
+
+loopTest('a Loop collected without close() is closed with a warning, and autoclear frees it', async (t) => {
+  const img = image(t);
+  const script = path.join(img.dir, 'forgetful.mts');
+  fs.writeFileSync(script, FORGETFUL);
+  const out = execFileSync(process.execPath, ['--expose-gc', '--import=tsx', script, img.path], { encoding: 'utf8' });
+  const warnings = out.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as { code: string; message: string });
+  t.true(warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && /^Closing loop device \/dev\/loop\d+ on garbage collection/.test(w.message)));
+  t.true(warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && /^Closing loop-control/.test(w.message)));
   t.deepEqual(await boundAfterSettling(img.path), []);
 });

@@ -77,7 +77,8 @@ export interface NativeStatus {
 
 export interface Native {
   init(classes: { LoopError: typeof LoopError; UnexpectedDeviceError: typeof UnexpectedDeviceError }): void;
-  close(h: Handle): void;
+  /** Idempotent; true when this call closed the handle. */
+  close(h: Handle): boolean;
   controlOpen(dirFd?: number): Handle;
   controlAdd(h: Handle, minor: number): number;
   controlRemove(h: Handle, minor: number): void;
@@ -173,3 +174,24 @@ function load(): Native {
 
 export const native: Native = load();
 native.init({ LoopError, UnexpectedDeviceError });
+
+/**
+ * Closes handles whose owner (a Loop or LoopControl) was garbage-collected without close(), and says so,
+ * like Node does for a FileHandle: with autoclear, that close is what detaches the device.
+ */
+const unclosed = new FinalizationRegistry<{ handle: Handle; what: string }>(({ handle, what }) => {
+  if (native.close(handle)) {
+    process.emitWarning(`Closing ${what} on garbage collection; close it (or use \`using\`) when done`, {
+      code: 'LOOPDEV_UNCLOSED',
+    });
+  }
+});
+
+/**
+ * Watches `owner`: if it is collected while its handle is still open, the handle is closed with a warning.
+ * No unregister on close(): the callback sees the handle closed and stays quiet, and registering without
+ * an unregister token keeps this off the bind path's cost.
+ */
+export function watch(owner: object, handle: Handle, what: string): void {
+  unclosed.register(owner, { handle, what });
+}

@@ -1,4 +1,4 @@
-import { configureArgs, native, type Handle, type NativeLoop } from './binding.js';
+import { configureArgs, native, watch, type Handle, type NativeLoop } from './binding.js';
 import { closedError } from './errors.js';
 import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
 
@@ -15,6 +15,7 @@ export class LoopControl implements Disposable {
 
   constructor(options: LoopOptions = {}) {
     this.#handle = native.controlOpen(options.dirFd);
+    watch(this, this.#handle, 'loop-control');
   }
 
   get closed(): boolean {

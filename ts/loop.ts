@@ -1,4 +1,4 @@
-import { configureArgs, native, type Handle, type NativeLoop } from './binding.js';
+import { configureArgs, native, watch, type Handle, type NativeLoop } from './binding.js';
 import { closedError } from './errors.js';
 import { LoopInfo } from './info.js';
 
@@ -53,6 +53,7 @@ export class Loop implements Disposable, AsyncDisposable {
     this.path = raw.path;
     this.#handle = raw.handle;
     this.#fd = raw.fd;
+    watch(this, raw.handle, `loop device ${raw.path}`);
   }
 
   /** Wraps a device the native layer opened (and, when `bound`, configured) for us. */

@@ -26,10 +26,10 @@ pub fn open(env: Env, args: &[Value]) -> JsResult<Value> {
     convert::new_loop(env, Loop::open(minor, dir.map(borrow))?)
 }
 
-/// close(handle): either kind; idempotent.
+/// close(handle) → whether it was still open: either kind; idempotent.
 pub fn close(env: Env, args: &[Value]) -> JsResult<Value> {
-    handle::close(env, arg(env, args, 0)?)?;
-    env.undefined()
+    let closed = handle::close(env, arg(env, args, 0)?)?;
+    env.boolean(closed)
 }
 
 pub fn flock(env: Env, args: &[Value]) -> JsResult<Value> {

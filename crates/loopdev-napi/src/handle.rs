@@ -19,8 +19,9 @@ impl<T> Handle<T> {
     fn get(&self, what: &'static str) -> JsResult<Arc<T>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(Failure::Closed(what))
     }
-    fn close(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    /// Whether this call closed it (false when it was closed already).
+    fn close(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take().is_some()
     }
 }
 
@@ -42,11 +43,10 @@ pub fn lo(env: Env, v: Value) -> JsResult<Arc<Loop>> {
     }
 }
 
-/// Closes either kind of handle; idempotent.
-pub fn close(env: Env, v: Value) -> JsResult<()> {
-    match resource(env, v)? {
+/// Closes either kind of handle; idempotent. True when this call closed it.
+pub fn close(env: Env, v: Value) -> JsResult<bool> {
+    Ok(match resource(env, v)? {
         Resource::Control(h) => h.close(),
         Resource::Loop(h) => h.close(),
-    }
-    Ok(())
+    })
 }
