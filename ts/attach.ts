@@ -12,7 +12,8 @@ import { LoopInfo } from './info.js';
 import type { ConfigureOptions } from './loop.js';
 import { toU64 } from './size.js';
 import { blockDeviceSize, devMajor, devMinor, readLoop } from './sysfs.js';
-import { errnoCode, loopError, sysError, toLoopError } from './syserr.js';
+import { loopError } from './errors.js';
+import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 export interface AttachOptions extends ConfigureOptions {
   /** Hold `flock(LOCK_EX)` on the device while it is open (skips devices others have locked). */

@@ -47,9 +47,14 @@ export class UnexpectedDeviceError extends LoopError {
   }
 }
 
-export function closedError(what: string, path?: string): LoopError {
-  return new LoopError(`ERR_LOOP_CLOSED: ${what} is closed${path ? ` '${path}'` : ''}`, {
-    code: 'ERR_LOOP_CLOSED',
+/** An error that is ours, not the kernel's (`ERR_LOOP_*`): `CODE: message 'path'`. */
+export function loopError(code: string, message: string, path?: string): LoopError {
+  return new LoopError(`${code}: ${message}${path === undefined ? '' : ` '${path}'`}`, {
+    code,
     ...(path === undefined ? {} : { path }),
   });
+}
+
+export function closedError(what: string, path?: string): LoopError {
+  return loopError('ERR_LOOP_CLOSED', `${what} is closed`, path);
 }

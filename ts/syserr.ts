@@ -3,6 +3,7 @@ import { constants } from 'node:os';
 import { getSystemErrorMap } from 'node:util';
 import { LoopError } from './errors.js';
 
+
 /** Rethrows-friendly: a Node system error becomes a LoopError with the same message and fields. */
 export function toLoopError(e: unknown): unknown {
   if (e instanceof LoopError) return e;
@@ -41,14 +42,6 @@ export function sysError(code: string, o: SysErrorOptions): LoopError {
     syscall: o.syscall,
     ...(o.ioctl === undefined ? {} : { ioctl: o.ioctl }),
     ...(o.path === undefined ? {} : { path: o.path }),
-  });
-}
-
-/** An error that is ours, not the kernel's (`ERR_LOOP_*`). */
-export function loopError(code: string, message: string, path?: string): LoopError {
-  return new LoopError(`${code}: ${message}${path === undefined ? '' : ` '${path}'`}`, {
-    code,
-    ...(path === undefined ? {} : { path }),
   });
 }
 
