@@ -93,8 +93,9 @@ loopTest.serial(TITLE, async (t) => {
   const minor = Number(dev.devname.slice(4));
   t.is(sysfs(minor, 'loop/backing_file'), img.path);
   t.is(sysfs(minor, 'loop/offset'), '4096');
-  // (The server drops the request's fds right after its reply left, so give it a moment.)
-  await until('one more pinned device, nothing else', () => openFds() === baseline + 1);
+  // The server keeps two fds per device it holds: the device and the directory its node is in (to remove
+  // the node when the connection closes). It drops the request's other fds once its reply left.
+  await until('one more held device, nothing else', () => openFds() === baseline + 2);
   await dev.remove();
 
   client.close();

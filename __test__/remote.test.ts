@@ -104,7 +104,7 @@ async function holdLoopControlLock(t: ExecutionContext): Promise<{ release: () =
   };
 }
 
-loopTest('round trip in one process: the device has the options asked for, freed when the server closes', async (t) => {
+loopTest('round trip in one process: the device has the options asked for, freed when the connection closes', async (t) => {
   const img = image(t);
   const srv = await server(t, img.dir);
   using client = new LoopClient(srv.socketPath);
@@ -133,11 +133,14 @@ loopTest('round trip in one process: the device has the options asked for, freed
   await dev[Symbol.asyncDispose]();
   t.false(fs.existsSync(dev.path), 'disposing the RemoteDevice removes the node');
   t.true(dev.removed);
-  t.deepEqual(devicesBoundUnder(img.dir), [`/dev/${dev.devname}`], 'the server still pins the device');
+  t.deepEqual(devicesBoundUnder(img.dir), [`/dev/${dev.devname}`], 'the server holds it while we are connected');
 
+  client.close();
+  t.deepEqual(await boundAfterSettling(img.dir), [], 'the device goes with our connection');
+  await until('the server to count it released', () => srv.stats().devices === 0);
+  t.like(srv.stats(), { connections: 0, devices: 0 });
   await srv.close();
   t.false(fs.existsSync(srv.socketPath), 'the socket file is removed');
-  t.deepEqual(await boundAfterSettling(img.dir), []);
   await srv.close(); // idempotent
 });
 
@@ -193,13 +196,17 @@ loopTest('across processes: a serve() child serves our client and releases its d
     t.is(nodeMinor(dev.path), minorOf(dev.devname));
     t.is(sysfs(minorOf(dev.devname), 'loop/partscan'), '1');
   }
-  t.is(devicesBoundUnder(img.dir).length, 1, 'the child still holds the device after our node is gone');
+  t.deepEqual(await boundAfterSettling(img.dir), [], 'the child released the device with our connection');
+  using client = new LoopClient(socketPath);
+  await client.device(img.path, { devDir: img.dir });
+  t.is(devicesBoundUnder(img.dir).length, 1, 'a device held for a connection that is still open…');
   child.kill('SIGTERM');
   t.like(await next(), { event: 'stopped', why: 'SIGTERM' });
   await exited(child);
   t.is(child.exitCode, 0);
   t.false(fs.existsSync(socketPath));
   t.deepEqual(await boundAfterSettling(img.dir), []);
+  t.deepEqual(fs.readdirSync(img.dir), ['disk.img'], '…and its node go when the server stops');
 });
 
 /** The dir and socket reachable by another uid, so only SO_PEERCRED stands in its way. */
@@ -226,31 +233,74 @@ loopTest('a peer whose uid is not allowed is refused (child running as uid 65534
   t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop']);
 });
 
-loopTest('a uid in allowUids gets a device (child running as uid 65534)', async (t) => {
+/** A directory inside `dir` owned by uid/gid 65534: where a non-root peer may have its nodes made. */
+function peerDir(dir: string): string {
+  const own = path.join(dir, 'peer-dev');
+  fs.mkdirSync(own, { mode: 0o755 });
+  fs.chownSync(own, 65534, 65534);
+  return own;
+}
+
+loopTest('a uid in allowUids gets a device in its own directory, released when it hangs up (uid 65534)', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir, [0, 65534]);
+  openToOthers(img.dir, srv.socketPath);
+  const devDir = peerDir(img.dir);
+  const dirFd = fs.openSync(devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  const child = spawn('python3', [PEER, 'client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', devDir, '--hold'], {
+    uid: 65534,
+    gid: 65534,
+    stdio: ['pipe', 'pipe', 'inherit', img.fd, dirFd],
+  });
+  t.teardown(() => {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  const next = jsonLines(child);
+  const result = await next();
+  t.true(result.ok, JSON.stringify(result));
+  t.true(result.isBlock);
+  t.is(sysfs(minorOf(result.devname), 'loop/backing_file'), img.path);
+  t.like(srv.stats(), { refused: 0, devices: 1, connections: 1 });
+  child.stdin!.end('\n');
+  const unlinked = await next();
+  t.false(unlinked.unlinked, 'a bind-mounted node cannot be unlinked by its peer (EBUSY)');
+  await exited(child);
+  await until('the server to release the device of the closed connection', () => srv.stats().devices === 0);
+  t.deepEqual(fs.readdirSync(devDir), [], 'the server removed the node');
+  t.deepEqual(await boundAfterSettling(img.dir), []);
+});
+
+loopTest("a non-root peer cannot have a node made in a directory it does not own (uid 65534)", async (t) => {
   const img = image(t);
   const srv = await server(t, img.dir, [0, 65534]);
   openToOthers(img.dir, srv.socketPath);
   const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
   t.teardown(() => fs.closeSync(dirFd));
-  const [result, unlinked] = await runPeer(
-    ['client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir],
-    { uid: 65534, gid: 65534, stdio: ['ignore', 'pipe', 'inherit', img.fd, dirFd] },
-  );
-  t.true(result!.ok, JSON.stringify(result));
-  t.true(result!.isBlock);
-  t.teardown(() => dropNode(img.dir, result!.devname));
-  t.false(unlinked!.unlinked, 'uid 65534 cannot remove a node from a 0711 directory');
-  t.is(sysfs(minorOf(result!.devname), 'loop/backing_file'), img.path);
-  t.like(srv.stats(), { refused: 0, devices: 1 });
+  const [result] = await runPeer(['client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir], {
+    uid: 65534,
+    gid: 65534,
+    stdio: ['ignore', 'pipe', 'inherit', img.fd, dirFd],
+  });
+  t.false(result!.ok, JSON.stringify(result));
+  t.regex(result!.error, /\[Errno 13\] EACCES: 'dir_fd' must be a directory owned by uid 65534/);
+  t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'nothing was created there');
+  t.deepEqual(devicesBoundUnder(img.dir), []);
 });
 
 loopTest("our server with osbuild's LoopClient (Python): exact request bytes, device, errors", async (t) => {
   const img = image(t);
   const srv = await server(t, img.dir);
   const base = ['client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir];
-  const [ok, unlinked] = await runPeer([...base, '--offset', '512', '--sizelimit', '1048576', '--read-only']);
+  const holder = spawn('python3', [PEER, ...base, '--offset', '512', '--sizelimit', '1048576', '--read-only', '--hold'], {
+    stdio: ['pipe', 'pipe', 'inherit'],
+  });
+  t.teardown(() => {
+    if (holder.exitCode === null) holder.kill('SIGKILL');
+  });
+  const next = jsonLines(holder);
+  const ok = await next();
   t.true(ok!.ok, JSON.stringify(ok));
-  t.teardown(() => dropNode(img.dir, ok!.devname));
   t.is(
     ok!.request,
     '{"fd": 0, "dir_fd": 1, "offset": 512, "sizelimit": 1048576, "lock": false, "partscan": false, ' +
@@ -261,9 +311,14 @@ loopTest("our server with osbuild's LoopClient (Python): exact request bytes, de
   t.is(sysfs(minor, 'loop/offset'), '512');
   t.is(sysfs(minor, 'loop/sizelimit'), '1048576');
   t.is(sysfs(minor, 'ro'), '1');
+  holder.stdin!.end('\n');
   // osbuild's client only unlinks; our server bind-mounted the host node, which cannot be unlinked in the
-  // same mount namespace. Either way the node must be gone once we dropNode it.
+  // same mount namespace. Either way the server removes the node when the connection closes.
+  const unlinked = await next();
   t.true(unlinked!.unlinked === true || unlinked!.errno === 'EBUSY', JSON.stringify(unlinked));
+  await exited(holder);
+  await until('the device of the closed connection to be released', () => srv.stats().devices === 0);
+  t.false(fs.existsSync(path.join(img.dir, ok!.devname)), 'the node went with the connection');
 
   const [refused] = await runPeer(['client', srv.socketPath, '--file', '/dev/null', '--dev-dir', img.dir]);
   t.false(refused!.ok);
@@ -271,7 +326,7 @@ loopTest("our server with osbuild's LoopClient (Python): exact request bytes, de
   t.like(refused!.reply, { method: 'exception', exception: { type: 'OSError' } });
   t.deepEqual(Object.keys(refused!.reply), ['method', 'exception']);
   t.deepEqual(Object.keys(refused!.reply.exception), ['type', 'value', 'traceback']);
-  t.like(srv.stats(), { requests: 2, failures: 1, devices: 1 });
+  t.like(srv.stats(), { requests: 2, failures: 1, devices: 0 });
 });
 
 loopTest("our LoopClient with osbuild's LoopServer (Python): request, device, exception, release", async (t) => {
@@ -330,7 +385,8 @@ loopTest.serial('the server does not need the event loop: a client is served whi
   const [result] = out.trim().split('\n').map((l) => JSON.parse(l) as Json);
   t.true(result!.ok, out);
   dropNode(img.dir, result!.devname);
-  t.is(srv.stats().devices, 1);
+  await until('the device of the finished client to be released', () => srv.stats().devices === 0);
+  t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
 loopTest.serial('a configure waiting on the kernel does not stall JS', async (t) => {

@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
-import type { LoopServerStats } from './remote/server.js';
+import type { LoopServerQuotas, LoopServerStats } from './remote/server.js';
 
 /** Opaque native object; only the functions below understand it. */
 export type Handle = { readonly __native: unique symbol };
@@ -118,7 +118,7 @@ export interface Native {
   loopSetCapacity(h: Handle): void;
   loopMknod(h: Handle, dirFd: number, mode: number): void;
   removeNode(dirFd: number, name: string): void;
-  remoteServerListen(socketPath: string, allowUids?: readonly number[]): Handle;
+  remoteServerListen(socketPath: string, allowUids?: readonly number[], quotas?: LoopServerQuotas): Handle;
   remoteServerClose(h: Handle): Promise<void>;
   remoteServerStats(h: Handle): LoopServerStats;
   remoteClientConnect(socketPath: string): Handle;

@@ -6,7 +6,19 @@
 import { native, type Handle } from '../binding.js';
 import { closedError, LoopError } from '../errors.js';
 
-export interface LoopServerOptions {
+/** What one peer may take from the server. Requests over a limit get an exception reply (EDQUOT, ENOSPC). */
+export interface LoopServerQuotas {
+  /** Connections one uid may hold open (default 32); more are refused with EUSERS at connect. */
+  maxConnectionsPerUid?: number;
+  /** Devices the server holds at once, all peers together (default 1024). */
+  maxDevices?: number;
+  /** Devices one uid may hold at once (default 64). */
+  maxDevicesPerUid?: number;
+  /** A connection that holds no device and sends nothing for this long is closed (default 600000; 0: never). */
+  idleTimeoutMs?: number;
+}
+
+export interface LoopServerOptions extends LoopServerQuotas {
   /** Where to bind the AF_UNIX SOCK_SEQPACKET socket. Must not exist; removed again by `close()`. */
   socketPath: string;
   /**
@@ -21,13 +33,13 @@ export interface LoopServerStats {
   running: boolean;
   /** Open client connections. */
   connections: number;
-  /** Devices attached and held open (they are released by `close()`). */
+  /** Devices attached and held open for connected clients (released when their connection closes). */
   devices: number;
   /** Messages received, well-formed or not. */
   requests: number;
   /** Exception replies sent. */
   failures: number;
-  /** Connections refused because of their uid. */
+  /** Connections refused because of their uid, or over the per-uid connection limit. */
   refused: number;
 }
 
@@ -37,6 +49,7 @@ const FOREVER_MS = 2 ** 31 - 1;
 export class LoopServer implements AsyncDisposable {
   readonly socketPath: string;
   readonly allowUids: readonly number[] | undefined;
+  readonly quotas: Readonly<LoopServerQuotas>;
 
   #handle: Handle | null = null;
   #closed: Promise<void> | null = null;
@@ -49,6 +62,8 @@ export class LoopServer implements AsyncDisposable {
     }
     this.socketPath = options.socketPath;
     this.allowUids = options.allowUids === undefined ? undefined : Object.freeze([...options.allowUids]);
+    const { maxConnectionsPerUid, maxDevices, maxDevicesPerUid, idleTimeoutMs } = options;
+    this.quotas = Object.freeze({ maxConnectionsPerUid, maxDevices, maxDevicesPerUid, idleTimeoutMs });
   }
 
   get listening(): boolean {
@@ -64,7 +79,7 @@ export class LoopServer implements AsyncDisposable {
         path: this.socketPath,
       });
     }
-    this.#handle = native.remoteServerListen(this.socketPath, this.allowUids);
+    this.#handle = native.remoteServerListen(this.socketPath, this.allowUids, this.quotas);
     // The callback holds `this`: a listening server is never garbage-collected (which would stop it).
     this.#keepAlive = setInterval(() => void this, FOREVER_MS);
     if (!this.#ref) this.#keepAlive.unref();
@@ -90,8 +105,10 @@ export class LoopServer implements AsyncDisposable {
   }
 
   /**
-   * Stops serving: closes the socket and every connection, removes the socket file, and closes every
-   * device the server attached (autoclear then frees each one nobody else holds open). Idempotent.
+   * Stops serving: closes the socket and every connection, removes the socket file, removes every node and
+   * closes every device the server attached (autoclear then frees each one nobody else holds open).
+   * Rejects with ETIMEDOUT after a few seconds if a request is stuck (on a peer's file that never answers);
+   * the server thread then releases everything when that request returns. Idempotent.
    */
   close(): Promise<void> {
     if (!this.#closed) {

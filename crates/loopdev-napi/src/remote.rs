@@ -8,6 +8,7 @@ use crate::js::{arg, Env, Failure, JsResult, Value};
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// What a remote handle holds. close() takes the value out; work already running keeps its own `Arc`.
 enum Remote {
@@ -52,7 +53,35 @@ fn allow_uids(env: Env, v: Value) -> JsResult<Option<Vec<u32>>> {
         .map(Some)
 }
 
-/// remoteServerListen(socketPath, allowUids?) → handle. Binds and listens now (errors throw), then
+/// `{ maxConnectionsPerUid?, maxDevices?, maxDevicesPerUid?, idleTimeoutMs? }` (nullish: the defaults;
+/// `idleTimeoutMs: 0` never closes idle connections).
+fn quotas(env: Env, v: Value, options: &mut ServerOptions) -> JsResult<()> {
+    if env.is_nullish(v)? {
+        return Ok(());
+    }
+    let field = |name: &str, min: i64, max: i64| -> JsResult<Option<i64>> {
+        let x = env.get(v, name)?;
+        if env.is_nullish(x)? {
+            return Ok(None);
+        }
+        env.to_int(x, name, min, max).map(Some)
+    };
+    if let Some(n) = field("maxConnectionsPerUid", 1, 1 << 20)? {
+        options.max_connections_per_uid = n as usize;
+    }
+    if let Some(n) = field("maxDevices", 1, 1 << 20)? {
+        options.max_devices = n as usize;
+    }
+    if let Some(n) = field("maxDevicesPerUid", 1, 1 << 20)? {
+        options.max_devices_per_uid = n as usize;
+    }
+    if let Some(ms) = field("idleTimeoutMs", 0, i64::from(u32::MAX))? {
+        options.idle_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
+    }
+    Ok(())
+}
+
+/// remoteServerListen(socketPath, allowUids?, quotas?) → handle. Binds and listens now (errors throw), then
 /// serves on a new thread.
 pub fn server_listen(env: Env, args: &[Value]) -> JsResult<Value> {
     let path = env.to_string(arg(env, args, 0)?)?;
@@ -60,6 +89,7 @@ pub fn server_listen(env: Env, args: &[Value]) -> JsResult<Value> {
     if let Some(uids) = allow_uids(env, arg(env, args, 1)?)? {
         options.allow_uids = uids;
     }
+    quotas(env, arg(env, args, 2)?, &mut options)?;
     let server = Server::bind(Path::new(&path), options)?;
     env.external(Remote::Server(Mutex::new(Some(server))))
 }

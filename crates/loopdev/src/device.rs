@@ -5,12 +5,13 @@ use crate::info::LoopInfo;
 use crate::ioctl;
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::{fcntl, openat, AtFlags, FcntlArg, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{self, fstat, major, makedev, mknodat, FileStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 /// What LOOP_CONFIGURE sets in one step.
@@ -265,9 +266,10 @@ impl Loop {
         Ok(())
     }
 
-    /// Binds `backing` with LOOP_CONFIGURE; on kernels without it (EINVAL/ENOTTY/ENOSYS) falls back to
-    /// LOOP_SET_FD + LOOP_SET_STATUS64 (+ block size, direct I/O). If a fallback step after the bind fails,
-    /// the bind we made is undone and the LOOP_CONFIGURE error is returned.
+    /// Binds `backing` with LOOP_CONFIGURE; on kernels without it (before 5.8) falls back to LOOP_SET_FD +
+    /// LOOP_SET_STATUS64 (+ block size, direct I/O). An EINVAL on a kernel that has LOOP_CONFIGURE is a bad
+    /// parameter and is returned as such. If a fallback step after the bind fails, the bind we made is undone
+    /// and the LOOP_CONFIGURE error is returned.
     pub fn configure(&self, backing: BorrowedFd, opts: &ConfigureOptions) -> Result<()> {
         let mut info = LoopInfo64 {
             lo_offset: opts.offset,
@@ -281,13 +283,18 @@ impl Loop {
         }
         let config =
             LoopConfig { fd: backing.as_raw_fd() as u32, block_size: opts.block_size, info, ..Default::default() };
-        let first = match ioctl::configure(self.fd.as_fd(), &config) {
+        let attempt = if legacy_forced() { Err(Errno::ENOTTY) } else { ioctl::configure(self.fd.as_fd(), &config) };
+        let first = match attempt {
             Ok(()) => return Ok(()),
             Err(e @ (Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS)) => {
                 // A backing fd of the wrong kind also gives EINVAL: say so rather than try the old path.
                 // (Checked only on failure, to keep the common bind at one syscall.)
                 check_backing(backing).map_err(|e| e.with_path(&self.path))?;
-                Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)
+                let err = Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path);
+                if e == Errno::EINVAL && self.has_configure() {
+                    return Err(err);
+                }
+                err
             }
             Err(e) => return Err(Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)),
         };
@@ -297,6 +304,22 @@ impl Loop {
         })
     }
 
+    /// Whether the kernel knows LOOP_CONFIGURE (asked once per process): where it exists, an fd of -1 is
+    /// refused with EBADF before anything else is looked at; before 5.8 the unknown ioctl is EINVAL.
+    fn has_configure(&self) -> bool {
+        static KNOWN: AtomicU8 = AtomicU8::new(0);
+        match KNOWN.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let probe = LoopConfig { fd: u32::MAX, ..Default::default() };
+                let has = ioctl::configure(self.fd.as_fd(), &probe) == Err(Errno::EBADF);
+                KNOWN.store(if has { 1 } else { 2 }, Ordering::Relaxed);
+                has
+            }
+        }
+    }
+
     /// The pre-5.8 path. `Err(None)` = a step after our bind failed and was rolled back.
     fn configure_legacy(
         &self,
@@ -304,16 +327,16 @@ impl Loop {
         opts: &ConfigureOptions,
         info: &LoopInfo64,
     ) -> std::result::Result<(), Option<Error>> {
-        // LOOP_SET_FD takes read-only-ness from the fd's open mode, not from a flag.
-        let reopened;
-        let bind_fd = if opts.read_only {
-            reopened =
-                open_in(None, &format!("/proc/self/fd/{}", backing.as_raw_fd()), OFlag::O_RDONLY).map_err(Some)?;
-            reopened.as_fd()
-        } else {
-            backing
-        };
-        ioctl::set_fd(self.fd.as_fd(), bind_fd)
+        // LOOP_SET_FD takes read-only-ness from the fd's open mode alone (SET_STATUS cannot set it), and the
+        // fd is never reopened by path: it may be someone else's, whose path means something else to us.
+        if opts.read_only
+            && fcntl(backing.as_raw_fd(), FcntlArg::F_GETFL).map_or(true, |fl| fl & libc::O_ACCMODE != libc::O_RDONLY)
+        {
+            return Err(Some(Error::ioctl(Errno::EINVAL, "LOOP_SET_FD").with_path(&self.path).with_detail(
+                "a read-only binding of a file opened for writing needs LOOP_CONFIGURE (Linux 5.8); open it O_RDONLY",
+            )));
+        }
+        ioctl::set_fd(self.fd.as_fd(), backing)
             .map_err(|e| Some(Error::ioctl(e, "LOOP_SET_FD").with_path(&self.path)))?;
         let rest = ioctl::set_status64(self.fd.as_fd(), info)
             .and_then(|()| {
@@ -347,26 +370,37 @@ impl Loop {
         ioctl::set_capacity(self.fd.as_fd()).map_err(self.ioctl_err("LOOP_SET_CAPACITY"))
     }
 
-    /// Makes `loopN` usable inside `dir` (a container's /dev). Like osbuild: bind-mount the host's node onto an
-    /// empty file when the host has one (device nodes made by mknod are often unusable in a container's
-    /// tmpfs), else mknod a block device 7:minor. Undo with `remove_node`.
+    /// Makes `loopN` usable inside `dir` (a container's /dev). Like osbuild: bind-mount this device's node onto
+    /// an empty file (device nodes made by mknod are often unusable in a container's tmpfs), else mknod a block
+    /// device 7:minor. Undo with `remove_node`.
+    ///
+    /// `dir` may belong to someone else (the remote server's peers): no name in it is resolved twice. The
+    /// placeholder is created with O_EXCL|O_NOFOLLOW and the mount goes onto *that* inode through its fd, and
+    /// the source is the device we hold open, so swapping the name for a symlink mid-way changes nothing.
     pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<()> {
         let name = self.devname();
         let path = dir_path(Some(dir)).join(&name);
         let perm = Mode::from_bits_truncate(mode & 0o7777);
-        let host = Path::new(DEV_DIR).join(&name);
-        if host.exists() {
-            let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
-            let raw = openat(dir.as_raw_fd(), name.as_str(), file, perm)
-                .map_err(|e| Error::os(e, "open").with_path(&path))?;
-            // SAFETY: openat returned a fresh fd we own; we only need the file to exist.
-            drop(unsafe { OwnedFd::from_raw_fd(raw) });
-            let target = proc_path(dir, &name);
-            if mount(Some(&host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).is_ok() {
-                return Ok(());
-            }
-            let _ = unlinkat(Some(dir.as_raw_fd()), name.as_str(), UnlinkatFlags::NoRemoveDir);
+        let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let raw =
+            openat(dir.as_raw_fd(), name.as_str(), file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
+        // SAFETY: openat returned a fresh fd that nothing else owns.
+        let placeholder = unsafe { OwnedFd::from_raw_fd(raw) };
+        let bound = mount(
+            Some(&fd_path(self.fd.as_fd())),
+            &fd_path(placeholder.as_fd()),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        );
+        if bound.is_ok() {
+            return Ok(());
         }
+        // No bind mount here (another mount namespace, no privilege): replace the placeholder, if the name still
+        // is ours, by a real node.
+        let st = stat_fd(placeholder.as_fd())?;
+        unlink_if(dir, &name, |entry| entry.st_dev == st.st_dev && entry.st_ino == st.st_ino)
+            .map_err(|e| e.with_path(&path))?;
         let dev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(self.minor));
         mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, perm, dev)
             .map_err(|e| Error::os(e, "mknod").with_path(&path))
@@ -379,16 +413,67 @@ impl Loop {
     }
 }
 
-fn proc_path(dir: BorrowedFd, name: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
+/// `LOOPDEV_FORCE_LEGACY_CONFIGURE=1` (test-only, read once): configure as on a kernel before 5.8, so the
+/// fallback path runs on a real kernel.
+fn legacy_forced() -> bool {
+    static FORCED: AtomicU8 = AtomicU8::new(0);
+    match FORCED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("LOOPDEV_FORCE_LEGACY_CONFIGURE").map_or(false, |v| v == "1");
+            FORCED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
 }
 
-/// Removes a node made by `Loop::mknod`: detaches the bind mount if there is one, then unlinks.
+/// The magic link that names exactly the file behind `fd`; resolving it never looks at a name again.
+fn fd_path(fd: BorrowedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Unlinks `dir/name` when the entry (not followed) passes `ours`; EEXIST when something else took the name.
+fn unlink_if(dir: BorrowedFd, name: &str, ours: impl Fn(&FileStat) -> bool) -> Result<()> {
+    let entry = stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::os(e, "stat"))?;
+    if !ours(&entry) {
+        return Err(Error::os(Errno::EEXIST, "unlink").with_detail("the name no longer refers to our node"));
+    }
+    unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(|e| Error::os(e, "unlink"))
+}
+
+/// Removes a node made by `Loop::mknod`: undoes the bind mount if there is one, then unlinks.
+///
+/// `dir` may belong to someone else, so the entry is opened without following it (O_PATH|O_NOFOLLOW) and must
+/// be what `mknod` leaves: block device 7:N for `loopN` (bind-mounted or mknod'ed), or the empty placeholder
+/// whose mount is gone already. Only the mount on that very entry is detached, through the fd; anything else
+/// under the name (a symlink to a host mount, another device) is refused with ERR_LOOP_UNEXPECTED_DEVICE and
+/// left alone.
 pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
-    // EINVAL = not a mount point (a mknod node); EPERM = not ours to unmount (unlink may still work).
-    let _ = umount2(&proc_path(dir, name), MntFlags::MNT_DETACH);
-    unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
-        .map_err(|e| Error::os(e, "unlink").with_path(&dir_path(Some(dir)).join(name)))
+    let path = dir_path(Some(dir)).join(name);
+    let minor = name
+        .strip_prefix("loop")
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u32>().ok())
+        .ok_or_else(|| Error::os(Errno::EINVAL, "unlink").with_path(&path).with_detail("not a loop device name"))?;
+    let entry = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+    let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path))?;
+    let node = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
+    let is_node = |st: &FileStat| is_kind(st, SFlag::S_IFBLK) && st.st_rdev == node;
+    let is_placeholder = |st: &FileStat| is_kind(st, SFlag::S_IFREG) && st.st_size == 0;
+    if !is_node(&st) && !is_placeholder(&st) {
+        return Err(Error {
+            kind: Kind::UnexpectedDevice { expected_minor: minor, rdev: st.st_rdev, mode: st.st_mode },
+            detail: Some(format!("not loop device node 7:{minor}; left alone")),
+            ..Error::os(Errno::ENODEV, "unlink").with_path(&path)
+        });
+    }
+    if is_node(&st) {
+        // The magic link of our O_PATH fd is the mount on this entry and nothing else. UMOUNT_NOFOLLOW would
+        // refuse the magic link itself. EINVAL = not a mount point (a mknod node); EPERM = not ours to undo.
+        let _ = umount2(&fd_path(entry.as_fd()), MntFlags::MNT_DETACH);
+    }
+    // What the unmount uncovered is mknod's placeholder.
+    unlink_if(dir, name, |now| is_node(now) || is_placeholder(now)).map_err(|e| e.with_path(&path))
 }
 
 impl AsFd for Loop {

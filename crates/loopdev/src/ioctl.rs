@@ -21,6 +21,8 @@ mod raw {
     nix::ioctl_write_int_bad!(loop_ctl_remove, uapi::LOOP_CTL_REMOVE);
     nix::ioctl_none_bad!(loop_ctl_get_free, uapi::LOOP_CTL_GET_FREE);
     nix::ioctl_none_bad!(blkflsbuf, uapi::BLKFLSBUF);
+    // FS_IOC_GETFLAGS is declared `_IOR('f', 1, long)` but the kernel reads and writes an int.
+    nix::ioctl_read_bad!(fs_ioc_getflags, nix::request_code_read!(b'f', 1, std::mem::size_of::<libc::c_long>()), c_int);
 }
 
 pub type Result<T> = std::result::Result<T, Errno>;
@@ -104,6 +106,14 @@ pub fn ctl_get_free(control: BorrowedFd) -> Result<u32> {
 pub fn flush_buf(dev: BorrowedFd) -> Result<()> {
     // SAFETY: the fd is valid for the borrow; no argument.
     unsafe { raw::blkflsbuf(dev.as_raw_fd()) }.map(drop)
+}
+
+/// FS_IOC_GETFLAGS: the inode's `FS_*_FL` attributes (`chattr`); ENOTTY where the filesystem has none.
+pub fn fs_flags(file: BorrowedFd) -> Result<u32> {
+    let mut flags: c_int = 0;
+    // SAFETY: `flags` is a writable int, the size the kernel writes for this ioctl.
+    unsafe { raw::fs_ioc_getflags(file.as_raw_fd(), &mut flags) }?;
+    Ok(flags as u32)
 }
 
 /// flock(2) on any fd (loop device or loop-control).

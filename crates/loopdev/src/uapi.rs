@@ -28,6 +28,10 @@ pub const LOOP_CTL_GET_FREE: u32 = 0x4C82;
 /// `_IO(0x12, 97)` from `<linux/fs.h>`.
 pub const BLKFLSBUF: u32 = 0x1261;
 
+/// Inode flags of `<linux/fs.h>` (FS_IOC_GETFLAGS): writes through a loop device must not bypass them.
+pub const FS_IMMUTABLE_FL: u32 = 0x10;
+pub const FS_APPEND_FL: u32 = 0x20;
+
 /// `struct loop_info64`.
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -8,6 +8,7 @@ pub mod client;
 pub mod jsoncomm;
 pub mod seqpacket;
 pub mod server;
+pub mod untrusted;
 pub mod wire;
 
 pub use client::Client;

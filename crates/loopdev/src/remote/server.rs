@@ -4,26 +4,31 @@
 //! every `Loop` it attached. It waits in poll(2) on the listener, the connections and an eventfd that
 //! `Server::shutdown` signals, and serves each request to the end before looking at the next one, so a
 //! configure that waits on the kernel only ever stalls this thread. Requests: receive (every fd owned at
-//! once) → check peer, framing, JSON, fd indices and fd types → `loop_for_fd(autoclear)` → `mknod` into the
-//! client's directory → reply. Each device stays open (pinned) until the server stops; then the thread closes
-//! them all, and autoclear frees every device no one else holds.
+//! once) → check peer, framing, JSON, fd indices, and what the peer's fds allow (`untrusted`) → quotas →
+//! `loop_for_fd(autoclear)` → `mknod` into the client's directory → reply.
+//!
+//! A device lives as long as the connection that asked for it: when the client hangs up (or dies), its
+//! nodes are removed and its devices closed, and autoclear frees each one nobody else holds open. osbuild's
+//! server keeps them until it exits instead; its clients use a device only while connected, so they see
+//! no difference, and a long-running server does not pin one device per request.
 
 use super::jsoncomm::{self, Incoming, Limits, Message};
 use super::seqpacket::{self, PeerCred};
+use super::untrusted;
 use super::wire::{Exception, Reply, Request, WireError};
 use crate::control::LoopControl;
-use crate::device::{open_in, remove_node, stat_fd, Loop};
+use crate::device::{open_in, remove_node, Loop};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Limits of what one request may carry: remoteloop requests are ~150 bytes with 2 fds.
@@ -40,12 +45,26 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 /// …but no more than this many at once: refused peers must not take slots from allowed ones.
 const MAX_REFUSING: usize = 16;
 
+/// How long `shutdown` waits for the server thread before leaving it behind (a request stuck on a peer's
+/// file that never answers, e.g. a FUSE mount whose daemon stopped, must not hang the caller).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
-    /// Peers (by `SO_PEERCRED` uid) allowed to ask for devices. Default: our effective uid and root.
+    /// Peers (by `SO_PEERCRED` uid, taken at connect) allowed to ask for devices. Default: our effective
+    /// uid and root.
     pub allow_uids: Vec<u32>,
     pub limits: Limits,
+    /// Connections served at once, all uids together.
     pub max_connections: usize,
+    /// Connections one uid may hold open: one peer must not lock the others out.
+    pub max_connections_per_uid: usize,
+    /// Devices the server holds at once, all uids together.
+    pub max_devices: usize,
+    /// Devices one uid may hold at once.
+    pub max_devices_per_uid: usize,
+    /// A connection that holds no device and sends nothing for this long is closed (None: never).
+    pub idle_timeout: Option<Duration>,
     /// Permissions of the device node made in the client's directory (osbuild: 0o600).
     pub node_mode: u32,
 }
@@ -54,7 +73,16 @@ impl Default for ServerOptions {
     fn default() -> Self {
         let mut allow_uids = vec![nix::unistd::geteuid().as_raw(), 0];
         allow_uids.dedup();
-        ServerOptions { allow_uids, limits: DEFAULT_LIMITS, max_connections: DEFAULT_MAX_CONNECTIONS, node_mode: 0o600 }
+        ServerOptions {
+            allow_uids,
+            limits: DEFAULT_LIMITS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_uid: 32,
+            max_devices: 1024,
+            max_devices_per_uid: 64,
+            idle_timeout: Some(Duration::from_secs(600)),
+            node_mode: 0o600,
+        }
     }
 }
 
@@ -67,6 +95,34 @@ struct Counters {
     requests: AtomicU64,
     failures: AtomicU64,
     refused: AtomicU64,
+    /// Devices (pinned or waiting for their reply) per peer uid, for the per-uid quota.
+    by_uid: Mutex<HashMap<u32, usize>>,
+}
+
+impl Counters {
+    fn by_uid(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        self.by_uid.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn devices_of(&self, uid: u32) -> usize {
+        self.by_uid().get(&uid).copied().unwrap_or(0)
+    }
+
+    fn device_added(&self, uid: u32) {
+        *self.by_uid().entry(uid).or_insert(0) += 1;
+        self.devices.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn device_released(&self, uid: u32) {
+        let mut map = self.by_uid();
+        if let Some(n) = map.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&uid);
+            }
+        }
+        self.devices.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,23 +131,24 @@ pub struct Stats {
     pub running: bool,
     /// Open client connections.
     pub connections: usize,
-    /// Devices attached and held open by the server.
+    /// Devices attached and held open for connected clients.
     pub devices: usize,
     /// Messages received (well-formed or not).
     pub requests: u64,
     /// Exception replies sent.
     pub failures: u64,
-    /// Connections turned away because of their peer uid.
+    /// Connections turned away because of their peer uid or the per-uid connection limit.
     pub refused: u64,
 }
 
-/// A running server. Dropping it shuts it down too (blocking until the thread is done).
+/// A running server. Dropping it shuts it down too.
 #[derive(Debug)]
 pub struct Server {
     path: PathBuf,
     wake: Arc<OwnedFd>,
     counters: Arc<Counters>,
-    thread: Option<JoinHandle<Result<()>>>,
+    /// Receives the thread's result when it ends.
+    done: Option<mpsc::Receiver<Result<()>>>,
 }
 
 impl Server {
@@ -106,15 +163,19 @@ impl Server {
         let serve = Serve {
             socket_file: file,
             listener,
+            spare: spare_fd(),
             wake: Arc::clone(&wake),
             conns: Vec::new(),
-            attacher: Attacher { ctl: None, devices: Vec::new(), options, counters: Arc::clone(&counters) },
+            attacher: Attacher { ctl: None, options, counters: Arc::clone(&counters) },
         };
-        let thread = std::thread::Builder::new()
+        let (tx, done) = mpsc::channel();
+        std::thread::Builder::new()
             .name("loopdev-server".into())
-            .spawn(move || serve.run())
+            .spawn(move || {
+                let _ = tx.send(serve.run());
+            })
             .map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EAGAIN)), "clone"))?;
-        Ok(Server { path: path.to_path_buf(), wake, counters, thread: Some(thread) })
+        Ok(Server { path: path.to_path_buf(), wake, counters, done: Some(done) })
     }
 
     pub fn path(&self) -> &Path {
@@ -133,23 +194,29 @@ impl Server {
         }
     }
 
-    /// Stops serving: closes the listener and every connection, removes the socket file, closes every
-    /// device (autoclear detaches each one no one else has open). Returns when the thread is done; an
-    /// error the thread stopped on earlier is returned here.
+    /// Stops serving: closes the listener and every connection, removes the socket file, removes every node
+    /// and closes every device (autoclear detaches each one no one else has open). Returns when the thread
+    /// is done, or with ETIMEDOUT after a few seconds if a request is stuck (the thread then finishes, and
+    /// releases everything, whenever the request returns). An error the thread stopped on is returned here.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop()
     }
 
     fn stop(&mut self) -> Result<()> {
-        let thread = match self.thread.take() {
-            Some(t) => t,
+        let done = match self.done.take() {
+            Some(d) => d,
             None => return Ok(()),
         };
         // An eventfd counter cannot overflow from one write; if it failed the thread is gone already.
         let _ = seqpacket::eventfd_signal(self.wake.as_fd());
-        match thread.join() {
+        match done.recv_timeout(SHUTDOWN_WAIT) {
             Ok(result) => result,
-            Err(_) => Err(Error::os(Errno::EIO, "pthread_join").with_detail("the loop server thread panicked")),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::os(Errno::ETIMEDOUT, "shutdown")
+                .with_path(&self.path)
+                .with_detail("a request is stuck; the server thread releases its devices when it returns")),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Error::os(Errno::EIO, "pthread_join").with_detail("the loop server thread panicked"))
+            }
         }
     }
 }
@@ -158,6 +225,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// An fd kept in reserve: when accept(2) fails for want of fds (EMFILE), it is closed so the pending
+/// connection can be accepted and dropped, instead of staying ready and spinning the poll loop.
+fn spare_fd() -> Option<OwnedFd> {
+    open_in(None, "/dev/null", OFlag::O_RDONLY).ok()
 }
 
 /// The bound socket's name. Removed when dropped, unless something else has taken the name since.
@@ -191,25 +264,31 @@ impl Drop for SocketFile {
     }
 }
 
-/// A device attached for a reply not yet sent: if the reply cannot be delivered, no one will ever know
-/// the device's name, so it is released (node removed, device closed) instead of pinned.
+/// A device attached for a peer, with the node made for it. Released when its reply cannot be delivered
+/// (no one would ever know its name) or when the connection that asked for it closes.
 #[derive(Debug)]
-struct Pending {
-    lo: Loop,
+struct Held {
+    /// Kept open for the client; closing it (after the node is gone) is the release.
+    _lo: Loop,
     dir: OwnedFd,
     name: String,
+    uid: u32,
+    counters: Arc<Counters>,
 }
 
-impl Pending {
-    fn release(self) {
+impl Drop for Held {
+    /// Node first (only if it still is our node: see `remove_node`), then the device fd: autoclear detaches
+    /// the device once nobody else has it open.
+    fn drop(&mut self) {
         let _ = remove_node(self.dir.as_fd(), &self.name);
+        self.counters.device_released(self.uid);
     }
 }
 
 #[derive(Debug)]
 struct Outgoing {
     bytes: Vec<u8>,
-    device: Option<Pending>,
+    device: Option<Held>,
 }
 
 #[derive(Debug)]
@@ -218,47 +297,51 @@ struct Conn {
     peer: PeerCred,
     /// Replies not yet accepted by the socket; while any is queued we read no more requests.
     outbox: VecDeque<Outgoing>,
+    /// Devices whose reply went out: they live as long as this connection.
+    devices: Vec<Held>,
     /// A refused peer: it gets one refusal (to its first request, or at this deadline) and is closed.
     refused_until: Option<Instant>,
+    /// Last request (or accept): an idle connection that holds nothing is closed after the idle timeout.
+    last_active: Instant,
     /// Close once the outbox is sent.
     last_reply: bool,
     dead: bool,
     counters: Arc<Counters>,
 }
 
+impl Conn {
+    /// When this connection is closed for idling, if it can be.
+    fn idle_deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
+        let idle = self.refused_until.is_none() && self.outbox.is_empty() && self.devices.is_empty();
+        timeout.filter(|_| idle).map(|t| self.last_active + t)
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
-        for out in self.outbox.drain(..) {
-            if let Some(p) = out.device {
-                p.release();
-            }
-        }
+        // Held's own Drop releases each device: pending replies' and pinned ones alike.
+        self.outbox.clear();
+        self.devices.clear();
         if self.refused_until.is_none() {
             self.counters.connections.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-/// Owns the devices; the part of the server that talks to the kernel's loop driver.
+/// The part of the server that talks to the kernel's loop driver.
 #[derive(Debug)]
 struct Attacher {
     ctl: Option<LoopControl>,
-    devices: Vec<Loop>,
     options: ServerOptions,
     counters: Arc<Counters>,
 }
 
 impl Attacher {
-    fn keep(&mut self, lo: Loop) {
-        self.devices.push(lo);
-        self.counters.devices.store(self.devices.len(), Ordering::SeqCst);
-    }
-
     /// Serves one well-formed message: the reply to send and, on success, the device waiting for it.
     fn handle(&mut self, msg: Message, peer: &PeerCred) -> Outgoing {
         let Message { payload, fds, .. } = msg;
-        match self.attach(&payload, fds) {
-            Ok(p) => Outgoing { bytes: Reply::Device(p.name.clone()).encode(), device: Some(p) },
+        match self.attach(&payload, fds, peer) {
+            Ok(held) => Outgoing { bytes: Reply::Device(held.name.clone()).encode(), device: Some(held) },
             Err(f) => self.failure(f, peer),
         }
     }
@@ -266,16 +349,35 @@ impl Attacher {
     fn failure(&self, f: Failure, peer: &PeerCred) -> Outgoing {
         self.counters.failures.fetch_add(1, Ordering::SeqCst);
         let traceback = format!(
-            "loopdev remote loop server (pid {}): request from pid {} uid {} failed here; no Python traceback\n",
-            std::process::id(),
-            peer.pid,
-            peer.uid
+            "loopdev remote loop server: request from pid {} uid {} failed here; no Python traceback\n",
+            peer.pid, peer.uid
         );
         let e = Exception::os_error(f.errno(), &f.to_string(), traceback);
         Outgoing { bytes: Reply::Exception(e).encode(), device: None }
     }
 
-    fn attach(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> std::result::Result<Pending, Failure> {
+    /// Refuses before the kernel is asked when the server, or this uid, holds as many devices as allowed.
+    fn check_quota(&self, uid: u32) -> std::result::Result<(), WireError> {
+        let o = &self.options;
+        if self.counters.devices.load(Ordering::SeqCst) >= o.max_devices {
+            return Err(WireError::new(
+                Errno::ENOSPC,
+                format!("the loop server holds {} devices, its limit", o.max_devices),
+            ));
+        }
+        if self.counters.devices_of(uid) >= o.max_devices_per_uid {
+            return Err(WireError::new(
+                Errno::EDQUOT,
+                format!(
+                    "uid {uid} holds {} devices, the most one uid may hold; close connections to release them",
+                    o.max_devices_per_uid
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> std::result::Result<Held, Failure> {
         let req = Request::parse(payload)?;
         let pick = |i: usize, key: &str| {
             fds.get(i).map(|f| f.as_fd()).ok_or_else(|| {
@@ -283,19 +385,23 @@ impl Attacher {
             })
         };
         let (backing, dir) = (pick(req.fd, "fd")?, pick(req.dir_fd, "dir_fd")?);
-        check_backing(backing)?;
-        check_dir(dir)?;
+        let access = untrusted::backing(backing)?;
+        untrusted::node_dir(dir, peer.uid)?;
+        self.check_quota(peer.uid)?;
         if self.ctl.is_none() {
             self.ctl = Some(LoopControl::open(None)?);
         }
         let ctl = self.ctl.as_ref().expect("opened above");
-        let lo: Loop = ctl.loop_for_fd(backing, &req.configure_options(), req.lock, None::<fn(&Loop) -> Result<()>>)?;
+        let mut options = req.configure_options();
+        options.read_only |= !access.writable;
+        let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
         lo.mknod(dir, self.options.node_mode)?;
         let mut fds = fds;
         let dir = fds.swap_remove(req.dir_fd);
         // Every other fd of the message (the backing file: the device holds its own reference) closes here.
         drop(fds);
-        Ok(Pending { name: lo.devname(), lo, dir })
+        self.counters.device_added(peer.uid);
+        Ok(Held { name: lo.devname(), _lo: lo, dir, uid: peer.uid, counters: Arc::clone(&self.counters) })
     }
 }
 
@@ -336,33 +442,10 @@ impl From<Error> for Failure {
     }
 }
 
-fn file_type(fd: BorrowedFd) -> std::result::Result<u32, Failure> {
-    if seqpacket::status_flags(fd)?.contains(OFlag::O_PATH) {
-        return Err(WireError::new(Errno::EBADF, "an O_PATH file descriptor cannot be used").into());
-    }
-    Ok(stat_fd(fd)?.st_mode & libc::S_IFMT)
-}
-
-/// The kernel binds regular files and block devices only; refuse the rest before touching a device.
-fn check_backing(fd: BorrowedFd) -> std::result::Result<(), Failure> {
-    match file_type(fd)? {
-        libc::S_IFREG | libc::S_IFBLK => Ok(()),
-        _ => Err(WireError::invalid("the backing file ('fd') is not a regular file or block device").into()),
-    }
-}
-
-fn check_dir(fd: BorrowedFd) -> std::result::Result<(), Failure> {
-    // O_PATH directories are fine: osbuild's client opens "/dev" with O_DIRECTORY, but *at() calls need no more.
-    let st = stat_fd(fd)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return Err(WireError::new(Errno::ENOTDIR, "'dir_fd' is not a directory").into());
-    }
-    Ok(())
-}
-
 struct Serve {
     socket_file: SocketFile,
     listener: OwnedFd,
+    spare: Option<OwnedFd>,
     wake: Arc<OwnedFd>,
     conns: Vec<Conn>,
     attacher: Attacher,
@@ -370,24 +453,23 @@ struct Serve {
 
 impl Serve {
     /// Serves until shut down (or an unexpected error), then releases everything in this order: the socket
-    /// name and the listener (no new clients), the connections (releasing devices whose reply never left),
-    /// the devices (autoclear frees them), loop-control.
+    /// name and the listener (no new clients), the connections (removing their nodes and closing their
+    /// devices: autoclear frees them), loop-control.
     fn run(mut self) -> Result<()> {
         let result = self.serve();
-        let Serve { socket_file, listener, wake: _, conns, attacher } = self;
+        let Serve { socket_file, listener, spare: _, wake: _, conns, attacher } = self;
         drop(socket_file);
         drop(listener);
         drop(conns);
-        let Attacher { ctl, devices, options: _, counters } = attacher;
-        drop(devices);
+        let Attacher { ctl, options: _, counters } = attacher;
         drop(ctl);
-        counters.devices.store(0, Ordering::SeqCst);
         counters.running.store(false, Ordering::SeqCst);
         result
     }
 
     fn serve(&mut self) -> Result<()> {
         let mut pfds = Vec::new();
+        let idle_timeout = self.attacher.options.idle_timeout;
         loop {
             pfds.clear();
             pfds.push(seqpacket::pollfd(self.wake.as_fd(), libc::POLLIN));
@@ -397,7 +479,9 @@ impl Serve {
                 let events = if c.outbox.is_empty() { libc::POLLIN } else { libc::POLLOUT };
                 pfds.push(seqpacket::pollfd(c.sock.as_fd(), events));
             }
-            let timeout = match self.conns.iter().filter_map(|c| c.refused_until).min() {
+            let next_deadline =
+                self.conns.iter().filter_map(|c| c.refused_until.or_else(|| c.idle_deadline(idle_timeout))).min();
+            let timeout = match next_deadline {
                 None => -1,
                 Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32 + 1,
             };
@@ -415,9 +499,11 @@ impl Serve {
                 } else if conn.refused_until.map_or(false, |t| t <= now) {
                     // Never asked (or never read): tell it anyway, best effort, and hang up.
                     if conn.outbox.is_empty() {
-                        conn.outbox.push_back(refusal(&self.attacher, &conn.peer));
-                        flush(conn, &mut self.attacher);
+                        conn.outbox.push_back(refusal(&self.attacher, &conn.peer, not_allowed(&conn.peer)));
+                        flush(conn);
                     }
+                    conn.dead = true;
+                } else if conn.idle_deadline(idle_timeout).map_or(false, |t| t <= now) {
                     conn.dead = true;
                 }
             }
@@ -432,39 +518,50 @@ impl Serve {
         while self.conns.len() < self.attacher.options.max_connections {
             let sock = match seqpacket::accept(self.listener.as_fd()) {
                 Ok(s) => s,
-                // EAGAIN: done. Anything else (ECONNABORTED, EMFILE): try again on the next poll.
+                Err(e) if e.is(Errno::EMFILE) || e.is(Errno::ENFILE) => {
+                    // Out of fds: take the oldest waiting client off the queue (it sees a hang-up) rather
+                    // than wake up for it again at once, forever.
+                    self.spare = None;
+                    drop(seqpacket::accept(self.listener.as_fd()));
+                    self.spare = spare_fd();
+                    return;
+                }
+                // EAGAIN: done. Anything else (ECONNABORTED): try again on the next poll.
                 Err(_) => return,
             };
             let peer = match seqpacket::peer_cred(sock.as_fd()) {
                 Ok(p) => p,
                 Err(_) => continue,
             };
-            let allowed = self.attacher.options.allow_uids.contains(&peer.uid);
-            if !allowed {
-                self.attacher.counters.refused.fetch_add(1, Ordering::SeqCst);
+            let counters = &self.attacher.counters;
+            if !self.attacher.options.allow_uids.contains(&peer.uid) {
+                counters.refused.fetch_add(1, Ordering::SeqCst);
                 if self.conns.iter().filter(|c| c.refused_until.is_some()).count() >= MAX_REFUSING {
-                    self.refuse_now(sock, &peer);
-                    continue;
+                    self.refuse_now(sock, &peer, not_allowed(&peer));
+                } else {
+                    self.conns.push(Conn::new(sock, peer, Some(Instant::now() + REFUSAL_GRACE), counters));
                 }
-            } else {
-                self.attacher.counters.connections.fetch_add(1, Ordering::SeqCst);
+                continue;
             }
-            self.conns.push(Conn {
-                sock,
-                peer,
-                outbox: VecDeque::new(),
-                refused_until: if allowed { None } else { Some(Instant::now() + REFUSAL_GRACE) },
-                last_reply: false,
-                dead: false,
-                counters: Arc::clone(&self.attacher.counters),
-            });
+            let same_uid = self.conns.iter().filter(|c| c.refused_until.is_none() && c.peer.uid == peer.uid).count();
+            if same_uid >= self.attacher.options.max_connections_per_uid {
+                counters.refused.fetch_add(1, Ordering::SeqCst);
+                let why = WireError::new(
+                    Errno::EUSERS,
+                    format!("uid {} has {same_uid} connections open, the most one uid may have", peer.uid),
+                );
+                self.refuse_now(sock, &peer, why);
+                continue;
+            }
+            counters.connections.fetch_add(1, Ordering::SeqCst);
+            self.conns.push(Conn::new(sock, peer, None, counters));
         }
     }
 
-    /// Too many refused peers waiting already: this one gets its refusal at once and is disconnected. What
-    /// it already sent is read and dropped first (closing any fds in it), so it reads our reply, not a reset.
-    fn refuse_now(&self, sock: OwnedFd, peer: &PeerCred) {
-        let _ = seqpacket::send(sock.as_fd(), &refusal(&self.attacher, peer).bytes, &[]);
+    /// This peer gets its refusal at once and is disconnected. What it already sent is read and dropped first
+    /// (closing any fds in it), so it reads our reply, not a reset.
+    fn refuse_now(&self, sock: OwnedFd, peer: &PeerCred, why: WireError) {
+        let _ = seqpacket::send(sock.as_fd(), &refusal(&self.attacher, peer, why).bytes, &[]);
         let mut buf = [0u8; 64];
         for _ in 0..16 {
             match seqpacket::recv(sock.as_fd(), &mut buf, 4) {
@@ -475,12 +572,28 @@ impl Serve {
     }
 }
 
-/// The exception a peer whose uid is not allowed gets.
-fn refusal(attacher: &Attacher, peer: &PeerCred) -> Outgoing {
-    let why = WireError::new(
-        Errno::EPERM,
-        format!("uid {} is not allowed to use this loop server (allowed: {:?})", peer.uid, attacher.options.allow_uids),
-    );
+impl Conn {
+    fn new(sock: OwnedFd, peer: PeerCred, refused_until: Option<Instant>, counters: &Arc<Counters>) -> Conn {
+        Conn {
+            sock,
+            peer,
+            outbox: VecDeque::new(),
+            devices: Vec::new(),
+            refused_until,
+            last_active: Instant::now(),
+            last_reply: false,
+            dead: false,
+            counters: Arc::clone(counters),
+        }
+    }
+}
+
+/// What a peer whose uid is not allowed is told: that, and nothing about who is allowed.
+fn not_allowed(peer: &PeerCred) -> WireError {
+    WireError::new(Errno::EPERM, format!("uid {} is not allowed to use this loop server", peer.uid))
+}
+
+fn refusal(attacher: &Attacher, peer: &PeerCred, why: WireError) -> Outgoing {
     attacher.failure(Failure::Wire(why), peer)
 }
 
@@ -488,7 +601,7 @@ fn refusal(attacher: &Attacher, peer: &PeerCred) -> Outgoing {
 fn service(conn: &mut Conn, revents: i16, attacher: &mut Attacher) {
     if !conn.outbox.is_empty() {
         if revents & libc::POLLOUT != 0 {
-            flush(conn, attacher);
+            flush(conn);
         } else {
             conn.dead = true; // POLLHUP/POLLERR while a reply waits: the peer is gone.
         }
@@ -503,7 +616,7 @@ fn service(conn: &mut Conn, revents: i16, attacher: &mut Attacher) {
         // A refused peer's first message, whatever it is (its fds are closed already): refuse and hang up.
         Ok(_) if conn.refused_until.is_some() => {
             conn.last_reply = true;
-            refusal(attacher, &conn.peer)
+            refusal(attacher, &conn.peer, not_allowed(&conn.peer))
         }
         Ok(Incoming::Invalid(why)) => {
             attacher.counters.requests.fetch_add(1, Ordering::SeqCst);
@@ -514,17 +627,18 @@ fn service(conn: &mut Conn, revents: i16, attacher: &mut Attacher) {
             attacher.handle(msg, &conn.peer)
         }
     };
+    conn.last_active = Instant::now();
     conn.outbox.push_back(reply);
-    flush(conn, attacher);
+    flush(conn);
 }
 
-/// Sends queued replies until the socket is full. A device whose reply went out is pinned.
-fn flush(conn: &mut Conn, attacher: &mut Attacher) {
+/// Sends queued replies until the socket is full. A device whose reply went out stays with the connection.
+fn flush(conn: &mut Conn) {
     while let Some(out) = conn.outbox.front() {
         match seqpacket::send(conn.sock.as_fd(), &out.bytes, &[]) {
             Ok(_) => {
-                if let Some(p) = conn.outbox.pop_front().and_then(|o| o.device) {
-                    attacher.keep(p.lo);
+                if let Some(held) = conn.outbox.pop_front().and_then(|o| o.device) {
+                    conn.devices.push(held);
                 }
             }
             Err(e) if e.is(Errno::EINTR) => {}
