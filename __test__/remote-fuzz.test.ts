@@ -93,9 +93,10 @@ loopTest.serial(TITLE, async (t) => {
   const minor = Number(dev.devname.slice(4));
   t.is(sysfs(minor, 'loop/backing_file'), img.path);
   t.is(sysfs(minor, 'loop/offset'), '4096');
-  // The server keeps two fds per device it holds: the device and the directory its node is in (to remove
-  // the node when the connection closes). It drops the request's other fds once its reply left.
-  await until('one more held device, nothing else', () => openFds() === baseline + 2);
+  // The server keeps three fds per device it holds: the device, the directory its node is in and the bind
+  // mount it made there (to undo exactly those when the connection closes). It drops the request's other
+  // fds once its reply left.
+  await until('one more held device, nothing else', () => openFds() === baseline + 3);
   await dev.remove();
 
   client.close();

@@ -227,11 +227,13 @@ Options:
     usage: 'loopdev serve --socket PATH [--allow-uid UID]…',
     summary: 'run an osbuild-compatible remote loop server on a unix socket',
     help: `Serves loop devices to clients on a SOCK_SEQPACKET unix socket, wire-compatible with osbuild's
-LoopClient. Runs until SIGINT or SIGTERM, then releases every device it attached and removes the socket.
+LoopClient. A device lives as long as the client's connection. Runs until SIGINT or SIGTERM, then
+releases every device it attached and removes the socket. A non-root client's node directory must be its own.
 
 Options:
   -s, --socket PATH     socket path to listen on
-      --allow-uid UID   accept clients with this uid (repeatable; default: any)
+      --allow-uid UID   accept clients with this uid (repeatable; replaces the default, which is
+                        this process's uid and root: list 0 too to keep root)
   -h, --help            show this help`,
     options: { socket: { type: 'string', short: 's' }, 'allow-uid': { type: 'string', multiple: true } },
     async run(values) {

@@ -1,4 +1,4 @@
 /** The osbuild-compatible remote loop server and client. */
-export { LoopServer, type LoopServerOptions, type LoopServerStats } from './server.js';
+export { LoopServer, type LoopServerOptions, type LoopServerQuotas, type LoopServerStats } from './server.js';
 export { LoopClient, RemoteDevice, RemoteLoopError, type RemoteDeviceOptions } from './client.js';
 export { serve, type ServeOptions } from './serve.js';

@@ -8,7 +8,7 @@ import { closedError, LoopError } from '../errors.js';
 
 /** What one peer may take from the server. Requests over a limit get an exception reply (EDQUOT, ENOSPC). */
 export interface LoopServerQuotas {
-  /** Connections one uid may hold open (default 32); more are refused with EUSERS at connect. */
+  /** Connections one uid may hold open (default 32); more are refused with EAGAIN at connect. */
   maxConnectionsPerUid?: number;
   /** Devices the server holds at once, all peers together (default 1024). */
   maxDevices?: number;

@@ -150,7 +150,8 @@ pub fn set_capacity(env: Env, args: &[Value]) -> JsResult<Value> {
 pub fn mknod(env: Env, args: &[Value]) -> JsResult<Value> {
     let dir = fd_at(env, args, 1, "dirFd")?;
     let mode = env.to_int(arg(env, args, 2)?, "mode", 0, 0o7777)? as u32;
-    this(env, args)?.mknod(borrow(dir), mode)?;
+    // JS removes the node by name (removeNode), which checks what it finds; the record is not needed.
+    drop(this(env, args)?.mknod(borrow(dir), mode)?);
     env.undefined()
 }
 

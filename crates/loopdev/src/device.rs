@@ -3,12 +3,11 @@
 use crate::error::{Error, Kind, Result};
 use crate::info::LoopInfo;
 use crate::ioctl;
+use crate::node::{self, Node};
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, openat, AtFlags, FcntlArg, OFlag};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{self, fstat, major, makedev, mknodat, FileStat, Mode, SFlag};
-use nix::unistd::{unlinkat, UnlinkatFlags};
+use nix::fcntl::{fcntl, openat, FcntlArg, OFlag};
+use nix::sys::stat::{self, fstat, major, FileStat, Mode, SFlag};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -372,38 +371,10 @@ impl Loop {
 
     /// Makes `loopN` usable inside `dir` (a container's /dev). Like osbuild: bind-mount this device's node onto
     /// an empty file (device nodes made by mknod are often unusable in a container's tmpfs), else mknod a block
-    /// device 7:minor. Undo with `remove_node`.
-    ///
-    /// `dir` may belong to someone else (the remote server's peers): no name in it is resolved twice. The
-    /// placeholder is created with O_EXCL|O_NOFOLLOW and the mount goes onto *that* inode through its fd, and
-    /// the source is the device we hold open, so swapping the name for a symlink mid-way changes nothing.
-    pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<()> {
-        let name = self.devname();
-        let path = dir_path(Some(dir)).join(&name);
-        let perm = Mode::from_bits_truncate(mode & 0o7777);
-        let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-        let raw =
-            openat(dir.as_raw_fd(), name.as_str(), file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
-        // SAFETY: openat returned a fresh fd that nothing else owns.
-        let placeholder = unsafe { OwnedFd::from_raw_fd(raw) };
-        let bound = mount(
-            Some(&fd_path(self.fd.as_fd())),
-            &fd_path(placeholder.as_fd()),
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        );
-        if bound.is_ok() {
-            return Ok(());
-        }
-        // No bind mount here (another mount namespace, no privilege): replace the placeholder, if the name still
-        // is ours, by a real node.
-        let st = stat_fd(placeholder.as_fd())?;
-        unlink_if(dir, &name, |entry| entry.st_dev == st.st_dev && entry.st_ino == st.st_ino)
-            .map_err(|e| e.with_path(&path))?;
-        let dev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(self.minor));
-        mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, perm, dev)
-            .map_err(|e| Error::os(e, "mknod").with_path(&path))
+    /// device 7:minor. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
+    /// `remove_node`.
+    pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<Node> {
+        node::make(dir, &self.devname(), self.fd.as_fd(), self.minor, mode)
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
@@ -425,55 +396,6 @@ fn legacy_forced() -> bool {
         }
         v => v == 1,
     }
-}
-
-/// The magic link that names exactly the file behind `fd`; resolving it never looks at a name again.
-fn fd_path(fd: BorrowedFd) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-}
-
-/// Unlinks `dir/name` when the entry (not followed) passes `ours`; EEXIST when something else took the name.
-fn unlink_if(dir: BorrowedFd, name: &str, ours: impl Fn(&FileStat) -> bool) -> Result<()> {
-    let entry = stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::os(e, "stat"))?;
-    if !ours(&entry) {
-        return Err(Error::os(Errno::EEXIST, "unlink").with_detail("the name no longer refers to our node"));
-    }
-    unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(|e| Error::os(e, "unlink"))
-}
-
-/// Removes a node made by `Loop::mknod`: undoes the bind mount if there is one, then unlinks.
-///
-/// `dir` may belong to someone else, so the entry is opened without following it (O_PATH|O_NOFOLLOW) and must
-/// be what `mknod` leaves: block device 7:N for `loopN` (bind-mounted or mknod'ed), or the empty placeholder
-/// whose mount is gone already. Only the mount on that very entry is detached, through the fd; anything else
-/// under the name (a symlink to a host mount, another device) is refused with ERR_LOOP_UNEXPECTED_DEVICE and
-/// left alone.
-pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
-    let path = dir_path(Some(dir)).join(name);
-    let minor = name
-        .strip_prefix("loop")
-        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| Error::os(Errno::EINVAL, "unlink").with_path(&path).with_detail("not a loop device name"))?;
-    let entry = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
-    let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path))?;
-    let node = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
-    let is_node = |st: &FileStat| is_kind(st, SFlag::S_IFBLK) && st.st_rdev == node;
-    let is_placeholder = |st: &FileStat| is_kind(st, SFlag::S_IFREG) && st.st_size == 0;
-    if !is_node(&st) && !is_placeholder(&st) {
-        return Err(Error {
-            kind: Kind::UnexpectedDevice { expected_minor: minor, rdev: st.st_rdev, mode: st.st_mode },
-            detail: Some(format!("not loop device node 7:{minor}; left alone")),
-            ..Error::os(Errno::ENODEV, "unlink").with_path(&path)
-        });
-    }
-    if is_node(&st) {
-        // The magic link of our O_PATH fd is the mount on this entry and nothing else. UMOUNT_NOFOLLOW would
-        // refuse the magic link itself. EINVAL = not a mount point (a mknod node); EPERM = not ours to undo.
-        let _ = umount2(&fd_path(entry.as_fd()), MntFlags::MNT_DETACH);
-    }
-    // What the unmount uncovered is mknod's placeholder.
-    unlink_if(dir, name, |now| is_node(now) || is_placeholder(now)).map_err(|e| e.with_path(&path))
 }
 
 impl AsFd for Loop {

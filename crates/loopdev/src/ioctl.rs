@@ -4,7 +4,7 @@
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
 use std::os::raw::c_int;
-use std::os::unix::io::{AsRawFd, BorrowedFd};
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 mod raw {
     use super::*;
@@ -120,4 +120,29 @@ pub fn fs_flags(file: BorrowedFd) -> Result<u32> {
 pub fn flock(fd: BorrowedFd, op: c_int) -> Result<()> {
     // SAFETY: plain syscall on a borrowed, valid fd.
     Errno::result(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
+}
+
+/// open_tree(fd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH | OPEN_TREE_CLOEXEC): a detached bind mount of the file
+/// behind `fd`, as an fd (Linux ≥ 5.2; ENOSYS before).
+pub fn open_tree_clone(fd: BorrowedFd) -> Result<OwnedFd> {
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: plain syscall on a borrowed, valid fd with a NUL-terminated empty path.
+    let raw = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), b"\0".as_ptr(), flags) };
+    // SAFETY: on success the kernel returned a new fd that nothing else owns.
+    Errno::result(raw).map(|fd| unsafe { OwnedFd::from_raw_fd(fd as c_int) })
+}
+
+/// move_mount(tree, "", target, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH): attach the mount
+/// `tree` on top of the file behind `target`, both by fd.
+pub fn move_mount_onto(tree: BorrowedFd, target: BorrowedFd) -> Result<()> {
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
+    const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+    let empty = b"\0".as_ptr();
+    let flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH;
+    // SAFETY: plain syscall on two borrowed, valid fds with NUL-terminated empty paths.
+    Errno::result(unsafe {
+        libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), empty, target.as_raw_fd(), empty, flags)
+    })
+    .map(drop)
 }

@@ -6,10 +6,12 @@ pub mod device;
 pub mod error;
 pub mod info;
 pub mod ioctl;
+pub mod node;
 pub mod remote;
 pub mod uapi;
 
 pub use control::LoopControl;
-pub use device::{remove_node, ConfigureOptions, Loop, StatusChange};
+pub use device::{ConfigureOptions, Loop, StatusChange};
 pub use error::{Error, Kind, Result};
 pub use info::LoopInfo;
+pub use node::{remove_node, Node};

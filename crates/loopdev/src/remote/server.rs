@@ -17,8 +17,9 @@ use super::seqpacket::{self, PeerCred};
 use super::untrusted;
 use super::wire::{Exception, Reply, Request, WireError};
 use crate::control::LoopControl;
-use crate::device::{open_in, remove_node, Loop};
+use crate::device::{open_in, Loop};
 use crate::error::{Error, Result};
+use crate::node::Node;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -57,7 +58,7 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// Connections served at once, all uids together.
     pub max_connections: usize,
-    /// Connections one uid may hold open: one peer must not lock the others out.
+    /// Connections one uid may hold open: one peer must not lock the others out (more get EAGAIN).
     pub max_connections_per_uid: usize,
     /// Devices the server holds at once, all uids together.
     pub max_devices: usize,
@@ -269,9 +270,10 @@ impl Drop for SocketFile {
 #[derive(Debug)]
 struct Held {
     /// Kept open for the client; closing it (after the node is gone) is the release.
-    _lo: Loop,
+    lo: Loop,
     dir: OwnedFd,
-    name: String,
+    /// Taken by `drop`.
+    node: Option<Node>,
     uid: u32,
     counters: Arc<Counters>,
 }
@@ -280,7 +282,9 @@ impl Drop for Held {
     /// Node first (only if it still is our node: see `remove_node`), then the device fd: autoclear detaches
     /// the device once nobody else has it open.
     fn drop(&mut self) {
-        let _ = remove_node(self.dir.as_fd(), &self.name);
+        if let Some(node) = self.node.take() {
+            let _ = node.remove(self.dir.as_fd());
+        }
         self.counters.device_released(self.uid);
     }
 }
@@ -341,7 +345,7 @@ impl Attacher {
     fn handle(&mut self, msg: Message, peer: &PeerCred) -> Outgoing {
         let Message { payload, fds, .. } = msg;
         match self.attach(&payload, fds, peer) {
-            Ok(held) => Outgoing { bytes: Reply::Device(held.name.clone()).encode(), device: Some(held) },
+            Ok(held) => Outgoing { bytes: Reply::Device(held.lo.devname()).encode(), device: Some(held) },
             Err(f) => self.failure(f, peer),
         }
     }
@@ -395,13 +399,13 @@ impl Attacher {
         let mut options = req.configure_options();
         options.read_only |= !access.writable;
         let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
-        lo.mknod(dir, self.options.node_mode)?;
+        let node = lo.mknod(dir, self.options.node_mode)?;
         let mut fds = fds;
         let dir = fds.swap_remove(req.dir_fd);
         // Every other fd of the message (the backing file: the device holds its own reference) closes here.
         drop(fds);
         self.counters.device_added(peer.uid);
-        Ok(Held { name: lo.devname(), _lo: lo, dir, uid: peer.uid, counters: Arc::clone(&self.counters) })
+        Ok(Held { lo, dir, node: Some(node), uid: peer.uid, counters: Arc::clone(&self.counters) })
     }
 }
 
@@ -547,7 +551,7 @@ impl Serve {
             if same_uid >= self.attacher.options.max_connections_per_uid {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 let why = WireError::new(
-                    Errno::EUSERS,
+                    Errno::EAGAIN,
                     format!("uid {} has {same_uid} connections open, the most one uid may have", peer.uid),
                 );
                 self.refuse_now(sock, &peer, why);

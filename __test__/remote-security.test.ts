@@ -1,0 +1,303 @@
+/**
+ * The root loop server against hostile peers: each test is an attack a non-root peer (uid 65534) could make,
+ * run for real, and checks the host afterwards (file contents read as root, /proc/self/mountinfo, sysfs).
+ * The attacker's code is passed inline, so a clone in a directory uid 65534 cannot read still runs it.
+ */
+import type { ExecutionContext } from 'ava';
+import { execFileSync, spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createInterface } from 'node:readline';
+import { LoopClient, LoopServer, RemoteLoopError, removeNode, type LoopServerQuotas } from '../ts/index.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, sysfs } from './helpers.js';
+
+const NOBODY = 65534;
+
+/** Wire helpers for the attacker: osbuild's request format over SOCK_SEQPACKET with SCM_RIGHTS. */
+const PEER_LIB = String.raw`
+import array, ctypes, json, os, socket, sys, threading
+def connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind("")
+    s.connect(path)
+    return s
+def ask(s, fd, dir_fd, **kw):
+    req = {"fd": 0, "dir_fd": 1, "lock": False, "partscan": False, "read_only": False, "sector_size": 512}
+    req.update(kw)
+    s.sendmsg([json.dumps(req).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd, dir_fd]))])
+    return json.loads(s.recv(1 << 20))
+def emit(o):
+    print(json.dumps(o), flush=True)
+libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE = 2
+def exchange(a, b):
+    return libc.renameat2(-100, a.encode(), -100, b.encode(), RENAME_EXCHANGE) == 0
+`;
+
+/** Runs attacker code as uid 65534 (optionally in its own user+mount namespace); JSON lines from stdout. */
+function attacker(t: ExecutionContext, code: string, args: string[], options: { userns?: boolean } = {}) {
+  const argv = ['-c', PEER_LIB + code, ...args];
+  const child = options.userns
+    ? spawn('unshare', ['-Urm', 'python3', ...argv], { uid: NOBODY, gid: NOBODY, stdio: ['pipe', 'pipe', 'inherit'] })
+    : spawn('python3', argv, { uid: NOBODY, gid: NOBODY, stdio: ['pipe', 'pipe', 'inherit'] });
+  t.teardown(() => {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  });
+  const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  const exit = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  return {
+    next: async (): Promise<any> => {
+      const { value, done } = await lines.next();
+      if (done) throw new Error(`attacker exited (${String(await exit)}) without output`);
+      return JSON.parse(value as string);
+    },
+    /** Tells the attacker to let go (close its connection) and waits for it to exit. */
+    finish: async (): Promise<number | null> => {
+      child.stdin!.end('\n');
+      return exit;
+    },
+  };
+}
+
+/** A server reachable by uid 65534 (socket 0666 in a 0711 dir), closed at teardown. */
+async function openServer(t: ExecutionContext, dir: string, quotas: LoopServerQuotas = {}): Promise<LoopServer> {
+  fs.chmodSync(dir, 0o711);
+  const srv = new LoopServer({ socketPath: path.join(dir, 'remoteloop'), allowUids: [0, NOBODY], ...quotas });
+  await srv.listen();
+  t.teardown(() => srv.close());
+  fs.chmodSync(srv.socketPath, 0o666);
+  return srv;
+}
+
+/** A directory uid 65534 owns, and in it a 4 MiB image it owns whose first bytes it chose. */
+function peerFiles(dir: string): { devDir: string; backing: string } {
+  const devDir = path.join(dir, 'peer');
+  fs.mkdirSync(devDir, { mode: 0o755 });
+  fs.chownSync(devDir, NOBODY, NOBODY);
+  const backing = path.join(dir, 'peer.img');
+  fs.writeFileSync(backing, 'PEER CONTROLLED BYTES\n');
+  fs.truncateSync(backing, 4 << 20);
+  fs.chownSync(backing, NOBODY, NOBODY);
+  return { devDir, backing };
+}
+
+/** Mount points (decoded) currently in this mount namespace. */
+function mountPoints(): string[] {
+  return fs
+    .readFileSync('/proc/self/mountinfo', 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => l.split(' ')[4]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))));
+}
+
+function mountsUnder(dir: string): string[] {
+  return mountPoints().filter((m) => m === dir || m.startsWith(dir + '/'));
+}
+
+async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+const ORIGINAL = 'root:x:0:0:root:/root:/bin/bash\n';
+
+/** A root-owned file outside the peer's reach, standing in for /etc/passwd. */
+function victim(dir: string): string {
+  const p = path.join(dir, 'victim');
+  fs.writeFileSync(p, ORIGINAL, { mode: 0o644 });
+  return p;
+}
+
+// The peer swaps every placeholder `loopN` the server creates with a symlink to the victim
+// (renameat2 RENAME_EXCHANGE), racing the server's bind mount, for ROUNDS requests.
+const SWAP_ON_CREATE = String.raw`
+sock, backing, dev_dir, victim, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+stop = False
+swaps = 0
+def unbound():
+    names = [n for n in os.listdir("/sys/block") if n.startswith("loop")]
+    free = [n for n in names if not os.path.exists("/sys/block/%s/loop/backing_file" % n)]
+    return sorted(free, key=lambda n: int(n[4:]))[:4]
+def swapper():
+    # One renameat2 per try on the names GET_FREE will hand out next: it succeeds only between the
+    # server's creation of the placeholder and its mount (a mount point cannot be renamed: EBUSY).
+    global swaps
+    i = 0
+    while not stop:
+        bait = os.path.join(dev_dir, "bait%d" % i)
+        if not os.path.lexists(bait):
+            os.symlink(victim, bait)
+        targets = [os.path.join(dev_dir, n).encode() for n in unbound()]
+        for _ in range(2000):
+            if any(libc.renameat2(-100, p, -100, bait.encode(), RENAME_EXCHANGE) == 0 for p in targets):
+                swaps += 1
+                i += 1
+                break
+th = threading.Thread(target=swapper); th.start()
+s = connect(sock)
+fd = os.open(backing, os.O_RDWR)
+replies = [ask(s, fd, os.open(dev_dir, os.O_DIRECTORY)) for _ in range(rounds)]
+stop = True; th.join()
+emit({"swaps": swaps, "devices": sum(1 for r in replies if "devname" in r), "replies": replies[:3]})
+sys.stdin.readline()
+`;
+
+loopTest.serial('a peer swapping the node for a symlink while it is made cannot redirect the bind mount', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const target = victim(img.dir);
+  const rounds = 40;
+  const peer = attacker(t, SWAP_ON_CREATE, [srv.socketPath, backing, devDir, target, String(rounds)]);
+  const report = await peer.next();
+  t.log(`${report.devices} devices, ${report.swaps} swaps won by the peer`);
+  t.true(report.swaps > 0, 'the peer did get to swap names (else this test proves nothing)');
+  t.is(fs.readFileSync(target, 'utf8'), ORIGINAL, 'read as root, the victim is still itself');
+  t.deepEqual(mountsUnder(target), [], 'nothing is mounted on the victim');
+  for (const m of mountsUnder(devDir)) {
+    t.true(fs.statSync(m).isBlockDevice(), `${m} is a loop node`);
+    t.false(fs.lstatSync(m).isSymbolicLink());
+  }
+  t.is(await peer.finish(), 0);
+  await until('the server to release the connection', () => srv.stats().devices === 0);
+  t.deepEqual(mountsUnder(devDir), [], 'every bind mount is undone on hang-up, renamed or not');
+  t.deepEqual(await boundAfterSettling(backing), []);
+  t.is(fs.readFileSync(target, 'utf8'), ORIGINAL);
+});
+
+// In its own user+mount namespace the server cannot bind-mount into the peer's directory and falls back to
+// mknod; the peer then renames a symlink to a host mount over the node and hangs up.
+const SWAP_BEFORE_HANGUP = String.raw`
+sock, backing, dev_dir, host_mount = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+s = connect(sock)
+r = ask(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+node = os.path.join(dev_dir, r["devname"])
+import stat as st
+block = st.S_ISBLK(os.lstat(node).st_mode)
+os.symlink(host_mount, os.path.join(dev_dir, "bait"))
+os.rename(os.path.join(dev_dir, "bait"), node)
+emit({"devname": r["devname"], "wasBlockNode": block})
+sys.stdin.readline()
+`;
+
+loopTest.serial('on hang-up the server never unmounts or unlinks what the peer put in place of its node', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const hostMount = path.join(img.dir, 'hostmnt');
+  fs.mkdirSync(hostMount);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'loopdev-test', hostMount]);
+  t.teardown(() => execFileSync('umount', [hostMount]));
+  const peer = attacker(t, SWAP_BEFORE_HANGUP, [srv.socketPath, backing, devDir, hostMount], { userns: true });
+  const report = await peer.next();
+  t.true(report.wasBlockNode, 'the server fell back to mknod (the bind mount is impossible across namespaces)');
+  t.is(await peer.finish(), 0);
+  await until('the server to release the connection', () => srv.stats().devices === 0);
+  t.deepEqual(mountsUnder(hostMount), [hostMount], 'the host mount is still mounted');
+  t.true(fs.lstatSync(path.join(devDir, report.devname)).isSymbolicLink(), "the peer's symlink was left alone");
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
+
+loopTest('removeNode refuses a symlink to a mount point and a node of another device', (t) => {
+  const img = image(t);
+  const hostMount = path.join(img.dir, 'hostmnt');
+  fs.mkdirSync(hostMount);
+  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'loopdev-test', hostMount]);
+  t.teardown(() => execFileSync('umount', [hostMount]));
+  fs.symlinkSync(hostMount, path.join(img.dir, 'loop7'));
+  fs.symlinkSync('/dev/null', path.join(img.dir, 'loop8'));
+  const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  t.throws(() => removeNode(dirFd, 'loop7'), { code: 'ERR_LOOP_UNEXPECTED_DEVICE' });
+  t.throws(() => removeNode(dirFd, 'loop8'), { code: 'ERR_LOOP_UNEXPECTED_DEVICE' });
+  t.throws(() => removeNode(dirFd, 'passwd'), { code: 'EINVAL' });
+  t.deepEqual(mountsUnder(hostMount), [hostMount]);
+  t.true(fs.lstatSync(path.join(img.dir, 'loop7')).isSymbolicLink());
+});
+
+// What the peer's backing fd allows is what the device allows.
+const BACKING_MODES = String.raw`
+sock, dev_dir, secret, own = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+s = connect(sock)
+d = os.open(dev_dir, os.O_DIRECTORY)
+emit({"case": "write-only fd of a file the peer cannot read", "reply": ask(s, os.open(secret, os.O_WRONLY), d)})
+emit({"case": "O_APPEND", "reply": ask(s, os.open(own, os.O_RDWR | os.O_APPEND), d)})
+emit({"case": "read-only fd, read_only false", "reply": ask(s, os.open(own, os.O_RDONLY), d)})
+sys.stdin.readline()
+`;
+
+loopTest('a peer gets no more access through the device than its fd gives (uid 65534)', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const secret = path.join(img.dir, 'secret');
+  fs.writeFileSync(secret, 'root only\n');
+  fs.chmodSync(secret, 0o622);
+  fs.truncateSync(secret, 1 << 20);
+  const peer = attacker(t, BACKING_MODES, [srv.socketPath, devDir, secret, backing]);
+  const writeOnly = await peer.next();
+  t.regex(writeOnly.reply.exception.value, /^\[Errno 9\] EBADF: .*must be open for reading/, writeOnly.case);
+  const append = await peer.next();
+  t.regex(append.reply.exception.value, /^\[Errno 1\] EPERM: .*O_APPEND/, append.case);
+  const readOnly = await peer.next();
+  t.truthy(readOnly.reply.devname, JSON.stringify(readOnly.reply));
+  t.is(sysfs(Number(readOnly.reply.devname.slice(4)), 'ro'), '1', 'bound read-only');
+  t.deepEqual(devicesBoundUnder(secret), []);
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
+
+loopTest('a writable binding of an append-only file is refused, a read-only one is not', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const fd = fs.openSync(img.path, 'r+'); // opened before chattr +a: the only way to hold it writable
+  t.teardown(() => fs.closeSync(fd));
+  execFileSync('chattr', ['+a', img.path]);
+  t.teardown(() => execFileSync('chattr', ['-a', img.path]));
+  using client = new LoopClient(srv.socketPath);
+  const err = await t.throwsAsync(client.device(fd, { devDir: img.dir }), { instanceOf: RemoteLoopError });
+  t.is(err.code, 'EPERM');
+  t.regex(err.remoteValue, /append-only or immutable/);
+  await using dev = await client.device(img.path, { devDir: img.dir, readOnly: true });
+  t.is(sysfs(Number(dev.devname.slice(4)), 'ro'), '1');
+});
+
+loopTest('quotas: devices per uid and connections per uid, released with the connection', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir, { maxDevicesPerUid: 2, maxConnectionsPerUid: 2 });
+  {
+    using client = new LoopClient(srv.socketPath);
+    await client.device(img.path, { devDir: img.dir });
+    await client.device(img.path, { devDir: img.dir });
+    const over = await t.throwsAsync(client.device(img.path, { devDir: img.dir }), { instanceOf: RemoteLoopError });
+    t.is(over.code, 'EDQUOT');
+    t.is(devicesBoundUnder(img.dir).length, 2, 'the refused request bound nothing');
+    using second = new LoopClient(srv.socketPath);
+    using third = new LoopClient(srv.socketPath);
+    const crowded = await t.throwsAsync(third.device(img.path, { devDir: img.dir }), { instanceOf: RemoteLoopError });
+    t.is(crowded.code, 'EAGAIN');
+    t.like(srv.stats(), { connections: 2, devices: 2 });
+    void second;
+  }
+  t.deepEqual(await boundAfterSettling(img.dir), [], 'closing the connections released both devices');
+  await until('the server to count them released', () => srv.stats().devices === 0);
+  using again = new LoopClient(srv.socketPath);
+  await using dev = await again.device(img.path, { devDir: img.dir });
+  t.regex(dev.devname, /^loop\d+$/);
+});
+
+loopTest('a bad sector size is an error, not a trip through the legacy path', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const err = await t.throwsAsync(client.device(img.path, { devDir: img.dir, sectorSize: 513 }), {
+    instanceOf: RemoteLoopError,
+  });
+  t.is(err.code, 'EINVAL');
+  t.regex(err.remoteValue, /ioctl LOOP_CONFIGURE/);
+  t.deepEqual(devicesBoundUnder(img.dir), []);
+  t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'no node left behind');
+});

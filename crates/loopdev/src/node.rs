@@ -1,0 +1,131 @@
+//! Device nodes for a loop device in a directory that may belong to someone else (a container's /dev, the
+//! remote server's peers). No name in that directory is trusted to mean the same thing twice: what we create
+//! we hold by fd, what we undo we find by fd, and an entry that is not what we made is left alone.
+
+use crate::device::{dir_path, open_in, stat_fd};
+use crate::error::{Error, Kind, Result};
+use crate::uapi;
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{self, makedev, mknodat, FileStat, Mode, SFlag};
+use nix::unistd::{unlinkat, UnlinkatFlags};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+/// A node `Loop::mknod` made: enough to undo exactly that, wherever the directory's owner moved it since.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    rdev: u64,
+    /// The bind mount we attached (an `open_tree` fd), when the node is one.
+    mount: Option<OwnedFd>,
+    /// The empty file the bind mount sits on (st_dev, st_ino), when there is one.
+    placeholder: Option<(u64, u64)>,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Undoes the node in `dir`: detaches *our* mount (found by its fd, not by name), then unlinks the entry
+    /// only if it still is our placeholder or a node of our device. A name the owner swapped is left alone.
+    pub fn remove(self, dir: BorrowedFd) -> Result<()> {
+        if let Some(m) = &self.mount {
+            let _ = umount2(&fd_path(m.as_fd()), MntFlags::MNT_DETACH);
+        }
+        let ours = |e: &FileStat| {
+            (is_kind(e, SFlag::S_IFBLK) && e.st_rdev == self.rdev) || self.placeholder == Some((e.st_dev, e.st_ino))
+        };
+        unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name)))
+    }
+}
+
+fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+/// The magic link that names exactly the file behind `fd`; resolving it never looks at a name again.
+fn fd_path(fd: BorrowedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// `dir/name` for a loop device: bind-mount the device (held open as `device`) onto an empty file made with
+/// O_EXCL|O_NOFOLLOW, through fds only; where no bind mount is possible (another mount namespace, no
+/// privilege), mknod a block device 7:minor instead.
+pub(crate) fn make(dir: BorrowedFd, name: &str, device: BorrowedFd, minor: u32, mode: u32) -> Result<Node> {
+    let path = dir_path(Some(dir)).join(name);
+    let perm = Mode::from_bits_truncate(mode & 0o7777);
+    let rdev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
+    let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let raw = openat(dir.as_raw_fd(), name, file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
+    // SAFETY: openat returned a fresh fd that nothing else owns.
+    let placeholder = unsafe { OwnedFd::from_raw_fd(raw) };
+    let st = stat_fd(placeholder.as_fd())?;
+    if let Ok(mount) = bind(device, placeholder.as_fd()) {
+        return Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some((st.st_dev, st.st_ino)) });
+    }
+    unlink_if(dir, name, |e| (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino)).map_err(|e| e.with_path(&path))?;
+    mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path))?;
+    Ok(Node { name: name.to_string(), rdev, mount: None, placeholder: None })
+}
+
+/// Bind-mounts `source` onto `target`, both by fd. With open_tree + move_mount (Linux ≥ 5.2) the mount is
+/// returned as an fd, so it can be detached later wherever it has been moved; older kernels get a bind mount
+/// through the fds' magic links, which cannot be followed after a rename.
+fn bind(source: BorrowedFd, target: BorrowedFd) -> Result<Option<OwnedFd>> {
+    match crate::ioctl::open_tree_clone(source) {
+        Ok(tree) => crate::ioctl::move_mount_onto(tree.as_fd(), target)
+            .map(|()| Some(tree))
+            .map_err(|e| Error::os(e, "move_mount")),
+        Err(Errno::ENOSYS) => {
+            mount(Some(&fd_path(source)), &fd_path(target), None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map(|()| None)
+                .map_err(|e| Error::os(e, "mount"))
+        }
+        Err(e) => Err(Error::os(e, "open_tree")),
+    }
+}
+
+/// Unlinks `dir/name` when the entry (not followed) passes `ours`; EEXIST when something else took the name.
+fn unlink_if(dir: BorrowedFd, name: &str, ours: impl Fn(&FileStat) -> bool) -> Result<()> {
+    let entry = stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| Error::os(e, "stat"))?;
+    if !ours(&entry) {
+        return Err(Error::os(Errno::EEXIST, "unlink").with_detail("the name no longer refers to our node; left alone"));
+    }
+    unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir).map_err(|e| Error::os(e, "unlink"))
+}
+
+/// Removes a node made by `Loop::mknod` when only its name is known (the remote client's side): the entry is
+/// opened without following it (O_PATH|O_NOFOLLOW) and must be block device 7:N for `loopN` (bind-mounted or
+/// mknod'ed), or the empty placeholder whose mount is gone already. Only the mount on that very entry is
+/// detached, through the fd; anything else under the name (a symlink to a host mount, another device) is
+/// refused with ERR_LOOP_UNEXPECTED_DEVICE and left alone.
+pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
+    let path = dir_path(Some(dir)).join(name);
+    let minor = name
+        .strip_prefix("loop")
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse::<u32>().ok())
+        .ok_or_else(|| Error::os(Errno::EINVAL, "unlink").with_path(&path).with_detail("not a loop device name"))?;
+    let entry = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
+    let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path))?;
+    let node = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
+    let is_node = |st: &FileStat| is_kind(st, SFlag::S_IFBLK) && st.st_rdev == node;
+    let is_placeholder = |st: &FileStat| is_kind(st, SFlag::S_IFREG) && st.st_size == 0;
+    if !is_node(&st) && !is_placeholder(&st) {
+        return Err(Error {
+            kind: Kind::UnexpectedDevice { expected_minor: minor, rdev: st.st_rdev, mode: st.st_mode },
+            detail: Some(format!("not loop device node 7:{minor}; left alone")),
+            ..Error::os(Errno::ENODEV, "unlink").with_path(&path)
+        });
+    }
+    if is_node(&st) {
+        // The magic link of our O_PATH fd is the mount on this entry and nothing else. UMOUNT_NOFOLLOW would
+        // refuse the magic link itself. EINVAL = not a mount point (a mknod node); EPERM = not ours to undo.
+        let _ = umount2(&fd_path(entry.as_fd()), MntFlags::MNT_DETACH);
+    }
+    // What the unmount uncovered is mknod's placeholder.
+    unlink_if(dir, name, |now| is_node(now) || is_placeholder(now)).map_err(|e| e.with_path(&path))
+}
