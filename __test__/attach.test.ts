@@ -23,7 +23,6 @@ import {
   ramfs,
   readOnlyBind,
   sparseFile,
-  tempDirIn,
   tool,
 } from './fixtures.js';
 import { devicesBoundUnder, isBound, loopTest, openFds, sysfs, tempDir } from './helpers.js';
@@ -72,7 +71,7 @@ loopTest('directIo: false binds buffered through a plain fd', async (t) => {
 });
 
 loopTest('a file on tmpfs: the result reports what the kernel did (6.x tmpfs supports O_DIRECT)', async (t) => {
-  const file = sparseFile(tempDirIn(t, '/dev/shm'), 4 * MiB);
+  const file = sparseFile(tempDir(t, '/dev/shm'), 4 * MiB);
   const dev = await attached(t, file);
   t.log(`tmpfs: directIo=${dev.directIo}`);
   t.is(dev.directIo, sysfs(dev.minor, 'loop/dio') === '1');

@@ -9,7 +9,6 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { attach, type AttachOptions, type LoopDevice } from '../ts/index.js';
-import { devicesBoundUnder, TEST_PREFIX } from './helpers.js';
 
 export const ROOT = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
 const CLI = path.join(ROOT, 'ts', 'cli.ts');
@@ -26,19 +25,6 @@ export function tool(name: string): string | null {
     }
   }
   return null;
-}
-
-/** A fresh temp dir under `parent` (e.g. /dev/shm), cleaned up like helpers' `tempDir`. */
-export function tempDirIn(t: ExecutionContext, parent: string): string {
-  const dir = fs.mkdtempSync(path.join(parent, TEST_PREFIX));
-  t.teardown(() => {
-    for (const dev of devicesBoundUnder(dir)) {
-      console.error(`# LEAK in "${t.title}": ${dev} still bound to a file in ${dir}; detaching it`);
-      spawnSync('losetup', ['-d', dev]);
-    }
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  return dir;
 }
 
 /** A sparse file of `size` bytes (not opened). */

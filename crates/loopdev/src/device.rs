@@ -374,7 +374,7 @@ impl Loop {
     /// device 7:minor. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
     /// `remove_node`.
     pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<Node> {
-        node::make(dir, &self.devname(), self.fd.as_fd(), self.minor, mode)
+        node::make(dir, &self.devname(), self.fd.as_fd(), self.minor, mode, None)
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.

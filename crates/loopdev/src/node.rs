@@ -9,7 +9,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{self, makedev, mknodat, FileStat, Mode, SFlag};
-use nix::unistd::{unlinkat, UnlinkatFlags};
+use nix::unistd::{fchown, unlinkat, Uid, UnlinkatFlags};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -54,7 +54,19 @@ fn fd_path(fd: BorrowedFd) -> PathBuf {
 /// `dir/name` for a loop device: bind-mount the device (held open as `device`) onto an empty file made with
 /// O_EXCL|O_NOFOLLOW, through fds only; where no bind mount is possible (another mount namespace, no
 /// privilege), mknod a block device 7:minor instead.
-pub(crate) fn make(dir: BorrowedFd, name: &str, device: BorrowedFd, minor: u32, mode: u32) -> Result<Node> {
+///
+/// For a `peer` (the uid the directory belongs to, when that is not us) the placeholder is the peer's: if it
+/// moves it elsewhere, what stays there is an empty file of its own, not a root-owned one at a name it chose.
+/// And no mknod fallback: a node can be moved away too, and would outlive the device, reaching whatever
+/// device later gets that minor.
+pub(crate) fn make(
+    dir: BorrowedFd,
+    name: &str,
+    device: BorrowedFd,
+    minor: u32,
+    mode: u32,
+    peer: Option<u32>,
+) -> Result<Node> {
     let path = dir_path(Some(dir)).join(name);
     let perm = Mode::from_bits_truncate(mode & 0o7777);
     let rdev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
@@ -63,10 +75,23 @@ pub(crate) fn make(dir: BorrowedFd, name: &str, device: BorrowedFd, minor: u32, 
     // SAFETY: openat returned a fresh fd that nothing else owns.
     let placeholder = unsafe { OwnedFd::from_raw_fd(raw) };
     let st = stat_fd(placeholder.as_fd())?;
-    if let Ok(mount) = bind(device, placeholder.as_fd()) {
-        return Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some((st.st_dev, st.st_ino)) });
-    }
+    let given = peer.map_or(Ok(()), |uid| {
+        fchown(placeholder.as_raw_fd(), Some(Uid::from_raw(uid)), None).map_err(|e| Error::os(e, "fchown"))
+    });
+    let bound = given.and_then(|()| bind(device, placeholder.as_fd()));
+    let failure = match bound {
+        Ok(mount) => {
+            return Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some((st.st_dev, st.st_ino)) })
+        }
+        Err(e) => e,
+    };
     unlink_if(dir, name, |e| (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino)).map_err(|e| e.with_path(&path))?;
+    if peer.is_some() {
+        return Err(failure.with_path(&path).with_detail(
+            "cannot bind-mount the device into this directory (is it in another mount namespace?); \
+             a device node is only made for root",
+        ));
+    }
     mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path))?;
     Ok(Node { name: name.to_string(), rdev, mount: None, placeholder: None })
 }
