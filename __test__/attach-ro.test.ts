@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { attach } from '../ts/index.js';
 import { attached, isReadOnlyFd, mount, sha256, sparseFile, tool, umount } from './fixtures.js';
-import { devicesBoundUnder, loopTest, sysfs, tempDir } from './helpers.js';
+import { devicesBoundUnder, loopTest, sysfs, tempDir, unavailable } from './helpers.js';
 
 const MiB = 1 << 20;
 
@@ -22,7 +22,7 @@ const FILESYSTEMS = [
 for (const fsType of FILESYSTEMS) {
   loopTest(`read-only attach + mount -o ro of ${fsType.type} leaves the image byte-identical`, async (t) => {
     const mkfs = tool(fsType.mkfs);
-    if (!mkfs) return t.pass(`${fsType.mkfs} not installed`);
+    if (!mkfs) return unavailable(t, `${fsType.mkfs} not installed`);
     const dir = tempDir(t);
     const file = sparseFile(dir, fsType.size);
     execFileSync(mkfs, [...fsType.args, file]);
@@ -56,7 +56,7 @@ for (const fsType of FILESYSTEMS) {
 
 loopTest('mounting a default attach of a 0444 ext4 image is read-only and leaves it unchanged', async (t) => {
   const mkfs = tool('mkfs.ext4');
-  if (!mkfs) return t.pass('mkfs.ext4 not installed');
+  if (!mkfs) return unavailable(t, 'mkfs.ext4 not installed');
   const dir = tempDir(t);
   const file = sparseFile(dir, 32 * MiB);
   execFileSync(mkfs, ['-q', '-F', file]);

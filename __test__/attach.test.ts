@@ -25,7 +25,7 @@ import {
   sparseFile,
   tool,
 } from './fixtures.js';
-import { devicesBoundUnder, isBound, loopTest, openFds, sysfs, tempDir } from './helpers.js';
+import { devicesBoundUnder, isBound, loopTest, openFds, sysfs, tempDir, unavailable } from './helpers.js';
 
 const MiB = 1 << 20;
 
@@ -324,7 +324,7 @@ loopTest('LoopDevice.open takes charge of a device bound elsewhere (losetup) and
 
 loopTest('partitioned image: partition nodes are found and vanish with the device', async (t) => {
   const sfdisk = tool('sfdisk');
-  if (!sfdisk) return t.pass('sfdisk not installed');
+  if (!sfdisk) return unavailable(t, 'sfdisk not installed');
   const file = sparseFile(tempDir(t), 8 * MiB);
   partitionImage(file);
   const dev = await attached(t, file, { partscan: true });

@@ -89,7 +89,7 @@ pub(crate) fn stat_fd(fd: BorrowedFd) -> Result<FileStat> {
     fstat(fd.as_raw_fd()).map_err(|e| Error::os(e, "fstat"))
 }
 
-fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+pub(crate) fn is_kind(st: &FileStat, kind: SFlag) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
 }
 

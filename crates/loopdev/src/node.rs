@@ -2,7 +2,7 @@
 //! remote server's peers). No name in that directory is trusted to mean the same thing twice: what we create
 //! we hold by fd, what we undo we find by fd, and an entry that is not what we made is left alone.
 
-use crate::device::{dir_path, open_in, stat_fd};
+use crate::device::{dir_path, is_kind, open_in, stat_fd};
 use crate::error::{Error, Kind, Result};
 use crate::uapi;
 use nix::errno::Errno;
@@ -40,10 +40,6 @@ impl Node {
         };
         unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name)))
     }
-}
-
-fn is_kind(st: &FileStat, kind: SFlag) -> bool {
-    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
 }
 
 /// The magic link that names exactly the file behind `fd`; resolving it never looks at a name again.
