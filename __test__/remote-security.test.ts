@@ -99,51 +99,72 @@ function victim(dir: string): string {
 }
 
 // The peer swaps every placeholder `loopN` the server creates with a symlink to the victim
-// (renameat2 RENAME_EXCHANGE), racing the server's bind mount, for ROUNDS requests.
+// (renameat2 RENAME_EXCHANGE), racing the server's bind mount. Each request is on a connection of its own,
+// closed at once unless the peer won a swap during it, so the server keeps handing out the same few minors
+// and the swapper's guess is right; it goes on until the peer has won a few races, at most ROUNDS requests.
 const SWAP_ON_CREATE = String.raw`
 sock, backing, dev_dir, victim, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 stop = False
 swaps = 0
 def unbound():
-    names = [n for n in os.listdir("/sys/block") if n.startswith("loop")]
-    free = [n for n in names if not os.path.exists("/sys/block/%s/loop/backing_file" % n)]
-    return sorted(free, key=lambda n: int(n[4:]))[:2]
+    # GET_FREE hands out the lowest unbound minor, or when every device is bound (a fresh machine)
+    # creates the lowest minor that does not exist yet: guess both.
+    minors = sorted(int(n[4:]) for n in os.listdir("/sys/block") if n.startswith("loop"))
+    free = [m for m in minors if not os.path.exists("/sys/block/loop%d/loop/backing_file" % m)][:2]
+    absent = [m for m in range(len(minors) + 1) if m not in minors][:1]
+    return [os.path.join(dev_dir, "loop%d" % m).encode() for m in free + absent]
 def swapper():
     # One renameat2 per try on the names GET_FREE will hand out next: it succeeds only between the
     # server's creation of the placeholder and its mount (a mount point cannot be renamed: EBUSY).
     global swaps
     i = 0
+    rename = libc.renameat2
     while not stop:
         bait = os.path.join(dev_dir, "bait%d" % i)
         if not os.path.lexists(bait):
             os.symlink(victim, bait)
-        targets = [os.path.join(dev_dir, n).encode() for n in unbound()]
-        for _ in range(2000):
-            if any(libc.renameat2(-100, p, -100, bait.encode(), RENAME_EXCHANGE) == 0 for p in targets):
-                swaps += 1
+        b = bait.encode()
+        targets = unbound()
+        for _ in range(3000):
+            if any(rename(-100, p, -100, b, RENAME_EXCHANGE) == 0 for p in targets):
+                # A win only if what came back is the server's placeholder, not a symlink left at the name.
+                swaps += not os.path.islink(bait)
                 i += 1
                 break
 th = threading.Thread(target=swapper); th.start()
-s = connect(sock)
 fd = os.open(backing, os.O_RDWR)
-replies = []
-# Until the peer won a few races (other tests take devices too, so a guess can miss), at most "rounds".
-while len(replies) < rounds and (swaps < 3 or len(replies) < 20):
-    replies.append(ask(s, fd, os.open(dev_dir, os.O_DIRECTORY)))
+held, devices, asked, errors = [], 0, 0, []
+while asked < rounds and swaps < 3:
+    before = swaps
+    s = connect(sock)
+    d = os.open(dev_dir, os.O_DIRECTORY)
+    r = ask(s, fd, d)
+    os.close(d)
+    asked += 1
+    devices += "devname" in r
+    if "devname" not in r: errors.append(r)
+    if swaps != before:
+        held.append(s)
+    else:
+        s.close()
+    # The symlink stays at the name until the server has answered; then the name is freed for the next round.
+    for n in os.listdir(dev_dir):
+        if n.startswith("loop") and os.path.islink(os.path.join(dev_dir, n)):
+            os.unlink(os.path.join(dev_dir, n))
 stop = True; th.join()
-emit({"swaps": swaps, "devices": sum(1 for r in replies if "devname" in r), "replies": replies[:3]})
+emit({"swaps": swaps, "devices": devices, "asked": asked, "errors": errors[:3]})
 sys.stdin.readline()
 `;
 
 loopTest.serial('a peer swapping the node for a symlink while it is made cannot redirect the bind mount', async (t) => {
   const img = image(t);
-  const srv = await openServer(t, img.dir, { maxDevicesPerUid: 200 });
+  const srv = await openServer(t, img.dir);
   const { devDir, backing } = peerFiles(img.dir);
   const target = victim(img.dir);
-  const rounds = 200;
+  const rounds = 3000;
   const peer = attacker(t, SWAP_ON_CREATE, [srv.socketPath, backing, devDir, target, String(rounds)]);
   const report = await peer.next();
-  t.log(`${report.devices} devices, ${report.swaps} swaps won by the peer`);
+  t.log(`${report.asked} requests, ${report.devices} devices, ${report.swaps} swaps won by the peer`, report.errors);
   t.true(report.swaps > 0, 'the peer did get to swap names (else this test proves nothing)');
   t.is(fs.readFileSync(target, 'utf8'), ORIGINAL, 'read as root, the victim is still itself');
   t.deepEqual(mountsUnder(target), [], 'nothing is mounted on the victim');
