@@ -21,10 +21,12 @@ def connect(path):
     s.bind("")
     s.connect(path)
     return s
-def ask(s, fd, dir_fd, **kw):
+def send(s, fd, dir_fd, **kw):
     req = {"fd": 0, "dir_fd": 1, "lock": False, "partscan": False, "read_only": False, "sector_size": 512}
     req.update(kw)
     s.sendmsg([json.dumps(req).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd, dir_fd]))])
+def ask(s, fd, dir_fd, **kw):
+    send(s, fd, dir_fd, **kw)
     return json.loads(s.recv(1 << 20))
 def emit(o):
     print(json.dumps(o), flush=True)
@@ -50,6 +52,10 @@ function attacker(t: ExecutionContext, code: string, args: string[], options: { 
       const { value, done } = await lines.next();
       if (done) throw new Error(`attacker exited (${String(await exit)}) without output`);
       return JSON.parse(value as string);
+    },
+    /** Tells the attacker to go on (a line on its stdin). */
+    send: (): void => {
+      child.stdin!.write('\n');
     },
     /** Tells the attacker to let go (close its connection) and waits for it to exit. */
     finish: async (): Promise<number | null> => {
@@ -336,4 +342,88 @@ loopTest('a bad sector size is an error, not a trip through the legacy path', as
   t.regex(err.remoteValue, /ioctl LOOP_CONFIGURE/);
   t.deepEqual(devicesBoundUnder(img.dir), []);
   t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'no node left behind');
+});
+
+// A FUSE filesystem whose daemon never answers, mounted in the peer's directory as fusermount mounts a user's
+// filesystem with allow_other: every stat in it blocks until the daemon dies. Mounting needs root here only
+// because /dev/fuse is 0600 on this machine; the peer uses it as any user could.
+const STALLED_FUSE = String.raw`
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open("/dev/fuse", os.O_RDWR)
+opts = "fd=%d,rootmode=40000,user_id=65534,group_id=65534,allow_other" % fd
+if libc.mount(b"loopdev-stall", sys.argv[1].encode(), b"fuse", 0, opts.encode()) != 0:
+    raise OSError(ctypes.get_errno(), "mount")
+print("ready", flush=True)
+sys.stdin.readline()
+`;
+
+/** Mounts a stalled FUSE filesystem at `at`; the returned function (also the teardown) ends the stall. */
+async function stalledFuse(t: ExecutionContext, at: string): Promise<() => void> {
+  fs.mkdirSync(at);
+  fs.chownSync(at, NOBODY, NOBODY);
+  const daemon = spawn('python3', ['-c', STALLED_FUSE, at], { stdio: ['pipe', 'pipe', 'inherit'] });
+  let ended = false;
+  const end = () => {
+    if (ended) return;
+    ended = true;
+    daemon.kill('SIGKILL'); // closing /dev/fuse aborts the connection: every waiting request fails
+    if (mountsUnder(at).length > 0) execFileSync('umount', ['-l', at]);
+  };
+  t.teardown(end);
+  const [line] = (await createInterface({ input: daemon.stdout! })[Symbol.asyncIterator]().next()).value.split('\n');
+  if (line !== 'ready') throw new Error(`the stalled FUSE daemon did not start: ${line}`);
+  return end;
+}
+
+const STALL = String.raw`
+sock, backing, stalled_dir, own_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+fd = os.open(backing, os.O_RDWR)
+stalled = os.open(stalled_dir, os.O_PATH)  # no FUSE request: nothing is looked up or opened in it
+conns = [connect(sock) for _ in range(3)]
+for s in conns[:2]:
+    send(s, fd, stalled)
+# Both of the uid's places are taken by requests stuck on the directory: a third is refused at once.
+emit({"third": ask(conns[2], fd, os.open(own_dir, os.O_DIRECTORY))})
+sys.stdin.readline()
+emit({"stalled": [json.loads(s.recv(1 << 20)) for s in conns[:2]]})
+# Past their deadline, the stuck requests still hold the uid's places.
+emit({"after": ask(conns[2], fd, os.open(own_dir, os.O_DIRECTORY))})
+sys.stdin.readline()
+`;
+
+loopTest.serial('a peer whose directory never answers (stalled FUSE) stalls only its own requests', async (t) => {
+  t.timeout(60_000);
+  const img = image(t);
+  const { devDir, backing } = peerFiles(img.dir);
+  const srv = await openServer(t, img.dir, { requestTimeoutMs: 3000, maxRequestsPerUid: 2 });
+  const fuse = path.join(img.dir, 'fuse');
+  const endStall = await stalledFuse(t, fuse);
+  const peer = attacker(t, STALL, [srv.socketPath, backing, fuse, devDir]);
+
+  const { third } = await peer.next();
+  t.regex(third.exception?.value ?? '', /^\[Errno 11\].*2 requests being served/, JSON.stringify(third));
+  t.is(srv.stats().failures, 1, 'the stuck requests are not answered yet');
+
+  // Root is served meanwhile, by another worker: before the stuck requests reach their deadline.
+  const client = new LoopClient(srv.socketPath);
+  t.teardown(() => client.close());
+  {
+    await using dev = await client.device(img.path, { devDir: img.dir });
+    t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
+    t.is(srv.stats().failures, 1, 'root got its device while the peer was still stuck');
+  }
+
+  peer.send();
+  const { stalled } = await peer.next();
+  for (const r of stalled) t.regex(r.exception?.value ?? '', /^\[Errno 110\] ETIMEDOUT/, JSON.stringify(r));
+  const { after } = await peer.next();
+  t.regex(after.exception?.value ?? '', /^\[Errno 11\]/, 'a stuck request keeps its place past its deadline');
+
+  // Closing does not wait for the stuck workers; they let go once the daemon dies, and nothing is left.
+  await srv.close();
+  endStall();
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(backing), []);
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });

@@ -423,9 +423,12 @@ loopTest.serial('a client that hangs up before its reply leaks nothing', async (
   } finally {
     await lock.release();
   }
-  // The server attaches, makes the node, fails to deliver the reply, and undoes both.
-  await until('the server to drop the connection', () => srv.stats().connections === 0);
-  t.like(srv.stats(), { requests: 1, devices: 0 });
+  // The server sees the hang-up; its worker attaches and makes the node, and with no one to tell, undoes both.
+  await until('the server to drop the connection and release the device', () => {
+    const { connections, devices } = srv.stats();
+    return connections === 0 && devices === 0;
+  });
+  t.like(srv.stats(), { requests: 1 });
   t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'no node left behind');
   t.deepEqual(await boundAfterSettling(img.dir), [], 'no device left bound');
 });

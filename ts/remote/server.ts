@@ -1,7 +1,8 @@
 /**
- * `LoopServer`: osbuild's remoteloop server (wire-compatible with its `LoopClient`). The server runs on a
- * native thread of its own, so requests are served while JS is busy, and a configure waiting on the kernel
- * never stalls the event loop.
+ * `LoopServer`: osbuild's remoteloop server (wire-compatible with its `LoopClient`). The server runs on
+ * native threads of its own (one answers, workers attach), so requests are served while JS is busy, a
+ * configure waiting on the kernel never stalls the event loop, and a peer's file that never answers stalls
+ * only that peer's request.
  */
 import { native, type Handle } from '../binding.js';
 import { closedError, LoopError } from '../errors.js';
@@ -16,6 +17,15 @@ export interface LoopServerQuotas {
   maxDevicesPerUid?: number;
   /** A connection that holds no device and sends nothing for this long is closed (default 600000; 0: never). */
   idleTimeoutMs?: number;
+  /** Worker threads that serve requests (default 8, started on demand). */
+  workers?: number;
+  /**
+   * Requests of one uid served at once (default 2), counting ones stuck past their deadline on a file that
+   * does not answer; more get EAGAIN at once, so one peer cannot take every worker.
+   */
+  maxRequestsPerUid?: number;
+  /** A request not answered by then gets ETIMEDOUT (default 30000; 0: never). */
+  requestTimeoutMs?: number;
 }
 
 export interface LoopServerOptions extends LoopServerQuotas {
@@ -63,7 +73,16 @@ export class LoopServer implements AsyncDisposable {
     this.socketPath = options.socketPath;
     this.allowUids = options.allowUids === undefined ? undefined : Object.freeze([...options.allowUids]);
     const { maxConnectionsPerUid, maxDevices, maxDevicesPerUid, idleTimeoutMs } = options;
-    this.quotas = Object.freeze({ maxConnectionsPerUid, maxDevices, maxDevicesPerUid, idleTimeoutMs });
+    const { workers, maxRequestsPerUid, requestTimeoutMs } = options;
+    this.quotas = Object.freeze({
+      maxConnectionsPerUid,
+      maxDevices,
+      maxDevicesPerUid,
+      idleTimeoutMs,
+      workers,
+      maxRequestsPerUid,
+      requestTimeoutMs,
+    });
   }
 
   get listening(): boolean {
@@ -107,8 +126,9 @@ export class LoopServer implements AsyncDisposable {
   /**
    * Stops serving: closes the socket and every connection, removes the socket file, removes every node and
    * closes every device the server attached (autoclear then frees each one nobody else holds open).
-   * Rejects with ETIMEDOUT after a few seconds if a request is stuck (on a peer's file that never answers);
-   * the server thread then releases everything when that request returns. Idempotent.
+   * Requests still being served are abandoned, not waited for. Rejects with ETIMEDOUT after a few seconds
+   * if releasing is stuck on a peer's directory that never answers (the workers finish it when it does).
+   * Idempotent.
    */
   close(): Promise<void> {
     if (!this.#closed) {

@@ -53,8 +53,8 @@ fn allow_uids(env: Env, v: Value) -> JsResult<Option<Vec<u32>>> {
         .map(Some)
 }
 
-/// `{ maxConnectionsPerUid?, maxDevices?, maxDevicesPerUid?, idleTimeoutMs? }` (nullish: the defaults;
-/// `idleTimeoutMs: 0` never closes idle connections).
+/// `{ maxConnectionsPerUid?, maxDevices?, maxDevicesPerUid?, idleTimeoutMs?, workers?, maxRequestsPerUid?,
+/// requestTimeoutMs? }` (nullish: the defaults; a timeout of 0 is none).
 fn quotas(env: Env, v: Value, options: &mut ServerOptions) -> JsResult<()> {
     if env.is_nullish(v)? {
         return Ok(());
@@ -77,6 +77,15 @@ fn quotas(env: Env, v: Value, options: &mut ServerOptions) -> JsResult<()> {
     }
     if let Some(ms) = field("idleTimeoutMs", 0, i64::from(u32::MAX))? {
         options.idle_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
+    }
+    if let Some(n) = field("workers", 1, 1024)? {
+        options.workers = n as usize;
+    }
+    if let Some(n) = field("maxRequestsPerUid", 1, 1024)? {
+        options.max_requests_per_uid = n as usize;
+    }
+    if let Some(ms) = field("requestTimeoutMs", 0, i64::from(u32::MAX))? {
+        options.request_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
     }
     Ok(())
 }

@@ -4,12 +4,14 @@
 //! Layers, bottom up: `seqpacket` (the syscalls), `jsoncomm` (one JSON message per packet, fds in
 //! `SCM_RIGHTS`, the `<args-via-fd>` memfd form), `wire` (the request and reply JSON), `server`, `client`.
 
+mod attach;
 pub mod client;
 pub mod jsoncomm;
 pub mod seqpacket;
 pub mod server;
 pub mod untrusted;
 pub mod wire;
+mod workers;
 
 pub use client::Client;
 pub use server::{Server, ServerOptions, Stats};

@@ -198,7 +198,7 @@ pub fn seals(fd: BorrowedFd) -> Result<i32> {
     nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS).map_err(|e| Error::os(e, "fcntl"))
 }
 
-/// eventfd(2), non-blocking and close-on-exec: the shutdown signal of the server thread.
+/// eventfd(2), non-blocking and close-on-exec: how other threads wake the server's poll thread.
 pub fn eventfd() -> Result<OwnedFd> {
     // SAFETY: eventfd takes no pointers; the result is checked before it is owned.
     let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -208,6 +208,12 @@ pub fn eventfd() -> Result<OwnedFd> {
 /// Adds 1 to an eventfd.
 pub fn eventfd_signal(fd: BorrowedFd) -> Result<()> {
     nix::unistd::write(fd.as_raw_fd(), &1u64.to_ne_bytes()).map(drop).map_err(|e| Error::os(e, "write"))
+}
+
+/// Resets an eventfd to 0 (nothing to do if it is 0 already: it is non-blocking).
+pub fn eventfd_take(fd: BorrowedFd) {
+    let mut counter = [0u8; 8];
+    let _ = nix::unistd::read(fd.as_raw_fd(), &mut counter);
 }
 
 /// poll(2). EINTR is returned to the caller, which simply polls again.

@@ -1,25 +1,25 @@
 //! The remote loop server, wire-compatible with osbuild's `LoopServer`.
 //!
-//! One thread per server owns everything: the listening socket, the connections, the `LoopControl` and
-//! every `Loop` it attached. It waits in poll(2) on the listener, the connections and an eventfd that
-//! `Server::shutdown` signals, and serves each request to the end before looking at the next one, so a
-//! configure that waits on the kernel only ever stalls this thread. Requests: receive (every fd owned at
-//! once) → check peer, framing, JSON, fd indices, and what the peer's fds allow (`untrusted`) → quotas →
-//! `loop_for_fd(autoclear)` → `mknod` into the client's directory → reply.
+//! One poll thread per server owns the listening socket and the connections: it accepts, reads requests,
+//! sends replies and keeps time, and never touches what a peer's fds point to. Each request goes to a
+//! worker thread (`workers`), which checks the fds (`untrusted`), attaches the device and makes its node
+//! (`attach`); the poll thread answers when the worker is done, or with ETIMEDOUT at the request's
+//! deadline if the worker is stuck on a peer's file (a FUSE daemon that stopped answering). Per uid, only a
+//! few requests are served at once, stuck ones included, so one peer cannot take every worker.
 //!
 //! A device lives as long as the connection that asked for it: when the client hangs up (or dies), its
-//! nodes are removed and its devices closed, and autoclear frees each one nobody else holds open. osbuild's
-//! server keeps them until it exits instead; its clients use a device only while connected, so they see
-//! no difference, and a long-running server does not pin one device per request.
+//! nodes are removed and its devices closed (on a worker: the peer's directory may block too), and
+//! autoclear frees each one nobody else holds open. osbuild's server keeps them until it exits instead;
+//! its clients use a device only while connected, so they see no difference, and a long-running server
+//! does not pin one device per request.
 
-use super::jsoncomm::{self, Incoming, Limits, Message};
+use super::attach::{self, Counters, Held, Outgoing};
+use super::jsoncomm::{self, Incoming, Limits};
 use super::seqpacket::{self, PeerCred};
-use super::untrusted;
-use super::wire::{Exception, Reply, Request, WireError};
-use crate::control::LoopControl;
-use crate::device::{open_in, Loop};
+use super::wire::WireError;
+use super::workers::{self, Done, Workers};
+use crate::device::open_in;
 use crate::error::{Error, Result};
-use crate::node::Node;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -27,9 +27,9 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Limits of what one request may carry: remoteloop requests are ~150 bytes with 2 fds.
@@ -46,8 +46,8 @@ const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 /// …but no more than this many at once: refused peers must not take slots from allowed ones.
 const MAX_REFUSING: usize = 16;
 
-/// How long `shutdown` waits for the server thread before leaving it behind (a request stuck on a peer's
-/// file that never answers, e.g. a FUSE mount whose daemon stopped, must not hang the caller).
+/// How long `shutdown` waits for the workers to release the devices it held: releasing removes a node in
+/// a peer's directory, which a peer's FUSE daemon can stall. Stuck requests are not waited for at all.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +66,12 @@ pub struct ServerOptions {
     pub max_devices_per_uid: usize,
     /// A connection that holds no device and sends nothing for this long is closed (None: never).
     pub idle_timeout: Option<Duration>,
+    /// Worker threads serving requests at most (started on demand).
+    pub workers: usize,
+    /// Requests of one uid served at once, including ones stuck past their deadline (more get EAGAIN).
+    pub max_requests_per_uid: usize,
+    /// A request not answered by then gets ETIMEDOUT, and its device (if it comes) is released (None: never).
+    pub request_timeout: Option<Duration>,
     /// Permissions of the device node made in the client's directory (osbuild: 0o600).
     pub node_mode: u32,
 }
@@ -82,47 +88,11 @@ impl Default for ServerOptions {
             max_devices: 1024,
             max_devices_per_uid: 64,
             idle_timeout: Some(Duration::from_secs(600)),
+            workers: 8,
+            max_requests_per_uid: 2,
+            request_timeout: Some(Duration::from_secs(30)),
             node_mode: 0o600,
         }
-    }
-}
-
-/// Counters the server thread keeps; read them with `Server::stats`.
-#[derive(Debug, Default)]
-struct Counters {
-    running: AtomicBool,
-    connections: AtomicUsize,
-    devices: AtomicUsize,
-    requests: AtomicU64,
-    failures: AtomicU64,
-    refused: AtomicU64,
-    /// Devices (pinned or waiting for their reply) per peer uid, for the per-uid quota.
-    by_uid: Mutex<HashMap<u32, usize>>,
-}
-
-impl Counters {
-    fn by_uid(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
-        self.by_uid.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn devices_of(&self, uid: u32) -> usize {
-        self.by_uid().get(&uid).copied().unwrap_or(0)
-    }
-
-    fn device_added(&self, uid: u32) {
-        *self.by_uid().entry(uid).or_insert(0) += 1;
-        self.devices.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn device_released(&self, uid: u32) {
-        let mut map = self.by_uid();
-        if let Some(n) = map.get_mut(&uid) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&uid);
-            }
-        }
-        self.devices.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -161,13 +131,20 @@ impl Server {
         let wake = Arc::new(seqpacket::eventfd()?);
         let counters = Arc::new(Counters::default());
         counters.running.store(true, Ordering::SeqCst);
+        let options = Arc::new(options);
+        let workers = Workers::new(options.workers, Arc::clone(&options), Arc::clone(&counters))?;
         let serve = Serve {
             socket_file: file,
             listener,
             spare: spare_fd(),
             wake: Arc::clone(&wake),
             conns: Vec::new(),
-            attacher: Attacher { ctl: None, options, counters: Arc::clone(&counters) },
+            workers,
+            in_flight: HashMap::new(),
+            busy_by_uid: HashMap::new(),
+            next_id: 1,
+            options,
+            counters: Arc::clone(&counters),
         };
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
@@ -196,9 +173,10 @@ impl Server {
     }
 
     /// Stops serving: closes the listener and every connection, removes the socket file, removes every node
-    /// and closes every device (autoclear detaches each one no one else has open). Returns when the thread
-    /// is done, or with ETIMEDOUT after a few seconds if a request is stuck (the thread then finishes, and
-    /// releases everything, whenever the request returns). An error the thread stopped on is returned here.
+    /// and closes every device (autoclear detaches each one no one else has open). Requests still being
+    /// served are abandoned, not waited for: a worker stuck on a peer's file releases what it made when it
+    /// returns. ETIMEDOUT if releasing the held devices took more than a few seconds (the workers go on with
+    /// it); an error the poll thread stopped on is returned here too.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop()
     }
@@ -210,11 +188,12 @@ impl Server {
         };
         // An eventfd counter cannot overflow from one write; if it failed the thread is gone already.
         let _ = seqpacket::eventfd_signal(self.wake.as_fd());
-        match done.recv_timeout(SHUTDOWN_WAIT) {
-            Ok(result) => result,
+        // The poll thread never blocks on a peer, and gives up waiting for releases after SHUTDOWN_WAIT.
+        match done.recv_timeout(SHUTDOWN_WAIT + Duration::from_secs(5)) {
+            Ok(result) => result.map_err(|e| e.with_path(&self.path)),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::os(Errno::ETIMEDOUT, "shutdown")
                 .with_path(&self.path)
-                .with_detail("a request is stuck; the server thread releases its devices when it returns")),
+                .with_detail("the loop server's poll thread did not stop")),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 Err(Error::os(Errno::EIO, "pthread_join").with_detail("the loop server thread panicked"))
             }
@@ -265,42 +244,15 @@ impl Drop for SocketFile {
     }
 }
 
-/// A device attached for a peer, with the node made for it. Released when its reply cannot be delivered
-/// (no one would ever know its name) or when the connection that asked for it closes.
-#[derive(Debug)]
-struct Held {
-    /// Kept open for the client; closing it (after the node is gone) is the release.
-    lo: Loop,
-    dir: OwnedFd,
-    /// Taken by `drop`.
-    node: Option<Node>,
-    uid: u32,
-    counters: Arc<Counters>,
-}
-
-impl Drop for Held {
-    /// Node first (only if it still is our node: see `remove_node`), then the device fd: autoclear detaches
-    /// the device once nobody else has it open.
-    fn drop(&mut self) {
-        if let Some(node) = self.node.take() {
-            let _ = node.remove(self.dir.as_fd());
-        }
-        self.counters.device_released(self.uid);
-    }
-}
-
-#[derive(Debug)]
-struct Outgoing {
-    bytes: Vec<u8>,
-    device: Option<Held>,
-}
-
 #[derive(Debug)]
 struct Conn {
+    id: u64,
     sock: OwnedFd,
     peer: PeerCred,
     /// Replies not yet accepted by the socket; while any is queued we read no more requests.
     outbox: VecDeque<Outgoing>,
+    /// The request a worker is serving for this connection; while there is one we read no more requests.
+    waiting: Option<u64>,
     /// Devices whose reply went out: they live as long as this connection.
     devices: Vec<Held>,
     /// A refused peer: it gets one refusal (to its first request, or at this deadline) and is closed.
@@ -314,16 +266,40 @@ struct Conn {
 }
 
 impl Conn {
+    fn new(id: u64, sock: OwnedFd, peer: PeerCred, refused_until: Option<Instant>, counters: &Arc<Counters>) -> Conn {
+        Conn {
+            id,
+            sock,
+            peer,
+            outbox: VecDeque::new(),
+            waiting: None,
+            devices: Vec::new(),
+            refused_until,
+            last_active: Instant::now(),
+            last_reply: false,
+            dead: false,
+            counters: Arc::clone(counters),
+        }
+    }
+
     /// When this connection is closed for idling, if it can be.
     fn idle_deadline(&self, timeout: Option<Duration>) -> Option<Instant> {
-        let idle = self.refused_until.is_none() && self.outbox.is_empty() && self.devices.is_empty();
+        let idle =
+            self.refused_until.is_none() && self.outbox.is_empty() && self.waiting.is_none() && self.devices.is_empty();
         timeout.filter(|_| idle).map(|t| self.last_active + t)
+    }
+
+    /// Every device this connection holds, replied or not: to be released on a worker.
+    fn take_devices(&mut self) -> Vec<Held> {
+        let mut held: Vec<Held> = self.devices.drain(..).collect();
+        held.extend(self.outbox.drain(..).filter_map(|o| o.device));
+        held
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        // Held's own Drop releases each device: pending replies' and pinned ones alike.
+        // Normally empty by now (`take_devices`); if not, Held's own Drop releases them here.
         self.outbox.clear();
         self.devices.clear();
         if self.refused_until.is_none() {
@@ -332,119 +308,13 @@ impl Drop for Conn {
     }
 }
 
-/// The part of the server that talks to the kernel's loop driver.
+/// A request a worker has: who asked, and until when the peer waits for it.
 #[derive(Debug)]
-struct Attacher {
-    ctl: Option<LoopControl>,
-    options: ServerOptions,
-    counters: Arc<Counters>,
-}
-
-impl Attacher {
-    /// Serves one well-formed message: the reply to send and, on success, the device waiting for it.
-    fn handle(&mut self, msg: Message, peer: &PeerCred) -> Outgoing {
-        let Message { payload, fds, .. } = msg;
-        match self.attach(&payload, fds, peer) {
-            Ok(held) => Outgoing { bytes: Reply::Device(held.lo.devname()).encode(), device: Some(held) },
-            Err(f) => self.failure(f, peer),
-        }
-    }
-
-    fn failure(&self, f: Failure, peer: &PeerCred) -> Outgoing {
-        self.counters.failures.fetch_add(1, Ordering::SeqCst);
-        let traceback = format!(
-            "loopdev remote loop server: request from pid {} uid {} failed here; no Python traceback\n",
-            peer.pid, peer.uid
-        );
-        let e = Exception::os_error(f.errno(), &f.to_string(), traceback);
-        Outgoing { bytes: Reply::Exception(e).encode(), device: None }
-    }
-
-    /// Refuses before the kernel is asked when the server, or this uid, holds as many devices as allowed.
-    fn check_quota(&self, uid: u32) -> std::result::Result<(), WireError> {
-        let o = &self.options;
-        if self.counters.devices.load(Ordering::SeqCst) >= o.max_devices {
-            return Err(WireError::new(
-                Errno::ENOSPC,
-                format!("the loop server holds {} devices, its limit", o.max_devices),
-            ));
-        }
-        if self.counters.devices_of(uid) >= o.max_devices_per_uid {
-            return Err(WireError::new(
-                Errno::EDQUOT,
-                format!(
-                    "uid {uid} holds {} devices, the most one uid may hold; close connections to release them",
-                    o.max_devices_per_uid
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    fn attach(&mut self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> std::result::Result<Held, Failure> {
-        let req = Request::parse(payload)?;
-        let pick = |i: usize, key: &str| {
-            fds.get(i).map(|f| f.as_fd()).ok_or_else(|| {
-                WireError::invalid(format!("'{key}' is index {i}, but the message carried {} fds", fds.len()))
-            })
-        };
-        let (backing, dir) = (pick(req.fd, "fd")?, pick(req.dir_fd, "dir_fd")?);
-        let access = untrusted::backing(backing)?;
-        untrusted::node_dir(dir, peer.uid)?;
-        self.check_quota(peer.uid)?;
-        if self.ctl.is_none() {
-            self.ctl = Some(LoopControl::open(None)?);
-        }
-        let ctl = self.ctl.as_ref().expect("opened above");
-        let mut options = req.configure_options();
-        options.read_only |= !access.writable;
-        let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
-        let peer_uid = Some(peer.uid).filter(|&uid| uid != 0);
-        let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.minor(), self.options.node_mode, peer_uid)?;
-        let mut fds = fds;
-        let dir = fds.swap_remove(req.dir_fd);
-        // Every other fd of the message (the backing file: the device holds its own reference) closes here.
-        drop(fds);
-        self.counters.device_added(peer.uid);
-        Ok(Held { lo, dir, node: Some(node), uid: peer.uid, counters: Arc::clone(&self.counters) })
-    }
-}
-
-/// Why a request failed: refused before the kernel was asked, or the kernel said no.
-#[derive(Debug)]
-enum Failure {
-    Wire(WireError),
-    Os(Error),
-}
-
-impl Failure {
-    fn errno(&self) -> Errno {
-        match self {
-            Failure::Wire(w) => w.errno,
-            Failure::Os(e) => e.errno,
-        }
-    }
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Wire(w) => w.fmt(f),
-            Failure::Os(e) => e.fmt(f),
-        }
-    }
-}
-
-impl From<WireError> for Failure {
-    fn from(w: WireError) -> Self {
-        Failure::Wire(w)
-    }
-}
-
-impl From<Error> for Failure {
-    fn from(e: Error) -> Self {
-        Failure::Os(e)
-    }
+struct InFlight {
+    conn: u64,
+    uid: u32,
+    deadline: Option<Instant>,
+    cancelled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Serve {
@@ -453,39 +323,54 @@ struct Serve {
     spare: Option<OwnedFd>,
     wake: Arc<OwnedFd>,
     conns: Vec<Conn>,
-    attacher: Attacher,
+    workers: Workers,
+    /// Requests sent to a worker and not done yet, answered or not (timed out, peer gone).
+    in_flight: HashMap<u64, InFlight>,
+    /// `in_flight` per uid, for `max_requests_per_uid`.
+    busy_by_uid: HashMap<u32, usize>,
+    /// Ids of connections and requests.
+    next_id: u64,
+    options: Arc<ServerOptions>,
+    counters: Arc<Counters>,
 }
 
 impl Serve {
-    /// Serves until shut down (or an unexpected error), then releases everything in this order: the socket
-    /// name and the listener (no new clients), the connections (removing their nodes and closing their
-    /// devices: autoclear frees them), loop-control.
+    /// Serves until shut down (or an unexpected error), then: the socket name and the listener go (no new
+    /// clients), requests being served are abandoned, and the workers release every connection's devices.
     fn run(mut self) -> Result<()> {
         let result = self.serve();
-        let Serve { socket_file, listener, spare: _, wake: _, conns, attacher } = self;
-        drop(socket_file);
-        drop(listener);
-        drop(conns);
-        let Attacher { ctl, options: _, counters } = attacher;
-        drop(ctl);
-        counters.running.store(false, Ordering::SeqCst);
-        result
+        drop(self.listener);
+        drop(self.socket_file);
+        let released = release_all(&mut self.workers, &mut self.in_flight, self.conns);
+        self.counters.running.store(false, Ordering::SeqCst);
+        result.and(released)
     }
 
     fn serve(&mut self) -> Result<()> {
         let mut pfds = Vec::new();
-        let idle_timeout = self.attacher.options.idle_timeout;
+        let idle_timeout = self.options.idle_timeout;
         loop {
             pfds.clear();
             pfds.push(seqpacket::pollfd(self.wake.as_fd(), libc::POLLIN));
-            let accepting = self.conns.len() < self.attacher.options.max_connections;
+            pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
+            let accepting = self.conns.len() < self.options.max_connections;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
             for c in &self.conns {
-                let events = if c.outbox.is_empty() { libc::POLLIN } else { libc::POLLOUT };
+                let events = if !c.outbox.is_empty() {
+                    libc::POLLOUT
+                } else if c.waiting.is_some() {
+                    0 // hang-ups are reported anyway
+                } else {
+                    libc::POLLIN
+                };
                 pfds.push(seqpacket::pollfd(c.sock.as_fd(), events));
             }
-            let next_deadline =
-                self.conns.iter().filter_map(|c| c.refused_until.or_else(|| c.idle_deadline(idle_timeout))).min();
+            let next_deadline = self
+                .conns
+                .iter()
+                .filter_map(|c| c.refused_until.or_else(|| c.idle_deadline(idle_timeout)))
+                .chain(self.in_flight.values().filter_map(|r| r.deadline))
+                .min();
             let timeout = match next_deadline {
                 None => -1,
                 Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32 + 1,
@@ -497,14 +382,23 @@ impl Serve {
             if pfds[0].revents != 0 {
                 return Ok(());
             }
+            if pfds[1].revents != 0 {
+                for done in self.workers.take_done() {
+                    self.done(done);
+                }
+            }
             let now = Instant::now();
-            for (conn, pfd) in self.conns.iter_mut().zip(&pfds[2..]) {
-                if pfd.revents != 0 {
-                    service(conn, pfd.revents, &mut self.attacher);
-                } else if conn.refused_until.map_or(false, |t| t <= now) {
+            for i in 0..self.conns.len() {
+                let revents = pfds[3 + i].revents;
+                if revents != 0 {
+                    self.service(i, revents);
+                    continue;
+                }
+                let conn = &mut self.conns[i];
+                if conn.refused_until.map_or(false, |t| t <= now) {
                     // Never asked (or never read): tell it anyway, best effort, and hang up.
                     if conn.outbox.is_empty() {
-                        conn.outbox.push_back(refusal(&self.attacher, &conn.peer, not_allowed(&conn.peer)));
+                        conn.outbox.push_back(refusal(&self.counters, &conn.peer, not_allowed(&conn.peer)));
                         flush(conn);
                     }
                     conn.dead = true;
@@ -512,15 +406,156 @@ impl Serve {
                     conn.dead = true;
                 }
             }
-            self.conns.retain(|c| !c.dead);
-            if pfds[1].revents != 0 {
+            self.time_out(now);
+            self.reap();
+            if pfds[2].revents != 0 {
                 self.accept_all();
             }
         }
     }
 
+    /// A worker is done with a request: the reply goes to the connection that still waits for it; a device
+    /// no one waits for any more goes back to a worker to be released.
+    fn done(&mut self, done: Done) {
+        let (id, out) = match done {
+            Done::Released => return,
+            Done::Attached { id, out } => (id, out),
+        };
+        let r = match self.in_flight.remove(&id) {
+            Some(r) => r,
+            None => return,
+        };
+        if let Some(n) = self.busy_by_uid.get_mut(&r.uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy_by_uid.remove(&r.uid);
+            }
+        }
+        let conn = self.conns.iter_mut().find(|c| c.id == r.conn && c.waiting == Some(id) && !c.dead);
+        match (conn, out) {
+            (Some(conn), Some(out)) => {
+                conn.waiting = None;
+                conn.outbox.push_back(out);
+                flush(conn);
+            }
+            (Some(conn), None) => {
+                conn.waiting = None;
+                let why = WireError::new(Errno::EIO, "the loop server failed serving this request");
+                conn.outbox.push_back(refusal(&self.counters, &conn.peer, why));
+                flush(conn);
+            }
+            (None, Some(Outgoing { device: Some(held), .. })) => self.workers.release(vec![held]),
+            (None, _) => {}
+        }
+    }
+
+    /// Answers ETIMEDOUT for every request past its deadline; its worker's result will be released.
+    fn time_out(&mut self, now: Instant) {
+        for (&id, r) in self.in_flight.iter() {
+            if r.deadline.map_or(true, |t| t > now) || r.cancelled.load(Ordering::SeqCst) {
+                continue;
+            }
+            r.cancelled.store(true, Ordering::SeqCst);
+            if let Some(conn) = self.conns.iter_mut().find(|c| c.id == r.conn && c.waiting == Some(id)) {
+                conn.waiting = None;
+                let why = WireError::new(
+                    Errno::ETIMEDOUT,
+                    "the loop server could not serve this request in time (a file or directory that does not answer?)",
+                );
+                conn.outbox.push_back(refusal(&self.counters, &conn.peer, why));
+                flush(conn);
+            }
+        }
+    }
+
+    /// Closes dead connections; their devices are released on a worker.
+    fn reap(&mut self) {
+        for conn in self.conns.iter_mut().filter(|c| c.dead) {
+            if let Some(id) = conn.waiting.take() {
+                if let Some(r) = self.in_flight.get(&id) {
+                    r.cancelled.store(true, Ordering::SeqCst);
+                }
+            }
+            let held = conn.take_devices();
+            self.workers.release(held);
+        }
+        self.conns.retain(|c| !c.dead);
+    }
+
+    /// Handles one readiness event of a connection: send queued replies, or read one message and hand it to
+    /// a worker.
+    fn service(&mut self, i: usize, revents: i16) {
+        let conn = &mut self.conns[i];
+        if !conn.outbox.is_empty() || conn.waiting.is_some() {
+            if conn.outbox.is_empty() || revents & libc::POLLOUT == 0 {
+                conn.dead = true; // POLLHUP/POLLERR while a reply waits or is being made: the peer is gone.
+            } else {
+                flush(conn);
+            }
+            return;
+        }
+        let msg = match jsoncomm::recv_message(conn.sock.as_fd(), &self.options.limits) {
+            Err(e) if e.is(Errno::EAGAIN) || e.is(Errno::EINTR) => return,
+            Err(_) | Ok(Incoming::Closed) => {
+                conn.dead = true;
+                return;
+            }
+            Ok(msg) => msg,
+        };
+        conn.last_active = Instant::now();
+        let reply = match msg {
+            // A refused peer's first message, whatever it is (its fds are closed already): refuse and hang up.
+            _ if conn.refused_until.is_some() => {
+                conn.last_reply = true;
+                refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
+            }
+            Incoming::Closed => unreachable!("handled above"),
+            Incoming::Invalid(why) => {
+                self.counters.requests.fetch_add(1, Ordering::SeqCst);
+                refusal(&self.counters, &conn.peer, why)
+            }
+            Incoming::Message(msg) => {
+                self.counters.requests.fetch_add(1, Ordering::SeqCst);
+                match self.dispatch(i, msg) {
+                    None => return,
+                    Some(refused) => refused,
+                }
+            }
+        };
+        let conn = &mut self.conns[i];
+        conn.outbox.push_back(reply);
+        flush(conn);
+    }
+
+    /// Hands a request to a worker, unless its uid already has as many being served as it may: then the
+    /// refusal to send instead.
+    fn dispatch(&mut self, i: usize, msg: jsoncomm::Message) -> Option<Outgoing> {
+        let peer = self.conns[i].peer;
+        let busy = self.busy_by_uid.get(&peer.uid).copied().unwrap_or(0);
+        if busy >= self.options.max_requests_per_uid {
+            let why = WireError::new(
+                Errno::EAGAIN,
+                format!("uid {} has {busy} requests being served, the most one uid may have", peer.uid),
+            );
+            return Some(refusal(&self.counters, &peer, why));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let request =
+            workers::Request { id, peer, payload: msg.payload, fds: msg.fds, cancelled: Arc::clone(&cancelled) };
+        if let Err(e) = self.workers.attach(request) {
+            return Some(attach::failure(&self.counters, e, &peer));
+        }
+        let deadline = self.options.request_timeout.map(|t| Instant::now() + t);
+        self.in_flight.insert(id, InFlight { conn: self.conns[i].id, uid: peer.uid, deadline, cancelled });
+        *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1;
+        self.conns[i].waiting = Some(id);
+        None
+    }
+
     fn accept_all(&mut self) {
-        while self.conns.len() < self.attacher.options.max_connections {
+        while self.conns.len() < self.options.max_connections {
             let sock = match seqpacket::accept(self.listener.as_fd()) {
                 Ok(s) => s,
                 Err(e) if e.is(Errno::EMFILE) || e.is(Errno::ENFILE) => {
@@ -538,57 +573,76 @@ impl Serve {
                 Ok(p) => p,
                 Err(_) => continue,
             };
-            let counters = &self.attacher.counters;
-            if !self.attacher.options.allow_uids.contains(&peer.uid) {
+            let id = self.next_id;
+            self.next_id += 1;
+            let counters = &self.counters;
+            if !self.options.allow_uids.contains(&peer.uid) {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 if self.conns.iter().filter(|c| c.refused_until.is_some()).count() >= MAX_REFUSING {
-                    self.refuse_now(sock, &peer, not_allowed(&peer));
+                    refuse_now(counters, sock, &peer, not_allowed(&peer));
                 } else {
-                    self.conns.push(Conn::new(sock, peer, Some(Instant::now() + REFUSAL_GRACE), counters));
+                    self.conns.push(Conn::new(id, sock, peer, Some(Instant::now() + REFUSAL_GRACE), counters));
                 }
                 continue;
             }
             let same_uid = self.conns.iter().filter(|c| c.refused_until.is_none() && c.peer.uid == peer.uid).count();
-            if same_uid >= self.attacher.options.max_connections_per_uid {
+            if same_uid >= self.options.max_connections_per_uid {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 let why = WireError::new(
                     Errno::EAGAIN,
                     format!("uid {} has {same_uid} connections open, the most one uid may have", peer.uid),
                 );
-                self.refuse_now(sock, &peer, why);
+                refuse_now(counters, sock, &peer, why);
                 continue;
             }
             counters.connections.fetch_add(1, Ordering::SeqCst);
-            self.conns.push(Conn::new(sock, peer, None, counters));
-        }
-    }
-
-    /// This peer gets its refusal at once and is disconnected. What it already sent is read and dropped first
-    /// (closing any fds in it), so it reads our reply, not a reset.
-    fn refuse_now(&self, sock: OwnedFd, peer: &PeerCred, why: WireError) {
-        let _ = seqpacket::send(sock.as_fd(), &refusal(&self.attacher, peer, why).bytes, &[]);
-        let mut buf = [0u8; 64];
-        for _ in 0..16 {
-            match seqpacket::recv(sock.as_fd(), &mut buf, 4) {
-                Ok(p) if p.len > 0 || !p.fds.is_empty() => {}
-                _ => break,
-            }
+            self.conns.push(Conn::new(id, sock, peer, None, counters));
         }
     }
 }
 
-impl Conn {
-    fn new(sock: OwnedFd, peer: PeerCred, refused_until: Option<Instant>, counters: &Arc<Counters>) -> Conn {
-        Conn {
-            sock,
-            peer,
-            outbox: VecDeque::new(),
-            devices: Vec::new(),
-            refused_until,
-            last_active: Instant::now(),
-            last_reply: false,
-            dead: false,
-            counters: Arc::clone(counters),
+/// At shutdown: abandons the requests being served, has the workers release every connection's devices,
+/// and waits for that up to SHUTDOWN_WAIT. Results of abandoned requests are released by their workers.
+fn release_all(workers: &mut Workers, in_flight: &mut HashMap<u64, InFlight>, conns: Vec<Conn>) -> Result<()> {
+    for r in in_flight.values() {
+        r.cancelled.store(true, Ordering::SeqCst);
+    }
+    let mut pending = 0;
+    for mut conn in conns {
+        let held = conn.take_devices();
+        pending += usize::from(!held.is_empty());
+        workers.release(held);
+    }
+    let deadline = Instant::now() + SHUTDOWN_WAIT;
+    while pending > 0 {
+        match workers.wait_done(deadline.saturating_duration_since(Instant::now())) {
+            Some(Done::Released) => pending -= 1,
+            Some(Done::Attached { out: Some(Outgoing { device: Some(held), .. }), .. }) => {
+                pending += 1;
+                workers.release(vec![held]);
+            }
+            Some(Done::Attached { .. }) => {}
+            None => break,
+        }
+    }
+    workers.close();
+    if pending > 0 {
+        return Err(Error::os(Errno::ETIMEDOUT, "shutdown").with_detail(format!(
+            "the devices of {pending} connections are still being released (a peer's directory does not answer?)"
+        )));
+    }
+    Ok(())
+}
+
+/// This peer gets its refusal at once and is disconnected. What it already sent is read and dropped first
+/// (closing any fds in it), so it reads our reply, not a reset.
+fn refuse_now(counters: &Counters, sock: OwnedFd, peer: &PeerCred, why: WireError) {
+    let _ = seqpacket::send(sock.as_fd(), &refusal(counters, peer, why).bytes, &[]);
+    let mut buf = [0u8; 64];
+    for _ in 0..16 {
+        match seqpacket::recv(sock.as_fd(), &mut buf, 4) {
+            Ok(p) if p.len > 0 || !p.fds.is_empty() => {}
+            _ => break,
         }
     }
 }
@@ -598,43 +652,8 @@ fn not_allowed(peer: &PeerCred) -> WireError {
     WireError::new(Errno::EPERM, format!("uid {} is not allowed to use this loop server", peer.uid))
 }
 
-fn refusal(attacher: &Attacher, peer: &PeerCred, why: WireError) -> Outgoing {
-    attacher.failure(Failure::Wire(why), peer)
-}
-
-/// Handles one readiness event of a connection: send queued replies, or read and answer one message.
-fn service(conn: &mut Conn, revents: i16, attacher: &mut Attacher) {
-    if !conn.outbox.is_empty() {
-        if revents & libc::POLLOUT != 0 {
-            flush(conn);
-        } else {
-            conn.dead = true; // POLLHUP/POLLERR while a reply waits: the peer is gone.
-        }
-        return;
-    }
-    let reply = match jsoncomm::recv_message(conn.sock.as_fd(), &attacher.options.limits) {
-        Err(e) if e.is(Errno::EAGAIN) || e.is(Errno::EINTR) => return,
-        Err(_) | Ok(Incoming::Closed) => {
-            conn.dead = true;
-            return;
-        }
-        // A refused peer's first message, whatever it is (its fds are closed already): refuse and hang up.
-        Ok(_) if conn.refused_until.is_some() => {
-            conn.last_reply = true;
-            refusal(attacher, &conn.peer, not_allowed(&conn.peer))
-        }
-        Ok(Incoming::Invalid(why)) => {
-            attacher.counters.requests.fetch_add(1, Ordering::SeqCst);
-            attacher.failure(Failure::Wire(why), &conn.peer)
-        }
-        Ok(Incoming::Message(msg)) => {
-            attacher.counters.requests.fetch_add(1, Ordering::SeqCst);
-            attacher.handle(msg, &conn.peer)
-        }
-    };
-    conn.last_active = Instant::now();
-    conn.outbox.push_back(reply);
-    flush(conn);
+fn refusal(counters: &Counters, peer: &PeerCred, why: WireError) -> Outgoing {
+    attach::failure(counters, why, peer)
 }
 
 /// Sends queued replies until the socket is full. A device whose reply went out stays with the connection.
@@ -663,7 +682,7 @@ fn flush(conn: &mut Conn) {
 mod tests {
     use super::*;
     use crate::remote::client::Client;
-    use crate::remote::wire::Reply;
+    use crate::remote::wire::{Exception, Reply, Request};
     use std::fs::File;
 
     fn temp_dir(tag: &str) -> PathBuf {

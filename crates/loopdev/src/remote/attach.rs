@@ -1,0 +1,211 @@
+//! Serving one request: parse → check what the peer's fds allow (`untrusted`) → reserve a device under the
+//! quotas → `loop_for_fd(autoclear)` → node in the peer's directory. Runs on a worker thread (see
+//! `workers`): everything here may block on a peer's file.
+
+use super::seqpacket::PeerCred;
+use super::untrusted;
+use super::wire::{Exception, Reply, Request, WireError};
+use crate::control::LoopControl;
+use crate::device::Loop;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use nix::errno::Errno;
+use std::collections::HashMap;
+use std::os::unix::io::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::server::ServerOptions;
+
+/// Counters the server keeps; read them with `Server::stats`.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub running: AtomicBool,
+    pub connections: AtomicUsize,
+    pub devices: AtomicUsize,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    pub refused: AtomicU64,
+    /// Devices (held, or being attached) per peer uid, for the per-uid quota.
+    by_uid: Mutex<HashMap<u32, usize>>,
+}
+
+impl Counters {
+    fn by_uid(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        self.by_uid.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a device for `uid` before the kernel is asked, if the quotas allow one more: several
+    /// workers attach at once, so checking and counting are one step.
+    fn reserve(self: &Arc<Self>, uid: u32, options: &ServerOptions) -> std::result::Result<Reservation, WireError> {
+        let mut map = self.by_uid();
+        if self.devices.load(Ordering::SeqCst) >= options.max_devices {
+            return Err(WireError::new(
+                Errno::ENOSPC,
+                format!("the loop server holds {} devices, its limit", options.max_devices),
+            ));
+        }
+        let mine = map.entry(uid).or_insert(0);
+        if *mine >= options.max_devices_per_uid {
+            return Err(WireError::new(
+                Errno::EDQUOT,
+                format!(
+                    "uid {uid} holds {} devices, the most one uid may hold; close connections to release them",
+                    options.max_devices_per_uid
+                ),
+            ));
+        }
+        *mine += 1;
+        self.devices.fetch_add(1, Ordering::SeqCst);
+        Ok(Reservation { uid, counters: Arc::clone(self) })
+    }
+
+    fn release(&self, uid: u32) {
+        let mut map = self.by_uid();
+        if let Some(n) = map.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&uid);
+            }
+        }
+        self.devices.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One device counted against a uid's quota; uncounted when dropped.
+#[derive(Debug)]
+struct Reservation {
+    uid: u32,
+    counters: Arc<Counters>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.counters.release(self.uid);
+    }
+}
+
+/// A device attached for a peer, with the node made for it. Released when its reply cannot be delivered
+/// (no one would ever know its name) or when the connection that asked for it closes.
+#[derive(Debug)]
+pub(super) struct Held {
+    /// Kept open for the client; closing it (after the node is gone) is the release.
+    lo: Loop,
+    dir: OwnedFd,
+    /// Taken by `drop`.
+    node: Option<Node>,
+    _quota: Reservation,
+}
+
+impl Drop for Held {
+    /// Node first (only if it still is our node: see `Node::remove`), then the device fd: autoclear detaches
+    /// the device once nobody else has it open. May block on the peer's directory: drop it on a worker.
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            let _ = node.remove(self.dir.as_fd());
+        }
+    }
+}
+
+/// A reply, and the device it names (which must not outlive an undelivered reply).
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub device: Option<Held>,
+}
+
+/// The part of the server that talks to the kernel's loop driver; one per worker thread.
+#[derive(Debug)]
+pub(super) struct Attacher {
+    options: Arc<ServerOptions>,
+    counters: Arc<Counters>,
+}
+
+impl Attacher {
+    pub fn new(options: Arc<ServerOptions>, counters: Arc<Counters>) -> Attacher {
+        Attacher { options, counters }
+    }
+
+    /// Serves one well-formed message: the reply to send and, on success, the device waiting for it.
+    pub fn handle(&self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> Outgoing {
+        match self.attach(payload, fds, peer) {
+            Ok(held) => Outgoing { bytes: Reply::Device(held.lo.devname()).encode(), device: Some(held) },
+            Err(f) => failure(&self.counters, f, peer),
+        }
+    }
+
+    fn attach(&self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> std::result::Result<Held, Failure> {
+        let req = Request::parse(payload)?;
+        let pick = |i: usize, key: &str| {
+            fds.get(i).map(|f| f.as_fd()).ok_or_else(|| {
+                WireError::invalid(format!("'{key}' is index {i}, but the message carried {} fds", fds.len()))
+            })
+        };
+        let (backing, dir) = (pick(req.fd, "fd")?, pick(req.dir_fd, "dir_fd")?);
+        let access = untrusted::backing(backing)?;
+        untrusted::node_dir(dir, peer.uid)?;
+        let quota = self.counters.reserve(peer.uid, &self.options)?;
+        // Opened per request, not per worker: its own open file description, so loop-control's flock
+        // serialises the workers, and idle workers hold no fd.
+        let ctl = LoopControl::open(None)?;
+        let mut options = req.configure_options();
+        options.read_only |= !access.writable;
+        let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
+        let peer_uid = Some(peer.uid).filter(|&uid| uid != 0);
+        let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.minor(), self.options.node_mode, peer_uid)?;
+        let mut fds = fds;
+        let dir = fds.swap_remove(req.dir_fd);
+        // Every other fd of the message (the backing file: the device holds its own reference) closes here.
+        drop(fds);
+        Ok(Held { lo, dir, node: Some(node), _quota: quota })
+    }
+}
+
+/// The exception reply for `why`, counted as a failure.
+pub(super) fn failure(counters: &Counters, why: impl Into<Failure>, peer: &PeerCred) -> Outgoing {
+    let why = why.into();
+    counters.failures.fetch_add(1, Ordering::SeqCst);
+    let traceback = format!(
+        "loopdev remote loop server: request from pid {} uid {} failed here; no Python traceback\n",
+        peer.pid, peer.uid
+    );
+    let e = Exception::os_error(why.errno(), &why.to_string(), traceback);
+    Outgoing { bytes: Reply::Exception(e).encode(), device: None }
+}
+
+/// Why a request failed: refused before the kernel was asked, or the kernel said no.
+#[derive(Debug)]
+pub(super) enum Failure {
+    Wire(WireError),
+    Os(Error),
+}
+
+impl Failure {
+    fn errno(&self) -> Errno {
+        match self {
+            Failure::Wire(w) => w.errno,
+            Failure::Os(e) => e.errno,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Wire(w) => w.fmt(f),
+            Failure::Os(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<WireError> for Failure {
+    fn from(w: WireError) -> Self {
+        Failure::Wire(w)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Os(e)
+    }
+}

@@ -1,0 +1,181 @@
+//! The threads that touch what peers send. Everything a peer's fds can block (fstat of a FUSE file whose
+//! daemon stopped answering, a node made or removed in such a directory, the configure itself) runs here,
+//! never on the server's poll thread, which only moves bytes and keeps time: a stuck request costs one
+//! worker and gets ETIMEDOUT at its deadline, while the others are served.
+//!
+//! Workers start on demand up to a maximum and each has its own loop-control fd (its own flock). Every
+//! piece of work sent yields exactly one `Done` (unless the poll thread has gone, in which case the worker
+//! drops what it made itself: a device nobody will be told about is released right there).
+
+use super::attach::{Attacher, Counters, Held, Outgoing};
+use super::seqpacket::{self, PeerCred};
+use super::server::ServerOptions;
+use crate::error::{Error, Result};
+use nix::errno::Errno;
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+/// A request to attach a device: a well-formed message, owned entirely by the job.
+#[derive(Debug)]
+pub(super) struct Request {
+    pub id: u64,
+    pub peer: PeerCred,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+    /// Set by the poll thread when no one waits for the answer any more (deadline, hang-up, shutdown):
+    /// a job not started yet is then skipped.
+    pub cancelled: Arc<AtomicBool>,
+}
+
+#[derive(Debug)]
+enum Work {
+    Attach(Request),
+    /// Devices to release (remove the node, close the device): dropping them may block too.
+    Release(Vec<Held>),
+}
+
+#[derive(Debug)]
+pub(super) enum Done {
+    /// The reply for request `id`; None if the request was skipped, or the worker failed (panicked).
+    Attached {
+        id: u64,
+        out: Option<Outgoing>,
+    },
+    Released,
+}
+
+#[derive(Debug)]
+pub(super) struct Workers {
+    work: Option<mpsc::Sender<Work>>,
+    queue: Arc<Mutex<mpsc::Receiver<Work>>>,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: Option<mpsc::Receiver<Done>>,
+    /// Signalled once per `Done`, so the poll thread wakes for it.
+    wake: Arc<OwnedFd>,
+    threads: usize,
+    /// Work sent and not done yet.
+    busy: usize,
+    max: usize,
+    options: Arc<ServerOptions>,
+    counters: Arc<Counters>,
+}
+
+impl Workers {
+    pub fn new(max: usize, options: Arc<ServerOptions>, counters: Arc<Counters>) -> Result<Workers> {
+        let (work, queue) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        Ok(Workers {
+            work: Some(work),
+            queue: Arc::new(Mutex::new(queue)),
+            done_tx,
+            done_rx: Some(done_rx),
+            wake: Arc::new(seqpacket::eventfd()?),
+            threads: 0,
+            busy: 0,
+            max: max.max(1),
+            options,
+            counters,
+        })
+    }
+
+    /// Readable when work is done.
+    pub fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.wake.as_fd()
+    }
+
+    /// Err: no worker could be started (EAGAIN from clone); the request's fds are closed.
+    pub fn attach(&mut self, request: Request) -> Result<()> {
+        self.send(Work::Attach(request)).map_err(|_| {
+            Error::os(Errno::EAGAIN, "clone").with_detail("the loop server could not start a worker thread")
+        })
+    }
+
+    pub fn release(&mut self, held: Vec<Held>) {
+        if held.is_empty() {
+            return;
+        }
+        // Only with no worker at all (none could be started): release here rather than leak. It may
+        // block, but then there is no one else to serve anyway.
+        if let Err(work) = self.send(Work::Release(held)) {
+            drop(work);
+        }
+    }
+
+    /// Gives the work back when no thread can take it.
+    fn send(&mut self, work: Work) -> std::result::Result<(), Work> {
+        if self.busy >= self.threads && self.threads < self.max && self.spawn().is_err() && self.threads == 0 {
+            return Err(work);
+        }
+        match &self.work {
+            Some(sender) => sender.send(work).map_err(|e| e.0)?,
+            None => return Err(work),
+        }
+        self.busy += 1;
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let queue = Arc::clone(&self.queue);
+        let done = self.done_tx.clone();
+        let wake = Arc::clone(&self.wake);
+        let attacher = Attacher::new(Arc::clone(&self.options), Arc::clone(&self.counters));
+        std::thread::Builder::new()
+            .name("loopdev-worker".into())
+            .spawn(move || loop {
+                let work = match queue.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                    Ok(w) => w,
+                    Err(_) => return, // the server is gone and the queue is empty
+                };
+                let result = match work {
+                    Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
+                    Work::Release(held) => {
+                        let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
+                        Done::Released
+                    }
+                };
+                // Err: the poll thread is gone; `result` (and any device in it) is released here.
+                if done.send(result).is_ok() {
+                    let _ = seqpacket::eventfd_signal(wake.as_fd());
+                }
+            })
+            .map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EAGAIN)), "clone"))?;
+        self.threads += 1;
+        Ok(())
+    }
+
+    /// What is done since the last call.
+    pub fn take_done(&mut self) -> Vec<Done> {
+        seqpacket::eventfd_take(self.wake.as_fd());
+        let done: Vec<Done> = match &self.done_rx {
+            Some(rx) => rx.try_iter().collect(),
+            None => Vec::new(),
+        };
+        self.busy -= done.len();
+        done
+    }
+
+    /// Waits up to `timeout` for one piece of work to finish (shutdown only: the poll loop uses `ready_fd`).
+    pub fn wait_done(&mut self, timeout: std::time::Duration) -> Option<Done> {
+        let done = self.done_rx.as_ref()?.recv_timeout(timeout).ok()?;
+        self.busy -= 1;
+        Some(done)
+    }
+
+    /// No more work: idle workers exit, busy ones when they finish; results not taken yet are dropped by the
+    /// workers themselves (releasing their devices).
+    pub fn close(&mut self) {
+        self.work = None;
+        self.done_rx = None;
+    }
+}
+
+fn serve(attacher: &Attacher, r: Request) -> Option<Outgoing> {
+    if r.cancelled.load(Ordering::SeqCst) {
+        return None; // its fds close here
+    }
+    let Request { peer, payload, fds, .. } = r;
+    catch_unwind(AssertUnwindSafe(|| attacher.handle(&payload, fds, &peer))).ok()
+}
