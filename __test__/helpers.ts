@@ -169,3 +169,11 @@ export function unavailable(t: ExecutionContext, why: string): void {
   if (process.env.CI === 'true') t.fail(`${why} (CI=true: nothing may pass unchecked)`);
   else t.pass(why);
 }
+
+/** major:minor of a block node, decoded from the full 64-bit dev_t (glibc's encoding), not from its low bits. */
+export function nodeDev(p: string): { major: number; minor: number; block: boolean } {
+  const st = fs.statSync(p, { bigint: true });
+  const major = ((st.rdev >> 8n) & 0xfffn) | ((st.rdev >> 32n) & 0xfffff000n);
+  const minor = (st.rdev & 0xffn) | ((st.rdev >> 12n) & 0xffffff00n);
+  return { major: Number(major), minor: Number(minor), block: st.isBlockDevice() };
+}

@@ -3,13 +3,13 @@
  * processes and uids, and against a Python peer that speaks like osbuild's own LoopClient / LoopServer.
  */
 import type { ExecutionContext } from 'ava';
-import { execFileSync, spawn, type SpawnOptions } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type SpawnOptions } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
-import { boundAfterSettling, devicesBoundUnder, image, loopTest, sysfs } from './helpers.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs } from './helpers.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
 const PEER = path.join(FIXTURES, 'osbuild_remoteloop.py');
@@ -66,10 +66,9 @@ function minorOf(devname: string): number {
 
 /** The loop minor a node in a directory reaches (rdev 7:minor), whether a bind mount or a mknod node. */
 function nodeMinor(p: string): number {
-  const st = fs.statSync(p);
-  const major = (st.rdev >> 8) & 0xfff;
-  if (!st.isBlockDevice() || major !== 7) throw new Error(`${p} is not a loop device node`);
-  return (st.rdev & 0xff) | ((st.rdev >> 12) & 0xfff00);
+  const { major, minor, block } = nodeDev(p);
+  if (!block || major !== 7) throw new Error(`${p} is not a loop device node`);
+  return minor;
 }
 
 /** Polls `ok` every 5 ms; throws after `timeoutMs`. */
@@ -329,6 +328,30 @@ loopTest("our server with osbuild's LoopClient (Python): exact request bytes, de
   t.like(srv.stats(), { requests: 2, failures: 1, devices: 0 });
 });
 
+loopTest.serial('a request in the <args-via-fd> memfd form, with lock: the device is flock()ed while held', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  const args = ['client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir, '--via-fd', '--lock', '--hold'];
+  const holder = spawn('python3', [PEER, ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
+  t.teardown(() => {
+    if (holder.exitCode === null) holder.kill('SIGKILL');
+  });
+  const next = jsonLines(holder);
+  const ok = await next();
+  t.true(ok!.ok, JSON.stringify(ok));
+  t.regex(ok!.request, /"lock": true/);
+  const minor = minorOf(ok!.devname);
+  t.is(sysfs(minor, 'loop/backing_file'), img.path);
+  // The server holds LOCK_EX on /dev/loopN (what udev and systemd take LOCK_SH on before probing).
+  const probe = spawnSync('flock', ['--nonblock', '--shared', `/dev/${ok!.devname}`, 'true']);
+  t.is(probe.status, 1, 'a second opener cannot take the lock while the client holds the device');
+  holder.stdin!.end('\n');
+  await next();
+  await exited(holder);
+  await until('the device of the closed connection to be released', () => srv.stats().devices === 0);
+  t.deepEqual(await boundAfterSettling(img.path), []);
+});
+
 loopTest("our LoopClient with osbuild's LoopServer (Python): request, device, exception, release", async (t) => {
   const img = image(t);
   const socketPath = path.join(img.dir, 'remoteloop');
@@ -345,9 +368,9 @@ loopTest("our LoopClient with osbuild's LoopServer (Python): request, device, ex
   const request = await next();
   t.is(request.fds, 2);
   t.is(
-    JSON.stringify(request.msg),
-    '{"fd":0,"dir_fd":1,"offset":8192,"lock":false,"partscan":true,"read_only":false,"sector_size":4096}',
-    'keys and values as osbuild sends them',
+    request.raw,
+    '{"fd": 0, "dir_fd": 1, "offset": 8192, "lock": false, "partscan": true, "read_only": false, "sector_size": 4096}',
+    "byte for byte what osbuild's client sends (json.dumps)",
   );
   t.like(await next(), { event: 'device', devname: dev.devname });
   const minor = minorOf(dev.devname);
