@@ -12,7 +12,9 @@ import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } fro
 import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs } from './helpers.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
-const PEER = path.join(FIXTURES, 'osbuild_remoteloop.py');
+// osbuild's client and server in Python, passed inline (python3 -c): a child running as another uid then
+// needs no access to this checkout (a CI clone in a 0700 directory).
+const PEER = ['-c', fs.readFileSync(path.join(FIXTURES, 'osbuild_remoteloop.py'), 'utf8')];
 const SERVE = path.join(FIXTURES, 'remote-serve.ts');
 
 type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
@@ -33,7 +35,7 @@ function exited(child: { exitCode: number | null; once: (e: 'exit', f: () => voi
 
 /** Runs the Python peer to completion and returns its JSON lines. */
 async function runPeer(args: string[], options: SpawnOptions = {}): Promise<Json[]> {
-  const child = spawn('python3', [PEER, ...args], { stdio: ['ignore', 'pipe', 'inherit'], ...options });
+  const child = spawn('python3', [...PEER, ...args], { stdio: ['ignore', 'pipe', 'inherit'], ...options });
   const out: Json[] = [];
   for await (const line of createInterface({ input: child.stdout! })) out.push(JSON.parse(line) as Json);
   await exited(child);
@@ -247,7 +249,7 @@ loopTest('a uid in allowUids gets a device in its own directory, released when i
   const devDir = peerDir(img.dir);
   const dirFd = fs.openSync(devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
   t.teardown(() => fs.closeSync(dirFd));
-  const child = spawn('python3', [PEER, 'client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', devDir, '--hold'], {
+  const child = spawn('python3', [...PEER, 'client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', devDir, '--hold'], {
     uid: 65534,
     gid: 65534,
     stdio: ['pipe', 'pipe', 'inherit', img.fd, dirFd],
@@ -291,7 +293,7 @@ loopTest("our server with osbuild's LoopClient (Python): exact request bytes, de
   const img = image(t);
   const srv = await server(t, img.dir);
   const base = ['client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir];
-  const holder = spawn('python3', [PEER, ...base, '--offset', '512', '--sizelimit', '1048576', '--read-only', '--hold'], {
+  const holder = spawn('python3', [...PEER, ...base, '--offset', '512', '--sizelimit', '1048576', '--read-only', '--hold'], {
     stdio: ['pipe', 'pipe', 'inherit'],
   });
   t.teardown(() => {
@@ -332,7 +334,7 @@ loopTest.serial('a request in the <args-via-fd> memfd form, with lock: the devic
   const img = image(t);
   const srv = await server(t, img.dir);
   const args = ['client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir, '--via-fd', '--lock', '--hold'];
-  const holder = spawn('python3', [PEER, ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const holder = spawn('python3', [...PEER, ...args], { stdio: ['pipe', 'pipe', 'inherit'] });
   t.teardown(() => {
     if (holder.exitCode === null) holder.kill('SIGKILL');
   });
@@ -355,7 +357,7 @@ loopTest.serial('a request in the <args-via-fd> memfd form, with lock: the devic
 loopTest("our LoopClient with osbuild's LoopServer (Python): request, device, exception, release", async (t) => {
   const img = image(t);
   const socketPath = path.join(img.dir, 'remoteloop');
-  const peer = spawn('python3', [PEER, 'server', socketPath], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const peer = spawn('python3', [...PEER, 'server', socketPath], { stdio: ['ignore', 'pipe', 'inherit'] });
   t.teardown(() => {
     if (peer.exitCode === null) peer.kill('SIGKILL');
   });
@@ -402,7 +404,7 @@ loopTest.serial('the server does not need the event loop: a client is served whi
   const img = image(t);
   const srv = await server(t, img.dir);
   // execFileSync blocks this thread until the Python client is done: only the server thread can answer it.
-  const out = execFileSync('python3', [PEER, 'client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir], {
+  const out = execFileSync('python3', [...PEER, 'client', srv.socketPath, '--file', img.path, '--dev-dir', img.dir], {
     encoding: 'utf8',
   });
   const [result] = out.trim().split('\n').map((l) => JSON.parse(l) as Json);
