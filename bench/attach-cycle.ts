@@ -14,40 +14,23 @@
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
-import { attach, attachSync, detachSync, type LoopDevice } from '../ts/index.js';
+import { attach, attachSync, type LoopDevice } from '../ts/index.js';
+import { QUICK, ROOT, intOption, machine, median, parseArgs, record, scratchImage } from './lib.js';
 
-const { values } = parseArgs({
-  options: {
-    cycles: { type: 'string', default: '300' },
-    'losetup-cycles': { type: 'string', default: '60' },
-    'cli-cycles': { type: 'string', default: '10' },
-    rounds: { type: 'string', default: '5' },
-  },
-});
-const ROOT = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
+const { opts } = parseArgs();
+const cycles = intOption(opts, 'cycles', QUICK ? 5 : 300);
+const losetupCycles = intOption(opts, 'losetup-cycles', QUICK ? 2 : 60);
+const cliCycles = intOption(opts, 'cli-cycles', QUICK ? 1 : 10);
+const rounds = intOption(opts, 'rounds', QUICK ? 1 : 5);
 const CLI = path.join(ROOT, 'dist', 'cli.js');
-const rounds = Number(values.rounds);
+record('attach-cycle');
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'loopdev-test-bench-cycle-'));
-const file = path.join(dir, 'disk.img');
-fs.writeFileSync(file, '');
-fs.truncateSync(file, 8 << 20);
+// Its cleanup detaches whatever losetup or the CLI left bound to it (never anyone else's).
+const { file } = scratchImage();
 const live: LoopDevice[] = [];
 process.once('exit', () => {
   for (const d of live) d.detachSync(5000);
-  // Anything losetup or the CLI left bound to our file (never anyone else's).
-  for (const name of fs.readdirSync('/sys/block').filter((n) => n.startsWith('loop'))) {
-    try {
-      if (fs.readFileSync(`/sys/block/${name}/loop/backing_file`, 'utf8').trim() === file) detachSync(name, 5000);
-    } catch {
-      /* unbound */
-    }
-  }
-  fs.rmSync(dir, { recursive: true, force: true });
 });
 for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => process.exit(130));
 
@@ -69,7 +52,7 @@ interface Variant {
 const variants: Variant[] = [
   {
     name: 'losetup (baseline)',
-    cycles: Number(values['losetup-cycles']),
+    cycles: losetupCycles,
     cycle() {
       const dev = run('losetup', ['--find', '--show', '--direct-io=on', file]);
       run('losetup', ['-d', dev]);
@@ -77,7 +60,7 @@ const variants: Variant[] = [
   },
   {
     name: 'attach() + detach()',
-    cycles: Number(values.cycles),
+    cycles,
     async cycle() {
       const d = await attach(file);
       live.push(d);
@@ -87,7 +70,7 @@ const variants: Variant[] = [
   },
   {
     name: 'attachSync() + detachSync()',
-    cycles: Number(values.cycles),
+    cycles,
     cycle() {
       const d = attachSync(file);
       live.push(d);
@@ -96,10 +79,10 @@ const variants: Variant[] = [
     },
   },
 ];
-if (fs.existsSync(CLI) && Number(values['cli-cycles']) > 0) {
+if (fs.existsSync(CLI)) {
   variants.push({
     name: 'loopdev CLI (node startup)',
-    cycles: Number(values['cli-cycles']),
+    cycles: cliCycles,
     cycle() {
       const dev = run(process.execPath, [CLI, 'attach', file]);
       run(process.execPath, [CLI, 'detach', dev]);
@@ -112,12 +95,6 @@ async function measure(v: Variant): Promise<number> {
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < v.cycles; i++) await v.cycle();
   return Number(process.hrtime.bigint() - t0) / 1e6 / v.cycles; // ms per cycle
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
 const times = variants.map(() => [] as number[]);
@@ -133,7 +110,7 @@ for (let round = 0; round < rounds; round++) {
 }
 
 console.log(
-  `attach + verified detach cycle, ${rounds} rounds (medians), ${os.cpus().length} CPUs, kernel ${os.release()}`,
+  `attach + verified detach cycle, ${rounds} rounds (medians) — ${machine()}`,
 );
 const header = ['variant'.padEnd(30), 'cycles'.padStart(8), 'ms/cycle'.padStart(10), 'losetup/variant'.padStart(17)];
 console.log(header.join(''));

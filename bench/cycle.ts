@@ -19,15 +19,16 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { LoopControl } from '../ts/index.js';
-import { BENCH_DIR, ROOT, intOption, machine, median, parseArgs, scratchImage, table } from './lib.js';
+import { BENCH_DIR, QUICK, ROOT, intOption, machine, median, parseArgs, record, scratchImage, table } from './lib.js';
 
 const TARGET_SYNC_VS_C = 1.25;
 
 const { opts } = parseArgs();
-const cycles = intOption(opts, 'cycles', 1500);
-const rounds = intOption(opts, 'rounds', 10);
-const losetupCycles = intOption(opts, 'losetup-cycles', 100);
+const cycles = intOption(opts, 'cycles', QUICK ? 20 : 1500);
+const rounds = intOption(opts, 'rounds', QUICK ? 1 : 10);
+const losetupCycles = intOption(opts, 'losetup-cycles', QUICK ? 2 : 100);
 const check = opts.has('check');
+record('cycle');
 
 const img = scratchImage();
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'loopdev-bench-bin-'));

@@ -11,22 +11,15 @@
  * ratios; needs root. drop_caches is system-wide, and other load on the machine adds noise.
  */
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { parseArgs } from 'node:util';
 import { attach, type LoopDevice } from '../ts/index.js';
+import { QUICK, intOption, median, parseArgs, record, scratchImage } from './lib.js';
 
-const { values } = parseArgs({
-  options: {
-    'size-mib': { type: 'string', default: '1024' },
-    rounds: { type: 'string', default: '3' },
-    'block-kib': { type: 'string', default: '1024' },
-  },
-});
+const { opts } = parseArgs();
 const MiB = 1 << 20;
-const sizeMiB = Number(values['size-mib']);
-const rounds = Number(values.rounds);
-const block = Number(values['block-kib']) * 1024;
+const sizeMiB = intOption(opts, 'size-mib', QUICK ? 16 : 1024);
+const rounds = intOption(opts, 'rounds', QUICK ? 1 : 3);
+const block = intOption(opts, 'block-kib', 1024) * 1024;
+record('dio');
 
 /** Page cache of block devices (`Buffers:`) and of files (`Cached:`), bytes. */
 function pageCache(): { device: number; file: number } {
@@ -38,12 +31,6 @@ function pageCache(): { device: number; file: number } {
 function dropCaches(dev: LoopDevice): void {
   dev.flushBuf();
   fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
 /** Reads the whole device sequentially; returns seconds. */
@@ -59,20 +46,8 @@ function readAll(devPath: string): number {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'loopdev-test-bench-dio-'));
-const file = path.join(dir, 'disk.img');
-const devices: LoopDevice[] = [];
-const cleanup = () => {
-  for (const d of devices) {
-    try {
-      d.detachSync(5000);
-    } catch {
-      /* reported by the leak check of whoever looks */
-    }
-  }
-  fs.rmSync(dir, { recursive: true, force: true });
-};
-process.once('exit', cleanup);
+// Its cleanup detaches whatever is still bound to it (a device of an interrupted round).
+const { file } = scratchImage(0);
 for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => process.exit(130));
 
 // Real data (holes and unwritten extents would be answered without any I/O).
@@ -96,7 +71,6 @@ for (let round = 0; round < rounds; round++) {
   const order = round % 2 ? [1, 0] : [0, 1];
   for (const i of order) {
     const dev = await attach(file, { ...modes[i]!.options, readOnly: true });
-    devices.push(dev);
     results[i]!.dio = dev.directIo;
     dropCaches(dev);
     const before = pageCache();
@@ -106,7 +80,6 @@ for (let round = 0; round < rounds; round++) {
     results[i]!.file.push(after.file - before.file);
     dropCaches(dev);
     await dev.detach();
-    devices.pop();
   }
 }
 

@@ -110,3 +110,35 @@ export function machine(): string {
 
 /** Waits `ms` milliseconds. */
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** `--quick`: one small run that only proves the benchmark still works (CI); nothing is recorded. */
+export const QUICK = process.argv.includes('--quick');
+
+/**
+ * Records what the benchmark prints into `bench/results/<name>.txt`, with when, where and how loaded the
+ * machine was, so the figures the README quotes come from a file a run wrote, not from a hand copy.
+ * Quick runs record nothing.
+ */
+export function record(name: string): void {
+  if (QUICK) return;
+  const lines: string[] = [];
+  const log = console.log.bind(console);
+  console.log = (...args: unknown[]): void => {
+    lines.push(args.map(String).join(' '));
+    log(...args);
+  };
+  const load = (): string => os.loadavg().map((l) => l.toFixed(2)).join(' ');
+  const header = [
+    `# npx tsx bench/${name}.ts ${process.argv.slice(2).join(' ')}`.trimEnd(),
+    `# date: ${new Date().toISOString()}`,
+    `# machine: ${machine()}`,
+    `# load average (1, 5, 15 min) at start: ${load()}`,
+  ];
+  process.once('exit', (code) => {
+    const out = path.join(BENCH_DIR, 'results', `${name}.txt`);
+    fs.mkdirSync(path.dirname(out), { recursive: true });
+    const footer = [`# load average at end: ${load()}`, `# exit status: ${code}`];
+    fs.writeFileSync(out, [...header, '', ...lines, '', ...footer, ''].join('\n'));
+    console.error(`# results written to ${path.relative(ROOT, out)}`);
+  });
+}

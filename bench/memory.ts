@@ -20,15 +20,18 @@ import { setImmediate as turn } from 'node:timers/promises';
 import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
 import { LoopControl } from '../ts/index.js';
-import { intOption, machine, parseArgs, scratchImage, table } from './lib.js';
+import { QUICK, intOption, machine, parseArgs, record, scratchImage, table } from './lib.js';
 
 const TARGET_RSS_MB = 5;
 const BLOCK = 500;
-const WARMUP = 10_000;
+const WARMUP = QUICK ? 500 : 10_000;
 
 const { opts, positional } = parseArgs();
-const total = positional[0] ? intOption(new Map([['cycles', positional[0]]]), 'cycles', 0) : intOption(opts, 'cycles', 100_000);
+const total = positional[0]
+  ? intOption(new Map([['cycles', positional[0]]]), 'cycles', 0)
+  : intOption(opts, 'cycles', QUICK ? 1000 : 100_000);
 const check = opts.has('check');
+record('memory');
 
 v8.setFlagsFromString('--expose-gc');
 const gc = vm.runInNewContext('gc') as () => void;

@@ -16,11 +16,12 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LoopClient, LoopControl, LoopServer, removeNode } from '../ts/index.js';
-import { intOption, machine, median, parseArgs, scratchImage, table } from './lib.js';
+import { QUICK, intOption, machine, median, parseArgs, record, scratchImage, table } from './lib.js';
 
 const { opts } = parseArgs();
-const requests = intOption(opts, 'requests', 50);
-const rounds = intOption(opts, 'rounds', 5);
+const requests = intOption(opts, 'requests', QUICK ? 3 : 50);
+const rounds = intOption(opts, 'rounds', QUICK ? 1 : 5);
+record('remote');
 const img = scratchImage();
 
 function inProcess(n: number): number {

@@ -76,6 +76,13 @@ passed=$((passed + ${stress_pass:-0}))
 failed=$((failed + ${stress_fail:-0}))
 skipped=$((skipped + ${stress_skip:-0}))
 
+# Every benchmark once at a small size, without thresholds: they must keep working (figures: bench/results/).
+for bench in bench/*.ts; do
+  name=$(basename "$bench" .ts)
+  [ "$name" = lib ] && continue
+  check "bench-$name" npx --no-install tsx "$bench" --quick
+done
+
 # Nothing the suite created may stay bound (only devices on loopdev-test-* files are ours).
 leaks_after=$(bound_to_tests)
 if [ "$leaks_after" != "$leaks_before" ]; then
