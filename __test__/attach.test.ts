@@ -48,8 +48,8 @@ loopTest.serial('attach uses direct I/O by default and detach() is verified', as
   t.false(isReadOnlyFd(dev.backingFd));
   t.is(dev.size, BigInt(8 * MiB));
   t.is(sysfs(dev.minor, 'size'), String((8 * MiB) / 512));
-  t.false(dev.autoclear);
-  t.is(sysfs(dev.minor, 'loop/autoclear'), '0');
+  t.true(dev.autoclear, 'autoclear by default: the device never outlives this process');
+  t.is(sysfs(dev.minor, 'loop/autoclear'), '1');
 
   await dev.detach();
   t.true(dev.released);
@@ -277,9 +277,18 @@ loopTest('autoclear: closing the device is enough for the kernel to detach it', 
   await dev.detach(); // nothing left to do
 });
 
-loopTest('close() without detach keeps the binding; detach() later still releases it', async (t) => {
+loopTest('close() releases the binding by default (autoclear), and at once', async (t) => {
   const file = sparseFile(tempDir(t), 4 * MiB);
   const dev = await attached(t, file);
+  dev.close();
+  t.true(dev.released, 'unbound when close() returns: the last close was ours');
+  t.deepEqual(devicesBoundUnder(file), []);
+});
+
+loopTest('close() with autoclear: false keeps the binding; detach() later still releases it', async (t) => {
+  const file = sparseFile(tempDir(t), 4 * MiB);
+  const dev = await attached(t, file, { autoclear: false });
+  t.is(sysfs(dev.minor, 'loop/autoclear'), '0');
   dev.close();
   t.is(sysfs(dev.minor, 'loop/backing_file'), file);
   t.false(dev.released);

@@ -16,6 +16,12 @@ import { loopError } from './errors.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 export interface AttachOptions extends ConfigureOptions {
+  /**
+   * Default true: the kernel detaches the device at its last close, so it never outlives this process,
+   * however the process ends (even SIGKILL). `false` for a device that must stay bound after the process
+   * exits (what `loopdev attach` does); it is then yours to detach.
+   */
+  autoclear?: boolean;
   /** Hold `flock(LOCK_EX)` on the device while it is open (skips devices others have locked). */
   lock?: boolean;
   /**
@@ -91,7 +97,7 @@ function normalize(o: AttachOptions): Normalized {
     offset: o.offset === undefined ? 0n : toU64(o.offset, 'offset'),
     sizeLimit: o.sizeLimit === undefined ? 0n : toU64(o.sizeLimit, 'sizeLimit'),
     blockSize,
-    autoclear: o.autoclear ?? false,
+    autoclear: o.autoclear ?? true,
     partscan: o.partscan ?? false,
     readOnly: o.readOnly,
     directIo: o.directIo ?? true,

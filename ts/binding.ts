@@ -7,6 +7,7 @@ import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
+import { readLoop } from './sysfs.js';
 import type { LoopServerQuotas, LoopServerStats } from './remote/server.js';
 
 /** Opaque native object; only the functions below understand it. */
@@ -175,16 +176,31 @@ function load(): Native {
 export const native: Native = load();
 native.init({ LoopError, UnexpectedDeviceError });
 
+interface Watched {
+  handle: Handle;
+  what: string;
+  /** `loopN`, for a loop device: the warning then says what becomes of its binding. */
+  devname?: string;
+}
+
 /**
  * Closes handles whose owner (a Loop or LoopControl) was garbage-collected without close(), and says so,
- * like Node does for a FileHandle: with autoclear, that close is what detaches the device.
+ * like Node does for a FileHandle, including what happens to the device: with autoclear that close is what
+ * detaches it; without, it stays bound.
  */
-const unclosed = new FinalizationRegistry<{ handle: Handle; what: string }>(({ handle, what }) => {
-  if (native.close(handle)) {
-    process.emitWarning(`Closing ${what} on garbage collection; close it (or use \`using\`) when done`, {
-      code: 'LOOPDEV_UNCLOSED',
-    });
-  }
+const unclosed = new FinalizationRegistry<Watched>(({ handle, what, devname }) => {
+  // Read before the close: with autoclear, the close may be what unbinds it.
+  const bound = devname === undefined ? null : readLoop(devname);
+  if (!native.close(handle)) return;
+  const fate =
+    bound === null
+      ? ''
+      : bound.autoclear
+        ? ` (autoclear: the kernel detaches it now, unless another process has it open)`
+        : ` (it stays bound to ${bound.backingFile}: no autoclear; detach it to release it)`;
+  process.emitWarning(`Closing ${what} on garbage collection${fate}; close it (or use \`using\`) when done`, {
+    code: 'LOOPDEV_UNCLOSED',
+  });
 });
 
 /**
@@ -192,6 +208,6 @@ const unclosed = new FinalizationRegistry<{ handle: Handle; what: string }>(({ h
  * No unregister on close(): the callback sees the handle closed and stays quiet, and registering without
  * an unregister token keeps this off the bind path's cost.
  */
-export function watch(owner: object, handle: Handle, what: string): void {
-  unclosed.register(owner, { handle, what });
+export function watch(owner: object, handle: Handle, what: string, devname?: string): void {
+  unclosed.register(owner, { handle, what, devname });
 }

@@ -53,7 +53,7 @@ export class Loop implements Disposable, AsyncDisposable {
     this.path = raw.path;
     this.#handle = raw.handle;
     this.#fd = raw.fd;
-    watch(this, raw.handle, `loop device ${raw.path}`);
+    watch(this, raw.handle, `loop device ${raw.path}`, this.devname);
   }
 
   /** Wraps a device the native layer opened (and, when `bound`, configured) for us. */

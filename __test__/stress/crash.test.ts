@@ -3,6 +3,7 @@
  * bind with autoclear (the kernel detaches at the last close, which process exit performs), and the next
  * attach works. Without autoclear a killed process's device stays bound: shown, then cleaned up.
  */
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import { Loop, LoopControl, attach } from '../../ts/index.js';
 import { boundAfterSettling, devicesBoundUnder, sysfs, tempDir } from '../helpers.js';
@@ -79,3 +80,21 @@ stressTest.serial('without autoclear, a SIGKILLed process leaks its bound device
   }
   t.deepEqual(await boundAfterSettling(dir), [], 'cleaned up');
 });
+
+for (const end of ['SIGINT', 'SIGTERM', 'SIGKILL', 'throw'] as const) {
+  stressTest(`a process holding devices from the default attach() leaves none bound when it ends by ${end}`, async (t) => {
+    const dir = tempDir(t);
+    const files = [0, 1, 2].map((i) => makeImage(dir, `held${i}.img`, 1 << 20));
+    const child = spawnChild('holder.ts', [...files, end === 'throw' ? 'throw' : 'wait']);
+    const done = finished(child);
+    const [ready] = await lineMatching(child, /^ready .*/);
+    t.is(devicesBoundUnder(dir).length, 3, `bound while the child lives: ${ready}`);
+    if (end !== 'throw') child.kill(end);
+    const r = await done;
+    if (end === 'throw') t.is(r.code, 1, r.stderr);
+    else t.is(r.signal, end);
+    // Judged by sysfs and by losetup: no disposer ran (signals and crashes skip them); autoclear did the work.
+    t.deepEqual(await boundAfterSettling(dir, 5000), []);
+    t.notRegex(execFileSync('losetup', ['--list', '--noheadings', '--output', 'BACK-FILE'], { encoding: 'utf8' }), new RegExp(dir));
+  });
+}

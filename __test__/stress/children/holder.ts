@@ -1,0 +1,22 @@
+/**
+ * Child of crash.test.ts: holds three devices from the default `attach()` (no options) in `await using`
+ * scopes, prints "ready", then ends the way it is told: `wait` (until a signal kills it) or `throw` (an
+ * uncaught exception while the devices are held).
+ *
+ *   node --import tsx holder.ts FILE1 FILE2 FILE3 wait|throw
+ */
+import { attach } from '../../../ts/index.js';
+
+const args = process.argv.slice(2);
+const how = args.pop();
+await using a = await attach(args[0]!);
+await using b = await attach(args[1]!);
+await using c = await attach(args[2]!);
+console.log(`ready ${[a, b, c].map((d) => d.devname).join(' ')}`);
+if (how === 'throw') {
+  // Off the `using` scopes' chain, as a crash in a callback would be: the disposers never run.
+  setTimeout(() => {
+    throw new Error('crash while holding devices');
+  }, 10);
+}
+await new Promise(() => setInterval(() => undefined, 1000));
