@@ -6,7 +6,7 @@ import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
 import { LoopInfo } from './info.js';
 import { loopName } from './list.js';
 import { DETACH_TIMEOUT_MS, Loop } from './loop.js';
-import { bindingGone, loopNumber, partitionNames, readLoop, type SysfsLoop } from './sysfs.js';
+import { bindingGone, loopNumber, partitionNames, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 const POLL_MS = 5;
@@ -179,15 +179,20 @@ export class LoopDevice extends Loop {
   }
 
   /**
-   * Waits until the kernel's partitions of this device are listed in sysfs and their nodes exist, and the
-   * list is stable; returns them. Returns what exists (possibly `[]`) when `timeoutMs` passes first.
+   * The partition nodes, once they exist. The kernel scans the table inside the configure (or the
+   * status change) that set partscan, so sysfs already lists every partition that will appear: with none
+   * listed, or without partscan, this returns `[]` at once. Otherwise it waits (up to `timeoutMs`) only for
+   * devtmpfs to create the nodes and for the list to be stable (a rescan by udev removes and re-adds them),
+   * and returns the nodes that exist by then.
    */
   async waitForPartitions(timeoutMs = 2000): Promise<string[]> {
     const deadline = Date.now() + timeoutMs;
     let previous = '';
     for (;;) {
+      if (readAttr(this.devname, 'loop/partscan') !== '1') return [];
       const parts = this.partitions();
-      const ready = parts.length > 0 && parts.every((p) => fs.existsSync(p));
+      if (parts.length === 0) return [];
+      const ready = parts.every((p) => fs.existsSync(p));
       const key = parts.join('\0');
       if (ready && key === previous) return parts;
       previous = ready ? key : '';
