@@ -224,6 +224,18 @@ loopTest('given an fd, attach uses it as is and the caller keeps it', async (t) 
   t.deepEqual(devicesBoundUnder(file), []);
 });
 
+loopTest('readOnly: false with an O_RDONLY fd is an EBADF error, not a silently read-only device', async (t) => {
+  const file = sparseFile(tempDir(t), 4 * MiB);
+  const fd = fs.openSync(file, 'r');
+  t.teardown(() => fs.closeSync(fd));
+  for (const run of [() => attach(fd, { readOnly: false }), async () => attachSync(fd, { readOnly: false })]) {
+    const err = await t.throwsAsync(run(), { instanceOf: LoopError, code: 'EBADF' });
+    t.like(err, { syscall: 'attach', path: file });
+    t.regex(err!.message, /O_RDONLY/);
+  }
+  t.deepEqual(devicesBoundUnder(file), [], 'nothing was bound');
+});
+
 loopTest.serial('attachSync and `using` give the same verified cleanup', (t) => {
   const file = sparseFile(tempDir(t), 4 * MiB);
   const fds = openFds();

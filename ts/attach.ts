@@ -245,6 +245,14 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
     checkKind(st, p, 'fstat');
     const flags = fdFlags(file);
     const fdReadOnly = flags !== null && (flags & ACCMODE) === O_RDONLY;
+    if (o.readOnly === false && fdReadOnly) {
+      // As a path on a read-only mount fails with EROFS rather than binding read-only behind the caller's back.
+      throw sysError('EBADF', {
+        syscall: 'attach',
+        path: p,
+        detail: 'readOnly: false, but the fd is open O_RDONLY (a writable device needs an O_RDWR fd)',
+      });
+    }
     readOnly = o.readOnly === true || fdReadOnly;
     backing = { path: p, fd: file, owned: false, dev: st.dev, ino: st.ino };
   } else {
