@@ -4,7 +4,8 @@
 //! as async work too.
 
 use crate::convert::{self, borrow};
-use crate::js::{arg, Env, Failure, JsResult, Value};
+use crate::js::{arg, Env, Failure, JsResult, Native, Value};
+use crate::sys::napi_type_tag;
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -16,21 +17,23 @@ enum Remote {
     Client(Mutex<Option<Arc<Client>>>),
 }
 
-fn remote<'a>(env: Env, v: Value) -> JsResult<&'a Remote> {
-    env.external_ref::<Remote>(v)
+impl Native for Remote {
+    const TAG: napi_type_tag = napi_type_tag { lower: 0xb2ad_6cc5_d9c5_3973, upper: 0x28d3_774a_472d_7d41 };
 }
 
 fn server_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Server>>> {
-    match remote(env, arg(env, args, 0)?)? {
+    const WHAT: &str = "LoopServer";
+    match env.external_ref::<Remote>(arg(env, args, 0)?, WHAT)? {
         Remote::Server(s) => Ok(s),
-        Remote::Client(_) => Err(Failure::Type("expected a LoopServer handle".into())),
+        Remote::Client(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
     }
 }
 
 fn client_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Arc<Client>>>> {
-    match remote(env, arg(env, args, 0)?)? {
+    const WHAT: &str = "LoopClient";
+    match env.external_ref::<Remote>(arg(env, args, 0)?, WHAT)? {
         Remote::Client(c) => Ok(c),
-        Remote::Server(_) => Err(Failure::Type("expected a LoopClient handle".into())),
+        Remote::Server(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
     }
 }
 

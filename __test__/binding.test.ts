@@ -1,0 +1,125 @@
+/**
+ * The raw native binding, called directly (as anyone who requires the platform package can): handles of the
+ * wrong kind, fds JS closes while async work runs, and promises that must settle whatever happens natively.
+ */
+import type { ExecutionContext } from 'ava';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { native, type Handle } from '../ts/binding.js';
+import { image, loopTest, tempDir } from './helpers.js';
+
+type Kind = 'control' | 'loop' | 'server' | 'client';
+
+/** Every export that takes a handle first: which kind it wants, and valid other arguments for it. */
+const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: number) => unknown[] }> = {
+  close: { wants: ['control', 'loop'], args: () => [] },
+  controlAdd: { wants: ['control'], args: () => [-1] },
+  controlRemove: { wants: ['control'], args: () => [1 << 20] },
+  controlGetUnbound: { wants: ['control'], args: () => [] },
+  controlLoopForFd: { wants: ['control'], args: (fd) => [fd, [], false] },
+  controlLoopForFdAsync: { wants: ['control'], args: (fd) => [fd, [], false] },
+  loopFlock: { wants: ['loop'], args: () => [1 /* LOCK_SH */] },
+  loopFlushBuf: { wants: ['loop'], args: () => [] },
+  loopSetFd: { wants: ['loop'], args: (fd) => [fd] },
+  loopClearFd: { wants: ['loop'], args: () => [] },
+  loopClearFdAsync: { wants: ['loop'], args: () => [] },
+  loopClearFdWait: { wants: ['loop'], args: (fd) => [fd, 0, 1] },
+  loopClearFdWaitAsync: { wants: ['loop'], args: (fd) => [fd, 0, 1] },
+  loopDetach: { wants: ['loop'], args: () => [0, 1] },
+  loopDetachAsync: { wants: ['loop'], args: () => [0, 1] },
+  loopChangeFd: { wants: ['loop'], args: (fd) => [fd] },
+  loopIsBoundTo: { wants: ['loop'], args: (fd) => [fd] },
+  loopSetStatus: { wants: ['loop'], args: () => [{}] },
+  loopGetStatus: { wants: ['loop'], args: () => [] },
+  loopConfigure: { wants: ['loop'], args: (fd) => [fd, []] },
+  loopConfigureAsync: { wants: ['loop'], args: (fd) => [fd, []] },
+  loopSetDirectIo: { wants: ['loop'], args: () => [false] },
+  loopSetBlockSize: { wants: ['loop'], args: () => [512] },
+  loopSetCapacity: { wants: ['loop'], args: () => [] },
+  loopMknod: { wants: ['loop'], args: (_fd, dirFd) => [dirFd, 0o600] },
+  remoteServerClose: { wants: ['server'], args: () => [] },
+  remoteServerStats: { wants: ['server'], args: () => [] },
+  remoteClientRequest: { wants: ['client'], args: (fd, dirFd) => [fd, dirFd, {}] },
+  remoteClientClose: { wants: ['client'], args: () => [] },
+};
+
+const NO_HANDLE = ['init', 'controlOpen', 'loopOpen', 'removeNode', 'remoteServerListen', 'remoteClientConnect'];
+
+type Raw = Record<string, (...args: unknown[]) => unknown>;
+const raw = native as unknown as Raw;
+
+/** Calls `f`; a synchronous throw and a rejection both come back as the error, success as undefined. */
+async function failure(f: () => unknown): Promise<unknown> {
+  try {
+    await f();
+    return undefined;
+  } catch (e) {
+    return e;
+  }
+}
+
+/** One handle of each kind, all ours: the loop is bound to our own image, the server listens in our dir. */
+async function handles(t: ExecutionContext): Promise<{ of: Record<Kind, Handle>; fd: number; dirFd: number }> {
+  const img = image(t);
+  const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  const control = native.controlOpen();
+  t.teardown(() => native.close(control));
+  const lo = native.controlLoopForFd(control, img.fd, [undefined, undefined, undefined, true], false);
+  t.teardown(() => native.close(lo.handle));
+  const socket = path.join(tempDir(t), 'remoteloop');
+  const server = native.remoteServerListen(socket);
+  t.teardown(() => native.remoteServerClose(server));
+  const client = native.remoteClientConnect(socket);
+  t.teardown(() => native.remoteClientClose(client));
+  return { of: { control, loop: lo.handle, server, client }, fd: img.fd, dirFd };
+}
+
+// Every export is classified, so a new one that takes a handle cannot slip past the checks below.
+loopTest('every export is known to take a handle or not', (t) => {
+  t.deepEqual(Object.keys(native).sort(), [...Object.keys(TAKES_HANDLE), ...NO_HANDLE].sort());
+});
+
+loopTest.serial('a handle of the wrong kind is a TypeError from every function, never a crash', async (t) => {
+  const { of, fd, dirFd } = await handles(t);
+  let checked = 0;
+  for (const [name, { wants, args }] of Object.entries(TAKES_HANDLE)) {
+    for (const kind of Object.keys(of) as Kind[]) {
+      if (wants.includes(kind)) continue;
+      const err = await failure(() => raw[name]!(of[kind], ...args(fd, dirFd)));
+      t.true(err instanceof TypeError, `${name}(${kind} handle) → ${String(err)}`);
+      t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE', `${name}(${kind} handle)`);
+      t.regex((err as Error).message, /^expected a .* handle$/, `${name}(${kind} handle)`);
+      checked++;
+    }
+  }
+  t.true(checked > 60);
+  // The refused calls touched nothing: each handle still works as its own kind.
+  t.true(native.loopIsBoundTo(of.loop, fd));
+  t.is(typeof native.controlGetUnbound(of.control), 'number');
+  t.is(native.remoteServerStats(of.server).running, true);
+});
+
+loopTest.serial('a value that is no handle at all is a TypeError from every function', async (t) => {
+  const { fd, dirFd } = await handles(t);
+  const notHandles: Array<[string, unknown]> = [
+    ['undefined', undefined],
+    ['null', null],
+    ['0', 0],
+    ['an fd number', fd],
+    ['a string', 'handle'],
+    ['a plain object', {}],
+    ['an array', []],
+    ['a function', () => 0],
+    ['a Buffer', Buffer.alloc(64)],
+    ['a bigint', 1n],
+    ['a symbol', Symbol('handle')],
+  ];
+  for (const [name, { args }] of Object.entries(TAKES_HANDLE)) {
+    for (const [what, value] of notHandles) {
+      const err = await failure(() => raw[name]!(value, ...args(fd, dirFd)));
+      t.true(err instanceof TypeError, `${name}(${what}) → ${String(err)}`);
+      t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE', `${name}(${what})`);
+    }
+  }
+});
