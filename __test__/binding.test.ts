@@ -3,10 +3,11 @@
  * wrong kind, fds JS closes while async work runs, and promises that must settle whatever happens natively.
  */
 import type { ExecutionContext } from 'ava';
+import { pbkdf2 } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { native, type Handle } from '../ts/binding.js';
-import { image, loopTest, tempDir } from './helpers.js';
+import { configureArgs, native, type Handle } from '../ts/binding.js';
+import { image, loopTest, sysfs, tempDir } from './helpers.js';
 
 type Kind = 'control' | 'loop' | 'server' | 'client';
 
@@ -122,4 +123,88 @@ loopTest.serial('a value that is no handle at all is a TypeError from every func
       t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE', `${name}(${what})`);
     }
   }
+});
+
+/**
+ * Keeps every libuv pool thread busy for a while, so async work queued next waits in the queue and runs only
+ * after the JS code that follows the call: a deterministic "JS acts while the job is pending".
+ */
+function occupyPool(): Promise<unknown> {
+  const threads = Number(process.env.UV_THREADPOOL_SIZE) || 4;
+  const busy = () => new Promise((resolve, reject) => pbkdf2('x', 'y', 300_000, 32, 'sha256', (e, k) => (e ? reject(e) : resolve(k))));
+  return Promise.all(Array.from({ length: threads }, busy));
+}
+
+/**
+ * Starts `start(fd)` on a fresh fd for `img`, and before the job can run closes that fd and opens `other`,
+ * which gets the same number. Returns the job's promise.
+ */
+function startThenReuseFd<T>(t: ExecutionContext, img: string, other: string, start: (fd: number) => Promise<T>): Promise<T> {
+  const busy = occupyPool();
+  const fd = fs.openSync(img, 'r+');
+  const job = start(fd);
+  fs.closeSync(fd);
+  const reused = fs.openSync(other, 'r+');
+  t.teardown(() => fs.closeSync(reused));
+  t.is(reused, fd, 'the other file got the closed fd number');
+  return busy.then(() => job);
+}
+
+/** The device `minor` is bound to `file` (same inode, and sysfs names it). */
+function assertBoundTo(t: ExecutionContext, handle: Handle, minor: number, file: string): void {
+  const st = fs.statSync(file, { bigint: true });
+  const info = native.loopGetStatus(handle);
+  t.deepEqual([info.device, info.inode], [st.dev, st.ino], `loop${minor} is bound to the inode of ${file}`);
+  t.is(sysfs(minor, 'loop/backing_file'), file);
+}
+
+const AUTOCLEAR = configureArgs({ autoclear: true });
+
+loopTest.serial('async loopForFd binds the file the fd named at the call, even if JS reuses the number', async (t) => {
+  const a = image(t);
+  const b = image(t);
+  const ctl = native.controlOpen();
+  t.teardown(() => native.close(ctl));
+  const lo = await startThenReuseFd(t, a.path, b.path, (fd) => native.controlLoopForFdAsync(ctl, fd, AUTOCLEAR, false));
+  t.teardown(() => native.close(lo.handle));
+  assertBoundTo(t, lo.handle, lo.minor, a.path);
+});
+
+loopTest.serial('async configure binds the file the fd named at the call, even if JS reuses the number', async (t) => {
+  const a = image(t);
+  const b = image(t);
+  const ctl = native.controlOpen();
+  t.teardown(() => native.close(ctl));
+  for (let attempt = 0; ; attempt++) {
+    const lo = native.loopOpen(native.controlGetUnbound(ctl));
+    t.teardown(() => native.close(lo.handle));
+    try {
+      await startThenReuseFd(t, a.path, b.path, (fd) => native.loopConfigureAsync(lo.handle, fd, AUTOCLEAR));
+    } catch (e) {
+      // Another process took the free device first: try the next one.
+      const code = (e as { code?: string }).code;
+      if ((code === 'EBUSY' || code === 'ENXIO') && attempt < 16) continue;
+      throw e;
+    }
+    assertBoundTo(t, lo.handle, lo.minor, a.path);
+    return;
+  }
+});
+
+loopTest.serial('a remote request sends the file the fd named at the call, even if JS reuses the number', async (t) => {
+  const a = image(t);
+  const b = image(t);
+  const nodes = tempDir(t);
+  const dirFd = fs.openSync(nodes, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  const socket = path.join(tempDir(t), 'remoteloop');
+  const server = native.remoteServerListen(socket);
+  t.teardown(() => native.remoteServerClose(server));
+  const client = native.remoteClientConnect(socket);
+  t.teardown(() => native.remoteClientClose(client));
+  const reply = await startThenReuseFd(t, a.path, b.path, (fd) => native.remoteClientRequest(client, fd, dirFd, {}));
+  t.is(reply.exception, undefined);
+  t.teardown(() => native.removeNode(dirFd, reply.devname!));
+  const minor = Number(/^loop(\d+)$/.exec(reply.devname!)![1]);
+  t.is(sysfs(minor, 'loop/backing_file'), a.path);
 });

@@ -3,10 +3,11 @@
 //! stop (which joins the thread) runs as async work. A client request blocks until the reply, so it runs
 //! as async work too.
 
-use crate::convert::{self, borrow};
+use crate::convert;
 use crate::js::{arg, Env, Failure, JsResult, Native, Value};
 use crate::sys::napi_type_tag;
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
+use std::os::unix::io::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -170,21 +171,21 @@ fn reply(env: Env, r: Reply) -> JsResult<Value> {
     Ok(o)
 }
 
-/// remoteClientRequest(h, fileFd, dirFd, options) → Promise<reply>. The fds stay the caller's; they must
-/// stay open until the promise settles.
+/// remoteClientRequest(h, fileFd, dirFd, options) → Promise<reply>. The request sends duplicates made
+/// before this returns, so the caller may close its fds at once.
 pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     let client = client_slot(env, args)?
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .ok_or(Failure::Closed("loop client"))?;
-    let file = convert::fd(env, arg(env, args, 1)?, "fd")?;
-    let dir = convert::fd(env, arg(env, args, 2)?, "dirFd")?;
+    let file = convert::owned_fd(env, arg(env, args, 1)?, "fd")?;
+    let dir = convert::owned_fd(env, arg(env, args, 2)?, "dirFd")?;
     let req = request(env, arg(env, args, 3)?)?;
     crate::task::spawn(
         env,
         "loopdev.remoteRequest",
-        move || Ok(client.request(borrow(file), borrow(dir), &req)?),
+        move || Ok(client.request(file.as_fd(), dir.as_fd(), &req)?),
         reply,
     )
 }
