@@ -7,6 +7,7 @@ import { pbkdf2 } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { configureArgs, native, type Handle } from '../ts/binding.js';
+import { LoopError, UnexpectedDeviceError } from '../ts/errors.js';
 import { image, loopTest, sysfs, tempDir } from './helpers.js';
 
 type Kind = 'control' | 'loop' | 'server' | 'client';
@@ -207,4 +208,30 @@ loopTest.serial('a remote request sends the file the fd named at the call, even 
   t.teardown(() => native.removeNode(dirFd, reply.devname!));
   const minor = Number(/^loop(\d+)$/.exec(reply.devname!)![1]);
   t.is(sysfs(minor, 'loop/backing_file'), a.path);
+});
+
+/** Settles with 'still pending' if `p` has not settled after `ms`. */
+function within<T>(p: Promise<T>, ms: number): Promise<T | 'still pending'> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<'still pending'>((resolve) => (timer = setTimeout(() => resolve('still pending'), ms)));
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
+}
+
+loopTest.serial('a promise settles even when building its error throws', async (t) => {
+  const dir = tempDir(t);
+  const dirFd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  t.teardown(() => fs.closeSync(dirFd));
+  const ctl = native.controlOpen();
+  t.teardown(() => native.close(ctl));
+  class Throwing {
+    constructor() {
+      throw new Error('the error class threw');
+    }
+  }
+  native.init({ LoopError: Throwing, UnexpectedDeviceError: Throwing } as never);
+  t.teardown(() => native.init({ LoopError, UnexpectedDeviceError }));
+  // A directory is refused (EINVAL) before any device is touched; the LoopError for it cannot be built.
+  t.throws(() => native.controlLoopForFd(ctl, dirFd, [], false), { message: 'the error class threw' });
+  const settled = within(native.controlLoopForFdAsync(ctl, dirFd, [], false), 5000);
+  await t.throwsAsync(settled, { message: 'the error class threw' });
 });

@@ -98,7 +98,7 @@ pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
 mod setup {
     use crate::convert;
     use crate::handle;
-    use crate::js::{Env, Failure, JsResult, Value};
+    use crate::js::{no_unwind, Env, Failure, JsResult, Value};
     use crate::sys::*;
     use loopdev::Loop;
     use std::ffi::c_void;
@@ -166,13 +166,17 @@ mod setup {
 
     unsafe extern "C" fn call_js(env: napi_env, func: napi_value, _context: *mut c_void, data: *mut c_void) {
         // SAFETY: `data` is the Call boxed in Remote::call; call_js runs once per call.
-        let call = unsafe { Box::from_raw(data.cast::<Call>()) };
-        let result = if env.is_null() {
-            Err(Failure::Type("setup callback was not run: the environment is closing".into()))
-        } else {
-            run(Env(env), func, call.lo)
-        };
-        let _ = call.reply.send(result);
+        let Call { lo, reply } = *unsafe { Box::from_raw(data.cast::<Call>()) };
+        no_unwind(|| {
+            let result = if env.is_null() {
+                Err(Failure::Type("setup callback was not run: the environment is closing".into()))
+            } else {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(Env(env), func, lo)))
+                    .unwrap_or_else(|_| Err(Failure::Type("internal error (panic) in loopdev native code".into())))
+            };
+            // The worker waits for this answer: send one whatever happened.
+            let _ = reply.send(result);
+        });
     }
 
     /// Calls `func` with a view of `lo` that is closed afterwards; a throw comes back as `Failure::Thrown`.

@@ -189,7 +189,7 @@ impl Env {
     pub fn external<T: Native>(self, value: T) -> JsResult<Value> {
         unsafe extern "C" fn drop_box<T>(_env: napi_env, data: *mut c_void, _hint: *mut c_void) {
             // SAFETY: `data` is the Box<T> leaked below; the finalizer runs exactly once.
-            drop(unsafe { Box::from_raw(data.cast::<T>()) });
+            no_unwind(|| drop(unsafe { Box::from_raw(data.cast::<T>()) }));
         }
         let data = Box::into_raw(Box::new(value)).cast::<c_void>();
         let mut v = ptr::null_mut();
@@ -232,6 +232,11 @@ impl Env {
         Ok(Thrown(self.reference(e)?))
     }
 
+    /// Takes the pending exception (undefined if none) out of the env.
+    pub fn take_exception_value(self) -> JsResult<Value> {
+        Ok(out!(self, napi_get_and_clear_last_exception()))
+    }
+
     /// The value behind a `Thrown`, releasing the reference.
     pub fn thrown_value(self, t: &Thrown) -> JsResult<Value> {
         let v = self.deref(t.0)?;
@@ -260,9 +265,15 @@ impl Env {
             }
             return;
         }
-        if let Ok(err) = crate::errors::to_js(self, &failure) {
-            // SAFETY: `err` is a value of this env.
-            unsafe { napi_throw(self.0, err) };
+        match crate::errors::to_js(self, &failure) {
+            Ok(err) if !self.exception_pending() => {
+                // SAFETY: `err` is a value of this env.
+                unsafe { napi_throw(self.0, err) };
+            }
+            // Building the error threw: that exception is pending and is what JS sees.
+            _ if self.exception_pending() => {}
+            // Nothing pending either: returning without a throw would look like success (undefined).
+            _ => self.throw(Failure::Pending),
         }
     }
 }
@@ -270,6 +281,12 @@ impl Env {
 /// A Rust type JS holds as an external. `TAG` (unique per type) marks the externals that hold one.
 pub trait Native: 'static {
     const TAG: napi_type_tag;
+}
+
+/// Runs `f` in a callback called from C (finalizers, async completion, threadsafe calls), where unwinding
+/// is undefined behaviour: a panic stops here, already reported by the panic hook.
+pub fn no_unwind(f: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
 }
 
 pub type Exported = fn(Env, &[Value]) -> JsResult<Value>;
