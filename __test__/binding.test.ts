@@ -3,12 +3,15 @@
  * wrong kind, fds JS closes while async work runs, and promises that must settle whatever happens natively.
  */
 import type { ExecutionContext } from 'ava';
+import { execFileSync } from 'node:child_process';
 import { pbkdf2 } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { configureArgs, native, type Handle } from '../ts/binding.js';
 import { LoopError, UnexpectedDeviceError } from '../ts/errors.js';
-import { image, loopTest, sysfs, tempDir } from './helpers.js';
+import { boundAfterSettling, image, loopTest, mountsUnder, sysfs, tempDir } from './helpers.js';
 
 type Kind = 'control' | 'loop' | 'server' | 'client';
 
@@ -234,4 +237,50 @@ loopTest.serial('a promise settles even when building its error throws', async (
   t.throws(() => native.controlLoopForFd(ctl, dirFd, [], false), { message: 'the error class threw' });
   const settled = within(native.controlLoopForFdAsync(ctl, dirFd, [], false), 5000);
   await t.throwsAsync(settled, { message: 'the error class threw' });
+});
+
+const gc = (() => {
+  setFlagsFromString('--expose-gc');
+  return runInNewContext('gc') as () => void;
+})();
+
+/** Polls `done` (collecting garbage in between) until it holds or `ms` pass. */
+async function eventually(done: () => boolean, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (!done() && Date.now() < deadline) {
+    gc();
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return done();
+}
+
+loopTest.serial('a server handle collected without close() still stops the server', async (t) => {
+  const socket = path.join(tempDir(t), 'remoteloop');
+  ((p: string) => void native.remoteServerListen(p))(socket);
+  t.true(fs.existsSync(socket));
+  t.true(await eventually(() => !fs.existsSync(socket), 10_000), 'the socket file is removed');
+});
+
+loopTest.serial('a server never closed is stopped when node exits, its nodes and devices released', async (t) => {
+  const img = image(t);
+  const nodes = tempDir(t);
+  const socket = path.join(tempDir(t), 'remoteloop');
+  const binding = new URL('../ts/binding.ts', import.meta.url).href;
+  // The child serves one request and exits with the server, its client and the device all left open.
+  const code = `import * as fs from 'node:fs';
+const { native } = await import(${JSON.stringify(binding)});
+const server = native.remoteServerListen(${JSON.stringify(socket)});
+const client = native.remoteClientConnect(${JSON.stringify(socket)});
+const fd = fs.openSync(${JSON.stringify(img.path)}, 'r+');
+const dirFd = fs.openSync(${JSON.stringify(nodes)}, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+const reply = await native.remoteClientRequest(client, fd, dirFd, {});
+console.log(JSON.stringify({ reply, stats: native.remoteServerStats(server) }));`;
+  const out = execFileSync(process.execPath, ['--import=tsx', '--input-type=module', '-e', code], { encoding: 'utf8' });
+  const { reply, stats } = JSON.parse(out) as { reply: { devname?: string }; stats: { devices: number } };
+  t.truthy(reply.devname, out);
+  t.is(stats.devices, 1);
+  t.false(fs.existsSync(socket), 'the socket file is removed');
+  t.deepEqual(fs.readdirSync(nodes), [], 'the node the server made is removed');
+  t.deepEqual(mountsUnder(nodes), [], 'and unmounted');
+  t.deepEqual(await boundAfterSettling(img.path), []);
 });
