@@ -5,7 +5,7 @@ use crate::handle::{self, Handle, Resource};
 use crate::js::{arg, Env, Failure, JsResult, Value};
 use crate::sys::{NAPI_FUNCTION, NAPI_NULL, NAPI_UNDEFINED};
 use loopdev::{ConfigureOptions, Loop, LoopControl};
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 /// controlOpen(dirFd?) → handle
@@ -44,7 +44,8 @@ pub fn get_unbound(env: Env, args: &[Value]) -> JsResult<Value> {
 /// The arguments of controlLoopForFd / controlLoopForFdAsync: (h, fd, configureArgs, lock, setup?).
 struct Request {
     ctl: Arc<LoopControl>,
-    fd: RawFd,
+    /// Owned even for the synchronous call: `setup` runs JS in the middle of it.
+    fd: OwnedFd,
     opts: ConfigureOptions,
     lock: bool,
     setup: Option<Value>,
@@ -60,7 +61,7 @@ fn request(env: Env, args: &[Value]) -> JsResult<Request> {
     let lock = arg(env, args, 3)?;
     Ok(Request {
         ctl: handle::control(env, arg(env, args, 0)?)?,
-        fd: convert::fd(env, arg(env, args, 1)?, "fd")?,
+        fd: convert::owned_fd(env, arg(env, args, 1)?, "fd")?,
         opts: convert::configure_options(env, arg(env, args, 2)?)?,
         lock: !env.is_nullish(lock)?
             && env.to_bool(lock).map_err(|_| Failure::Type("lock must be a boolean".into()))?,
@@ -73,7 +74,7 @@ fn request(env: Env, args: &[Value]) -> JsResult<Request> {
 pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     let r = request(env, args)?;
     let call = r.setup.map(|func| move |lo: &Loop| setup::run(env, func, lo.try_clone()?));
-    let lo = r.ctl.loop_for_fd(borrow(r.fd), &r.opts, r.lock, call)?;
+    let lo = r.ctl.loop_for_fd(r.fd.as_fd(), &r.opts, r.lock, call)?;
     convert::new_loop(env, lo)
 }
 
@@ -88,7 +89,7 @@ pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
         "loopdev.loopForFd",
         move || {
             let call = setup.as_ref().map(|remote| move |lo: &Loop| remote.call(lo.try_clone()?));
-            ctl.loop_for_fd(borrow(fd), &opts, lock, call)
+            ctl.loop_for_fd(fd.as_fd(), &opts, lock, call)
         },
         convert::new_loop,
     )
@@ -97,7 +98,7 @@ pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
 mod setup {
     use crate::convert;
     use crate::handle;
-    use crate::js::{Env, Failure, JsResult, Value};
+    use crate::js::{no_unwind, Env, Failure, JsResult, Value};
     use crate::sys::*;
     use loopdev::Loop;
     use std::ffi::c_void;
@@ -165,13 +166,17 @@ mod setup {
 
     unsafe extern "C" fn call_js(env: napi_env, func: napi_value, _context: *mut c_void, data: *mut c_void) {
         // SAFETY: `data` is the Call boxed in Remote::call; call_js runs once per call.
-        let call = unsafe { Box::from_raw(data.cast::<Call>()) };
-        let result = if env.is_null() {
-            Err(Failure::Type("setup callback was not run: the environment is closing".into()))
-        } else {
-            run(Env(env), func, call.lo)
-        };
-        let _ = call.reply.send(result);
+        let Call { lo, reply } = *unsafe { Box::from_raw(data.cast::<Call>()) };
+        no_unwind(|| {
+            let result = if env.is_null() {
+                Err(Failure::Type("setup callback was not run: the environment is closing".into()))
+            } else {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(Env(env), func, lo)))
+                    .unwrap_or_else(|_| Err(Failure::Type("internal error (panic) in loopdev native code".into())))
+            };
+            // The worker waits for this answer: send one whatever happened.
+            let _ = reply.send(result);
+        });
     }
 
     /// Calls `func` with a view of `lo` that is closed afterwards; a throw comes back as `Failure::Thrown`.

@@ -4,11 +4,24 @@ use crate::handle::{Handle, Resource};
 use crate::js::{Env, Failure, JsResult, Value};
 use crate::sys::NAPI_OBJECT;
 use loopdev::{ConfigureOptions, Loop, LoopInfo, StatusChange};
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use nix::errno::Errno;
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 /// A file descriptor argument: an integer ≥ 0 (the kernel answers EBADF for one that is not open).
 pub fn fd(env: Env, v: Value, what: &str) -> JsResult<RawFd> {
     Ok(env.to_int(v, what, 0, i64::from(i32::MAX))? as RawFd)
+}
+
+/// A file descriptor argument for work that outlives the call (async work, or a call that runs JS midway):
+/// our own duplicate, made now on the JS thread. Borrowing the number instead, JS could close it meanwhile,
+/// or reuse it for another file, and the work would act on whatever the number then names.
+pub fn owned_fd(env: Env, v: Value, what: &str) -> JsResult<OwnedFd> {
+    let raw = fd(env, v, what)?;
+    // F_DUPFD_CLOEXEC (from 3 up), so the duplicate is not inherited by a child spawned meanwhile.
+    borrow(raw).try_clone_to_owned().map_err(|e| {
+        let errno = e.raw_os_error().map_or(Errno::EBADF, Errno::from_i32);
+        Failure::Loop(loopdev::Error::os(errno, "fcntl"))
+    })
 }
 
 pub fn u32_size(env: Env, v: Value, what: &str) -> JsResult<u32> {
@@ -97,9 +110,10 @@ pub fn new_loop(env: Env, lo: Loop) -> JsResult<Value> {
     Ok(o)
 }
 
-/// Borrows a caller's fd for the duration of a call.
+/// Borrows a caller's fd for the duration of a synchronous call that runs no JS (else see `owned_fd`).
 pub fn borrow(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: the fd number comes from JS and stays the caller's; we never close it, and the kernel answers
-    // EBADF if it is not open. The 'static borrow never outlives the call (or the async work) using it.
+    // EBADF if it is not open. The 'static borrow never outlives the synchronous call using it, during which
+    // no JS runs that could close it.
     unsafe { BorrowedFd::borrow_raw(fd) }
 }

@@ -4,6 +4,7 @@ use crate::convert::{self, borrow};
 use crate::handle;
 use crate::js::{arg, Env, JsResult, Value};
 use loopdev::Loop;
+use std::os::unix::io::AsFd;
 use std::time::Duration;
 
 fn this(env: Env, args: &[Value]) -> JsResult<std::sync::Arc<Loop>> {
@@ -72,8 +73,9 @@ pub fn clear_fd_wait(env: Env, args: &[Value]) -> JsResult<Value> {
 
 pub fn clear_fd_wait_async(env: Env, args: &[Value]) -> JsResult<Value> {
     let lo = this(env, args)?;
-    let (fd, timeout, wait) = wait_args(env, args)?;
-    crate::task::spawn(env, "loopdev.clearFdWait", move || Ok(lo.clear_fd_wait(borrow(fd), timeout, wait)?), done)
+    let fd = convert::owned_fd(env, arg(env, args, 1)?, "fd")?;
+    let (timeout, wait) = detach_args(env, args.get(1..).unwrap_or(&[]))?;
+    crate::task::spawn(env, "loopdev.clearFdWait", move || Ok(lo.clear_fd_wait(fd.as_fd(), timeout, wait)?), done)
 }
 
 fn detach_args(env: Env, args: &[Value]) -> JsResult<(Duration, Duration)> {
@@ -125,9 +127,9 @@ pub fn configure(env: Env, args: &[Value]) -> JsResult<Value> {
 
 pub fn configure_async(env: Env, args: &[Value]) -> JsResult<Value> {
     let lo = this(env, args)?;
-    let fd = fd_at(env, args, 1, "fd")?;
+    let fd = convert::owned_fd(env, arg(env, args, 1)?, "fd")?;
     let opts = convert::configure_options(env, arg(env, args, 2)?)?;
-    crate::task::spawn(env, "loopdev.configure", move || Ok(lo.configure(borrow(fd), &opts)?), done)
+    crate::task::spawn(env, "loopdev.configure", move || Ok(lo.configure(fd.as_fd(), &opts)?), done)
 }
 
 pub fn set_direct_io(env: Env, args: &[Value]) -> JsResult<Value> {

@@ -20,7 +20,7 @@ pub fn init(env: Env, args: &[Value]) -> JsResult<Value> {
     });
     unsafe extern "C" fn free(_env: napi_env, data: *mut c_void, _hint: *mut c_void) {
         // SAFETY: the Box leaked in init; N-API calls this once when the env goes away.
-        drop(unsafe { Box::from_raw(data.cast::<Classes>()) });
+        crate::js::no_unwind(|| drop(unsafe { Box::from_raw(data.cast::<Classes>()) }));
     }
     // SAFETY: valid env; ownership of the box passes to N-API, freed by `free`.
     let status = unsafe { napi_set_instance_data(env.0, Box::into_raw(data).cast(), Some(free), ptr::null_mut()) };
@@ -85,6 +85,25 @@ pub fn to_js(env: Env, failure: &Failure) -> JsResult<Value> {
             Ok(err)
         }
     }
+}
+
+/// A failure as a value to reject a promise with, never nothing: the failure's own error, else the exception
+/// pending (building the error can throw, e.g. a registered class whose constructor throws), else a plain
+/// Error saying an N-API call failed.
+pub fn rejection(env: Env, failure: Failure) -> Value {
+    if !matches!(failure, Failure::Pending) {
+        if let Ok(err) = to_js(env, &failure) {
+            if !err.is_null() && !env.exception_pending() {
+                return err;
+            }
+        }
+    }
+    if env.exception_pending() {
+        if let Ok(err) = env.take_exception_value() {
+            return err;
+        }
+    }
+    plain(env, napi_create_error, "", "N-API call failed").or_else(|_| env.undefined()).unwrap_or(ptr::null_mut())
 }
 
 type CreateError = unsafe extern "C" fn(napi_env, napi_value, napi_value, *mut napi_value) -> napi_status;

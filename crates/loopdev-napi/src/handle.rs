@@ -1,7 +1,8 @@
 //! Native objects held by JS as externals. close() drops JS's reference at once; a blocking call still
 //! running on the pool keeps its own `Arc`, so the fd is closed after it, never under it.
 
-use crate::js::{Env, Failure, JsResult, Value};
+use crate::js::{Env, Failure, JsResult, Native, Value};
+use crate::sys::napi_type_tag;
 use loopdev::{Loop, LoopControl};
 use std::sync::{Arc, Mutex};
 
@@ -10,6 +11,10 @@ pub struct Handle<T>(Mutex<Option<Arc<T>>>);
 pub enum Resource {
     Control(Handle<LoopControl>),
     Loop(Handle<Loop>),
+}
+
+impl Native for Resource {
+    const TAG: napi_type_tag = napi_type_tag { lower: 0xefbf_96e4_29c5_87cb, upper: 0x5979_d21d_e193_8e09 };
 }
 
 impl<T> Handle<T> {
@@ -25,27 +30,25 @@ impl<T> Handle<T> {
     }
 }
 
-fn resource<'a>(env: Env, v: Value) -> JsResult<&'a Resource> {
-    env.external_ref::<Resource>(v)
-}
-
 pub fn control(env: Env, v: Value) -> JsResult<Arc<LoopControl>> {
-    match resource(env, v)? {
+    const WHAT: &str = "LoopControl";
+    match env.external_ref::<Resource>(v, WHAT)? {
         Resource::Control(h) => h.get("loop-control"),
-        Resource::Loop(_) => Err(Failure::Type("expected a LoopControl handle".into())),
+        Resource::Loop(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
     }
 }
 
 pub fn lo(env: Env, v: Value) -> JsResult<Arc<Loop>> {
-    match resource(env, v)? {
+    const WHAT: &str = "Loop";
+    match env.external_ref::<Resource>(v, WHAT)? {
         Resource::Loop(h) => h.get("loop device"),
-        Resource::Control(_) => Err(Failure::Type("expected a Loop handle".into())),
+        Resource::Control(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
     }
 }
 
 /// Closes either kind of handle; idempotent. True when this call closed it.
 pub fn close(env: Env, v: Value) -> JsResult<bool> {
-    Ok(match resource(env, v)? {
+    Ok(match env.external_ref::<Resource>(v, "Loop or LoopControl")? {
         Resource::Control(h) => h.close(),
         Resource::Loop(h) => h.close(),
     })

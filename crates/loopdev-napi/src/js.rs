@@ -186,23 +186,39 @@ impl Env {
         Ok(out!(self, napi_new_instance(ctor, args.len(), args.as_ptr())))
     }
 
-    pub fn external<T: 'static>(self, value: T) -> JsResult<Value> {
+    pub fn external<T: Native>(self, value: T) -> JsResult<Value> {
         unsafe extern "C" fn drop_box<T>(_env: napi_env, data: *mut c_void, _hint: *mut c_void) {
             // SAFETY: `data` is the Box<T> leaked below; the finalizer runs exactly once.
-            drop(unsafe { Box::from_raw(data.cast::<T>()) });
+            no_unwind(|| drop(unsafe { Box::from_raw(data.cast::<T>()) }));
         }
         let data = Box::into_raw(Box::new(value)).cast::<c_void>();
-        Ok(out!(self, napi_create_external(data, Some(drop_box::<T>), ptr::null_mut())))
+        let mut v = ptr::null_mut();
+        // SAFETY: valid env and out-pointer; on success the finalizer owns `data`.
+        if unsafe { napi_create_external(self.0, data, Some(drop_box::<T>), ptr::null_mut(), &mut v) } != NAPI_OK {
+            // SAFETY: no external was made, so no finalizer will run: the box is still ours alone.
+            drop(unsafe { Box::from_raw(data.cast::<T>()) });
+            return Err(Failure::Pending);
+        }
+        // Untagged, the external is refused by external_ref and its finalizer still frees the box.
+        // SAFETY: valid env and value; N-API copies the tag.
+        check(unsafe { napi_type_tag_object(self.0, v, &T::TAG) })?;
+        Ok(v)
     }
 
-    /// The T inside an external made by `external::<T>`. Callers pass only externals of one type per call
-    /// site (the TS layer owns them), and `Resource` tags the variants, so the cast is sound.
-    pub fn external_ref<'a, T>(self, v: Value) -> JsResult<&'a T> {
+    /// The T inside an external made by `external::<T>`; any other value (a handle of another kind, another
+    /// addon's external, a plain object) is a TypeError saying an `expected` handle was wanted.
+    pub fn external_ref<'a, T: Native>(self, v: Value, expected: &str) -> JsResult<&'a T> {
+        let wrong = || Failure::Type(format!("expected a {expected} handle"));
         if self.type_of(v)? != NAPI_EXTERNAL {
-            return Err(Failure::Type("expected a native handle".into()));
+            return Err(wrong());
+        }
+        // The tag is the only proof of what the pointer inside points to: check it before the cast.
+        if !out!(self, napi_check_object_type_tag(v, &T::TAG)) {
+            return Err(wrong());
         }
         let data: *mut c_void = out!(self, napi_get_value_external(v));
-        // SAFETY: see above; the external keeps the box alive while JS holds the value we were passed.
+        // SAFETY: tagged with T::TAG, so made by external::<T>; the external keeps the box alive while JS
+        // holds the value we were passed.
         Ok(unsafe { &*data.cast::<T>() })
     }
 
@@ -214,6 +230,11 @@ impl Env {
     pub fn take_exception(self) -> JsResult<Thrown> {
         let e = out!(self, napi_get_and_clear_last_exception());
         Ok(Thrown(self.reference(e)?))
+    }
+
+    /// Takes the pending exception (undefined if none) out of the env.
+    pub fn take_exception_value(self) -> JsResult<Value> {
+        Ok(out!(self, napi_get_and_clear_last_exception()))
     }
 
     /// The value behind a `Thrown`, releasing the reference.
@@ -244,11 +265,28 @@ impl Env {
             }
             return;
         }
-        if let Ok(err) = crate::errors::to_js(self, &failure) {
-            // SAFETY: `err` is a value of this env.
-            unsafe { napi_throw(self.0, err) };
+        match crate::errors::to_js(self, &failure) {
+            Ok(err) if !self.exception_pending() => {
+                // SAFETY: `err` is a value of this env.
+                unsafe { napi_throw(self.0, err) };
+            }
+            // Building the error threw: that exception is pending and is what JS sees.
+            _ if self.exception_pending() => {}
+            // Nothing pending either: returning without a throw would look like success (undefined).
+            _ => self.throw(Failure::Pending),
         }
     }
+}
+
+/// A Rust type JS holds as an external. `TAG` (unique per type) marks the externals that hold one.
+pub trait Native: 'static {
+    const TAG: napi_type_tag;
+}
+
+/// Runs `f` in a callback called from C (finalizers, async completion, threadsafe calls), where unwinding
+/// is undefined behaviour: a panic stops here, already reported by the panic hook.
+pub fn no_unwind(f: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
 }
 
 pub type Exported = fn(Env, &[Value]) -> JsResult<Value>;

@@ -1,36 +1,92 @@
 //! Exports for the osbuild-compatible remote loop server and client. The server runs on its own Rust
-//! thread (see `loopdev::remote::server`); JS only starts it, reads its counters and stops it, and the
-//! stop (which joins the thread) runs as async work. A client request blocks until the reply, so it runs
+//! thread (see `loopdev::remote::server`); JS only starts it, reads its counters and stops it. The stop
+//! waits for that thread (seconds, if a request is stuck), so it never runs on the JS thread: remoteServerClose
+//! runs it as async work, and a handle collected without close() hands it to a thread of its own. A client request blocks until the reply, so it runs
 //! as async work too.
 
-use crate::convert::{self, borrow};
-use crate::js::{arg, Env, Failure, JsResult, Value};
+use crate::convert;
+use crate::js::{arg, no_unwind, Env, Failure, JsResult, Native, Value};
+use crate::sys::*;
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::os::unix::io::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// What a remote handle holds. close() takes the value out; work already running keeps its own `Arc`.
 enum Remote {
-    Server(Mutex<Option<Server>>),
+    Server(ServerSlot),
     Client(Mutex<Option<Arc<Client>>>),
 }
 
-fn remote<'a>(env: Env, v: Value) -> JsResult<&'a Remote> {
-    env.external_ref::<Remote>(v)
+struct ServerSlot {
+    server: Mutex<Option<Server>>,
+    /// The env whose teardown hook points at this slot, once registered.
+    hooked: Cell<Option<napi_env>>,
 }
 
-fn server_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Server>>> {
-    match remote(env, arg(env, args, 0)?)? {
+impl ServerSlot {
+    fn take(&self) -> Option<Server> {
+        self.server.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Shuts the server down in place when the env is torn down (node runs cleanup hooks before the
+    /// finalizers of what is left): a stop handed to a thread then might not finish before the process
+    /// exits, leaving the socket file and the nodes made in peers' directories behind.
+    fn hook(&self, env: Env) -> JsResult<()> {
+        // SAFETY: the slot lives in the external's box, which outlives the hook: Drop removes it first.
+        let status = unsafe { napi_add_env_cleanup_hook(env.0, Some(stop_at_teardown), self.arg()) };
+        if status != NAPI_OK {
+            return Err(Failure::Pending);
+        }
+        self.hooked.set(Some(env.0));
+        Ok(())
+    }
+
+    fn arg(&self) -> *mut c_void {
+        self as *const ServerSlot as *mut c_void
+    }
+}
+
+unsafe extern "C" fn stop_at_teardown(arg: *mut c_void) {
+    // SAFETY: `arg` is a live ServerSlot (see `hook`); the JS thread is the only one touching it.
+    no_unwind(|| drop(unsafe { &*arg.cast::<ServerSlot>() }.take()));
+}
+
+/// Runs when the handle is collected, on the JS thread: the stop goes to a thread of its own.
+impl Drop for ServerSlot {
+    fn drop(&mut self) {
+        if let Some(env) = self.hooked.get() {
+            // SAFETY: the env is alive while its finalizers run; a hook that ran already is not found.
+            unsafe { napi_remove_env_cleanup_hook(env, Some(stop_at_teardown), self.arg()) };
+        }
+        if let Some(server) = self.take() {
+            // Without a thread the closure, and the server with it, is dropped right here: better to block
+            // than to leave the server running with no handle to stop it.
+            let _ = std::thread::Builder::new().name("loopdev-srv-stop".into()).spawn(move || drop(server));
+        }
+    }
+}
+
+impl Native for Remote {
+    const TAG: napi_type_tag = napi_type_tag { lower: 0xb2ad_6cc5_d9c5_3973, upper: 0x28d3_774a_472d_7d41 };
+}
+
+fn server_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a ServerSlot> {
+    const WHAT: &str = "LoopServer";
+    match env.external_ref::<Remote>(arg(env, args, 0)?, WHAT)? {
         Remote::Server(s) => Ok(s),
-        Remote::Client(_) => Err(Failure::Type("expected a LoopServer handle".into())),
+        Remote::Client(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
     }
 }
 
 fn client_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Arc<Client>>>> {
-    match remote(env, arg(env, args, 0)?)? {
+    const WHAT: &str = "LoopClient";
+    match env.external_ref::<Remote>(arg(env, args, 0)?, WHAT)? {
         Remote::Client(c) => Ok(c),
-        Remote::Server(_) => Err(Failure::Type("expected a LoopClient handle".into())),
+        Remote::Server(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
     }
 }
 
@@ -100,13 +156,18 @@ pub fn server_listen(env: Env, args: &[Value]) -> JsResult<Value> {
     }
     quotas(env, arg(env, args, 2)?, &mut options)?;
     let server = Server::bind(Path::new(&path), options)?;
-    env.external(Remote::Server(Mutex::new(Some(server))))
+    let handle =
+        env.external(Remote::Server(ServerSlot { server: Mutex::new(Some(server)), hooked: Cell::new(None) }))?;
+    if let Remote::Server(slot) = env.external_ref::<Remote>(handle, "LoopServer")? {
+        slot.hook(env)?;
+    }
+    Ok(handle)
 }
 
 /// remoteServerClose(h) → Promise<void>: stops the thread, closes every device, removes the socket.
 /// Idempotent.
 pub fn server_close(env: Env, args: &[Value]) -> JsResult<Value> {
-    let server = server_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let server = server_slot(env, args)?.take();
     crate::task::spawn(
         env,
         "loopdev.serverClose",
@@ -120,7 +181,7 @@ pub fn server_close(env: Env, args: &[Value]) -> JsResult<Value> {
 
 /// remoteServerStats(h) → { running, connections, devices, requests, failures, refused }
 pub fn server_stats(env: Env, args: &[Value]) -> JsResult<Value> {
-    let stats = match server_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    let stats = match server_slot(env, args)?.server.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
         Some(s) => s.stats(),
         None => return Err(Failure::Closed("loop server")),
     };
@@ -176,21 +237,21 @@ fn reply(env: Env, r: Reply) -> JsResult<Value> {
     Ok(o)
 }
 
-/// remoteClientRequest(h, fileFd, dirFd, options) → Promise<reply>. The fds stay the caller's; they must
-/// stay open until the promise settles.
+/// remoteClientRequest(h, fileFd, dirFd, options) → Promise<reply>. The request sends duplicates made
+/// before this returns, so the caller may close its fds at once.
 pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     let client = client_slot(env, args)?
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .ok_or(Failure::Closed("loop client"))?;
-    let file = convert::fd(env, arg(env, args, 1)?, "fd")?;
-    let dir = convert::fd(env, arg(env, args, 2)?, "dirFd")?;
+    let file = convert::owned_fd(env, arg(env, args, 1)?, "fd")?;
+    let dir = convert::owned_fd(env, arg(env, args, 2)?, "dirFd")?;
     let req = request(env, arg(env, args, 3)?)?;
     crate::task::spawn(
         env,
         "loopdev.remoteRequest",
-        move || Ok(client.request(borrow(file), borrow(dir), &req)?),
+        move || Ok(client.request(file.as_fd(), dir.as_fd(), &req)?),
         reply,
     )
 }

@@ -133,6 +133,14 @@ pub struct napi_property_descriptor {
     pub data: *mut c_void,
 }
 
+/// A 128-bit tag marking which native type an object or external holds (N-API 8; externals since Node 20).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct napi_type_tag {
+    pub lower: u64,
+    pub upper: u64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct napi_extended_error_info {
@@ -283,6 +291,13 @@ extern "C" {
         result: *mut napi_value,
     ) -> napi_status;
     pub fn napi_get_value_external(env: napi_env, value: napi_value, result: *mut *mut c_void) -> napi_status;
+    pub fn napi_type_tag_object(env: napi_env, value: napi_value, type_tag: *const napi_type_tag) -> napi_status;
+    pub fn napi_check_object_type_tag(
+        env: napi_env,
+        value: napi_value,
+        type_tag: *const napi_type_tag,
+        result: *mut bool,
+    ) -> napi_status;
     pub fn napi_create_reference(
         env: napi_env,
         value: napi_value,
