@@ -45,6 +45,7 @@ const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: nu
   remoteServerClose: { wants: ['server'], args: () => [] },
   remoteServerStats: { wants: ['server'], args: () => [] },
   remoteClientRequest: { wants: ['client'], args: (fd, dirFd) => [fd, dirFd, {}] },
+  remoteClientCancel: { wants: ['client'], args: () => [] },
   remoteClientClose: { wants: ['client'], args: () => [] },
 };
 

@@ -128,10 +128,12 @@ export interface Native {
     fd: number,
     dirFd: number,
     o: { offset?: Size; sizeLimit?: Size; lock?: boolean; partscan?: boolean; readOnly?: boolean; sectorSize?: Size },
+    timeoutMs?: number,
   ): Promise<
     | { devname: string; exception?: undefined }
     | { devname?: undefined; exception: { type: string; value: string; traceback: string; errno?: number } }
   >;
+  remoteClientCancel(h: Handle): void;
   remoteClientClose(h: Handle): void;
 }
 

@@ -9,6 +9,7 @@ import { promisify } from 'node:util';
 import { native, type Handle } from '../binding.js';
 import { closedError, LoopError } from '../errors.js';
 import { removeNode } from '../loop.js';
+import { sysError } from '../syserr.js';
 
 type Size = number | bigint;
 
@@ -29,6 +30,33 @@ export interface RemoteDeviceOptions {
   sectorSize?: number;
   /** Directory the server creates the `loopN` node in (default `/dev`). */
   devDir?: string;
+  /**
+   * Gives up after this long (default 60000; 0: never), counted from the call, including the wait behind
+   * this client's earlier requests: rejects with ETIMEDOUT.
+   */
+  timeoutMs?: number;
+  /** Gives up when aborted: rejects with an `AbortError` (code `ABORT_ERR`). */
+  signal?: AbortSignal;
+}
+
+export const DEFAULT_REQUEST_TIMEOUT_MS = 60_000;
+
+/** Node's own shape for an aborted operation (`code: 'ABORT_ERR'`, `cause`: the signal's reason). */
+function abortError(signal: AbortSignal): Error {
+  return Object.assign(new Error('The operation was aborted', { cause: signal.reason }), {
+    name: 'AbortError',
+    code: 'ABORT_ERR',
+  });
+}
+
+function deadlineOf(timeoutMs: number | undefined): number {
+  const ms = timeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+  if (!Number.isInteger(ms) || ms < 0 || ms > 2 ** 32 - 1) {
+    throw Object.assign(new RangeError(`The value of "timeoutMs" is out of range. Received ${ms}`), {
+      code: 'ERR_OUT_OF_RANGE',
+    });
+  }
+  return ms === 0 ? Infinity : Date.now() + ms;
 }
 
 /** An exception reply of the server (`{"method": "exception", …}`), as a LoopError. */
@@ -110,7 +138,7 @@ export class RemoteDevice implements AsyncDisposable {
 export class LoopClient implements Disposable {
   readonly socketPath: string;
   #handle: Handle | null;
-  /** One request at a time: replies carry no id. Queued here so waiting does not hold a pool thread. */
+  /** One request at a time (replies carry no id): settles when every request made so far is done. */
   #queue: Promise<unknown> = Promise.resolve();
 
   /** Connects (autobound SOCK_SEQPACKET) to the server at `socketPath`. */
@@ -130,18 +158,55 @@ export class LoopClient implements Disposable {
 
   /**
    * Asks the server for a loop device bound to `file` (a path, or an open fd that stays yours), with its node
-   * created in `devDir`. Rejects with `RemoteLoopError` when the server answers with an exception.
+   * created in `devDir`. Rejects with `RemoteLoopError` when the server answers with an exception, ETIMEDOUT
+   * after `timeoutMs`, an AbortError when `signal` aborts. Waiting for the server takes no libuv pool thread.
+   * A request given up on while the server works on it is answered later; that reply is discarded and the
+   * node it names removed (the device stays with this connection until it closes).
    */
   device(file: string | number, options: RemoteDeviceOptions = {}): Promise<RemoteDevice> {
     const handle = this.#h();
-    const run = this.#queue.then(() => this.#request(handle, file, options));
-    this.#queue = run.catch(() => {});
+    const deadline = deadlineOf(options.timeoutMs);
+    const { signal } = options;
+    if (signal?.aborted) return Promise.reject(abortError(signal));
+    const turn = this.#queue;
+    const run = this.#waitTurn(turn, deadline, signal).then(() => this.#request(handle, file, options, deadline));
+    // The next request waits for this one and for the one before (still in flight if this one gave up).
+    this.#queue = Promise.all([turn, run.catch(() => undefined)]);
     return run;
   }
 
-  async #request(handle: Handle, file: string | number, o: RemoteDeviceOptions): Promise<RemoteDevice> {
+  /** Until the earlier requests are done, unless the deadline passes or the signal aborts first. */
+  #waitTurn(turn: Promise<unknown>, deadline: number, signal: AbortSignal | undefined): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const timer =
+        deadline === Infinity
+          ? undefined
+          : setTimeout(() => finish(this.#timedOut('while queued behind earlier requests')), deadline - Date.now());
+      const onAbort = () => finish(abortError(signal!));
+      signal?.addEventListener('abort', onAbort, { once: true });
+      const finish = (e?: Error) => {
+        clearTimeout(timer);
+        signal?.removeEventListener('abort', onAbort);
+        if (e) reject(e);
+        else resolve();
+      };
+      void turn.then(() => finish());
+    }).then(() => {
+      // The turn and a deadline or abort can land in the same tick: never send a request already given up.
+      if (signal?.aborted) throw abortError(signal);
+      if (Date.now() >= deadline) throw this.#timedOut('while queued behind earlier requests');
+    });
+  }
+
+  #timedOut(detail: string): LoopError {
+    return sysError('ETIMEDOUT', { syscall: 'remoteloop', path: this.socketPath, detail: `no reply ${detail}` });
+  }
+
+  async #request(handle: Handle, file: string | number, o: RemoteDeviceOptions, deadline: number): Promise<RemoteDevice> {
     const devDir = o.devDir ?? '/dev';
     const opened: number[] = [];
+    const { signal } = o;
+    const cancel = () => native.remoteClientCancel(handle);
     try {
       const fd =
         typeof file === 'number'
@@ -152,17 +217,30 @@ export class LoopClient implements Disposable {
             });
       const dirFd = await open(devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
       opened.push(dirFd);
-      const reply = await native.remoteClientRequest(handle, fd, dirFd, {
-        offset: o.offset,
-        sizeLimit: o.sizeLimit,
-        lock: o.lock,
-        partscan: o.partscan,
-        readOnly: o.readOnly,
-        sectorSize: o.sectorSize,
+      if (signal?.aborted) throw abortError(signal);
+      const left = deadline === Infinity ? undefined : Math.max(1, deadline - Date.now());
+      const pending = native.remoteClientRequest(
+        handle,
+        fd,
+        dirFd,
+        {
+          offset: o.offset,
+          sizeLimit: o.sizeLimit,
+          lock: o.lock,
+          partscan: o.partscan,
+          readOnly: o.readOnly,
+          sectorSize: o.sectorSize,
+        },
+        left,
+      );
+      signal?.addEventListener('abort', cancel, { once: true });
+      const reply = await pending.catch((e: unknown) => {
+        throw (e as { code?: string }).code === 'ECANCELED' && signal?.aborted ? abortError(signal) : e;
       });
       if (reply.exception) throw new RemoteLoopError(this.socketPath, reply.exception);
       return new RemoteDevice(devDir, reply.devname);
     } finally {
+      signal?.removeEventListener('abort', cancel);
       await Promise.all(opened.map((n) => close(n)));
     }
   }

@@ -51,6 +51,7 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("remoteServerStats", remote::server_stats),
     ("remoteClientConnect", remote::client_connect),
     ("remoteClientRequest", remote::client_request),
+    ("remoteClientCancel", remote::client_cancel),
     ("remoteClientClose", remote::client_close),
 ];
 

@@ -237,8 +237,11 @@ fn reply(env: Env, r: Reply) -> JsResult<Value> {
     Ok(o)
 }
 
-/// remoteClientRequest(h, fileFd, dirFd, options) → Promise<reply>. The request sends duplicates made
-/// before this returns, so the caller may close its fds at once.
+/// remoteClientRequest(h, fileFd, dirFd, options, timeoutMs?) → Promise<reply>. The request sends
+/// duplicates made before this returns, so the caller may close its fds at once. It waits for the server on
+/// a thread of its own, never on the libuv pool: a server that does not answer must not starve the
+/// application's fs, dns, crypto and zlib work. ETIMEDOUT after `timeoutMs`; ECANCELED on
+/// `remoteClientCancel`.
 pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     let client = client_slot(env, args)?
         .lock()
@@ -248,12 +251,27 @@ pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     let file = convert::owned_fd(env, arg(env, args, 1)?, "fd")?;
     let dir = convert::owned_fd(env, arg(env, args, 2)?, "dirFd")?;
     let req = request(env, arg(env, args, 3)?)?;
-    crate::task::spawn(
+    let timeout = arg(env, args, 4)?;
+    let timeout = if env.is_nullish(timeout)? {
+        None
+    } else {
+        Some(Duration::from_millis(env.to_int(timeout, "timeoutMs", 0, i64::from(u32::MAX))? as u64))
+    };
+    crate::task::spawn_thread(
         env,
         "loopdev.remoteRequest",
-        move || Ok(client.request(file.as_fd(), dir.as_fd(), &req)?),
+        move || Ok(client.request(file.as_fd(), dir, &req, timeout)?),
         reply,
     )
+}
+
+/// remoteClientCancel(h): gives up the request in progress (it rejects with ECANCELED); its late reply is
+/// discarded by the next request.
+pub fn client_cancel(env: Env, args: &[Value]) -> JsResult<Value> {
+    if let Some(client) = client_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        client.cancel();
+    }
+    env.undefined()
 }
 
 /// remoteClientClose(h): shuts the socket down (a pending request fails with ECONNRESET) and drops it.

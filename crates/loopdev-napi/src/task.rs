@@ -114,3 +114,91 @@ fn settle(env: Env, deferred: napi_deferred, settled: JsResult<Value>) {
         }
     };
 }
+
+/// A result on its way from a thread of `spawn_thread` to the JS thread.
+struct Delivery<T> {
+    output: JsResult<T>,
+    finish: fn(Env, T) -> JsResult<Value>,
+    deferred: napi_deferred,
+}
+
+/// The threadsafe function and the deferred, moved to the thread (both are made to be used from any thread;
+/// the deferred is only settled back on the JS thread, in `deliver`).
+struct Channel(napi_threadsafe_function, napi_deferred);
+// SAFETY: see above.
+unsafe impl Send for Channel {}
+
+/// Like `spawn`, but `run` gets a thread of its own instead of one of libuv's four pool threads: for work
+/// that waits on something outside the process for as long as that takes (a remote server's reply), which
+/// would otherwise hold up the application's fs, dns, crypto and zlib work queued behind it.
+pub fn spawn_thread<T: Send + 'static>(
+    env: Env,
+    name: &str,
+    run: impl FnOnce() -> JsResult<T> + Send + 'static,
+    finish: fn(Env, T) -> JsResult<Value>,
+) -> JsResult<Value> {
+    let resource_name = env.string(name)?;
+    let mut deferred = ptr::null_mut();
+    let mut promise = ptr::null_mut();
+    // SAFETY: valid env and out-pointers.
+    if unsafe { napi_create_promise(env.0, &mut deferred, &mut promise) } != NAPI_OK {
+        return Err(Failure::Pending);
+    }
+    let mut tsfn = ptr::null_mut();
+    // SAFETY: no JS function (deliver settles the promise itself), one thread count, deliver matches the
+    // Delivery<T> the thread sends. The tsfn keeps the event loop alive until released, like a pending socket.
+    let status = unsafe {
+        napi_create_threadsafe_function(
+            env.0,
+            ptr::null_mut(),
+            ptr::null_mut(),
+            resource_name,
+            0,
+            1,
+            ptr::null_mut(),
+            None,
+            ptr::null_mut(),
+            Some(deliver::<T>),
+            &mut tsfn,
+        )
+    };
+    if status != NAPI_OK {
+        settle(env, deferred, Err(Failure::Pending));
+        return Ok(promise);
+    }
+    let channel = Channel(tsfn, deferred);
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let channel = channel;
+        let output = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| Err(panicked()));
+        let delivery = Box::into_raw(Box::new(Delivery { output, finish, deferred: channel.1 }));
+        // SAFETY: the tsfn is alive until released below; ownership of `delivery` passes to deliver on success.
+        unsafe {
+            if napi_call_threadsafe_function(channel.0, delivery.cast(), NAPI_TSFN_BLOCKING) != NAPI_OK {
+                // The environment is closing: its promises go with it.
+                drop(Box::from_raw(delivery));
+            }
+            napi_release_threadsafe_function(channel.0, NAPI_TSFN_RELEASE);
+        }
+    });
+    if let Err(e) = spawned {
+        // The closure (and what `run` owns) is dropped; the tsfn and deferred are still ours.
+        // SAFETY: we hold the tsfn's one thread count.
+        unsafe { napi_release_threadsafe_function(tsfn, NAPI_TSFN_RELEASE) };
+        let errno = nix::errno::Errno::from_i32(e.raw_os_error().unwrap_or(nix::libc::EAGAIN));
+        settle(env, deferred, Err(Failure::Loop(loopdev::Error::os(errno, "pthread_create"))));
+    }
+    Ok(promise)
+}
+
+unsafe extern "C" fn deliver<T>(env: napi_env, _func: napi_value, _context: *mut c_void, data: *mut c_void) {
+    // SAFETY: `data` is the Delivery<T> boxed by the thread; deliver runs once per call.
+    let Delivery { output, finish, deferred } = *unsafe { Box::from_raw(data.cast::<Delivery<T>>()) };
+    if env.is_null() {
+        return; // the environment is being torn down
+    }
+    let env = Env(env);
+    no_unwind(|| {
+        let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| output.and_then(|v| finish(env, v))));
+        settle(env, deferred, settled.unwrap_or_else(|_| Err(panicked())));
+    });
+}

@@ -710,14 +710,20 @@ mod tests {
         let null = File::open("/dev/null").unwrap();
 
         // A directory as backing file, then /dev/null (a char device): both refused before any ioctl.
-        let e = exception(client.request(d.as_fd(), d.as_fd(), &Request::default()).unwrap());
+        let e = exception(
+            client.request(d.as_fd(), d.as_fd().try_clone_to_owned().unwrap(), &Request::default(), None).unwrap(),
+        );
         assert_eq!((e.kind.as_str(), e.errno()), ("OSError", Some(libc::EINVAL)));
         assert!(e.value.contains("not a regular file or block device"), "{}", e.value);
-        let e = exception(client.request(null.as_fd(), d.as_fd(), &Request::default()).unwrap());
+        let e = exception(
+            client.request(null.as_fd(), d.as_fd().try_clone_to_owned().unwrap(), &Request::default(), None).unwrap(),
+        );
         assert_eq!(e.errno(), Some(libc::EINVAL));
         // A regular file as directory.
         let f = File::open(std::env::current_exe().unwrap()).unwrap();
-        let e = exception(client.request(f.as_fd(), f.as_fd(), &Request::default()).unwrap());
+        let e = exception(
+            client.request(f.as_fd(), f.as_fd().try_clone_to_owned().unwrap(), &Request::default(), None).unwrap(),
+        );
         assert_eq!(e.errno(), Some(libc::ENOTDIR));
 
         // Raw packets: an index past the fds sent, bad JSON, no fds, the memfd form with a bad request.
@@ -757,7 +763,9 @@ mod tests {
         let server = Server::bind(&path, options).unwrap();
         let client = Client::connect(&path).unwrap();
         let d = File::open(&dir).unwrap();
-        let e = exception(client.request(d.as_fd(), d.as_fd(), &Request::default()).unwrap());
+        let e = exception(
+            client.request(d.as_fd(), d.as_fd().try_clone_to_owned().unwrap(), &Request::default(), None).unwrap(),
+        );
         assert_eq!(e.errno(), Some(libc::EPERM));
         assert!(e.value.contains("is not allowed"), "{}", e.value);
         assert_eq!(server.stats().refused, 1);

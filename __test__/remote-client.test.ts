@@ -1,0 +1,140 @@
+/**
+ * The remote client against servers that stall: requests never borrow a libuv pool thread, give up at
+ * their deadline or on abort, leave no fd behind, and a reply that arrives after its request was given up
+ * on is discarded. The servers are small Python fakes (a real server cannot be made to stall on demand).
+ */
+import type { ExecutionContext } from 'ava';
+import { spawn } from 'node:child_process';
+import * as dns from 'node:dns';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createInterface } from 'node:readline';
+import { LoopClient } from '../ts/index.js';
+import { loopTest, tempDir } from './helpers.js';
+
+/** A SOCK_SEQPACKET server: `silent` reads requests and never answers; `late` answers each after DELAY s. */
+const FAKE_SERVER = String.raw`
+import json, os, select, socket, sys, time
+path, mode, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+srv.bind(path)
+srv.listen(64)
+print("ready", flush=True)
+conns, due, seen = [], [], 0
+while True:
+    timeout = max(0, min(t for t, _, _ in due) - time.time()) if due else None
+    r, _, _ = select.select([srv] + conns, [], [], timeout)
+    for s in r:
+        if s is srv:
+            conns.append(srv.accept()[0])
+            continue
+        msg, fds, _, _ = socket.recv_fds(s, 4096, 8)
+        for fd in fds:
+            os.close(fd)
+        if not msg:
+            conns.remove(s)
+            continue
+        seen += 1
+        print(json.dumps({"request": seen}), flush=True)
+        if mode == "late":
+            due.append((time.time() + delay, s, seen))
+    now = time.time()
+    for item in [d for d in due if d[0] <= now]:
+        due.remove(item)
+        item[1].send(json.dumps({"devname": "loop%d" % (100000 + item[2])}).encode())
+`;
+
+async function fakeServer(t: ExecutionContext, mode: 'silent' | 'late', delaySeconds = 0) {
+  const socketPath = path.join(tempDir(t), 'remoteloop');
+  const child = spawn('python3', ['-c', FAKE_SERVER, socketPath, mode, String(delaySeconds)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
+  const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  const next = async (): Promise<string> => (await lines.next()).value as string;
+  t.is(await next(), 'ready');
+  let requests = 0;
+  void (async () => {
+    for (;;) {
+      const line = await next();
+      if (line === undefined) return;
+      requests = (JSON.parse(line) as { request: number }).request;
+    }
+  })();
+  return { socketPath, requests: () => requests };
+}
+
+function openFds(): number {
+  return fs.readdirSync('/proc/self/fd').length;
+}
+
+loopTest.serial('16 requests to a server that never answers take no pool thread: fs and dns go on, then ETIMEDOUT', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'file');
+  fs.writeFileSync(file, 'x');
+  const server = await fakeServer(t, 'silent');
+  const before = openFds();
+  const clients = Array.from({ length: 16 }, () => new LoopClient(server.socketPath));
+  let settled = 0;
+  const pending = clients.map((c) =>
+    c.device(file, { devDir: dir, timeoutMs: 4000 }).finally(() => {
+      settled++;
+    }),
+  );
+  // libuv has 4 pool threads: with requests holding them, neither of these could complete.
+  for (let i = 0; i < 8; i++) t.is(await fs.promises.readFile(file, 'utf8'), 'x');
+  t.truthy(await dns.promises.lookup('localhost'));
+  t.is(settled, 0, 'fs and dns completed while all 16 requests were still waiting');
+  for (const r of await Promise.allSettled(pending)) {
+    t.is(r.status, 'rejected');
+    t.like((r as PromiseRejectedResult).reason, { code: 'ETIMEDOUT', syscall: 'recvmsg', path: server.socketPath });
+  }
+  for (const c of clients) c.close();
+  t.is(openFds(), before, 'no fd left behind');
+});
+
+loopTest.serial('abort: before the call, while queued (never sent), and in flight', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'file');
+  fs.writeFileSync(file, 'x');
+  const server = await fakeServer(t, 'silent');
+  const before = openFds();
+  {
+    using client = new LoopClient(server.socketPath);
+    const early = new AbortController();
+    early.abort(new Error('no longer needed'));
+    const e = await t.throwsAsync(client.device(file, { devDir: dir, signal: early.signal }));
+    t.like(e, { name: 'AbortError', code: 'ABORT_ERR' });
+    t.is((e as Error).cause, early.signal.reason);
+
+    const first = new AbortController();
+    const second = new AbortController();
+    const inFlight = client.device(file, { devDir: dir, signal: first.signal, timeoutMs: 0 });
+    const queued = client.device(file, { devDir: dir, signal: second.signal, timeoutMs: 0 });
+    while (server.requests() < 1) await new Promise((r) => setTimeout(r, 5));
+    second.abort();
+    await t.throwsAsync(queued, { code: 'ABORT_ERR' });
+    first.abort();
+    await t.throwsAsync(inFlight, { code: 'ABORT_ERR' });
+    await new Promise((r) => setTimeout(r, 100));
+    t.is(server.requests(), 1, 'the request aborted while queued never reached the server');
+  }
+  t.is(openFds(), before, 'no fd left behind');
+});
+
+loopTest.serial('a reply that arrives after its request gave up is discarded; the next request gets its own', async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'file');
+  fs.writeFileSync(file, 'x');
+  const server = await fakeServer(t, 'late', 0.3);
+  const before = openFds();
+  {
+    using client = new LoopClient(server.socketPath);
+    await t.throwsAsync(client.device(file, { devDir: dir, timeoutMs: 50 }), { code: 'ETIMEDOUT' });
+    const dev = await client.device(file, { devDir: dir, timeoutMs: 5000 });
+    t.is(dev.devname, 'loop100002', "the second request's reply, not the first's");
+  }
+  t.is(openFds(), before, 'no fd left behind');
+});
