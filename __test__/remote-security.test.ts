@@ -427,3 +427,40 @@ loopTest.serial('a peer whose directory never answers (stalled FUSE) stalls only
   t.deepEqual(await boundAfterSettling(backing), []);
   t.deepEqual(await boundAfterSettling(img.path), []);
 });
+
+const OWN_NODE = String.raw`
+sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+s = connect(sock)
+r = ask(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+node = os.path.join(dev_dir, r["devname"])
+out = {"reply": r}
+fd = os.open(node, os.O_RDONLY)
+out["read"] = os.read(fd, 21).decode()
+try:
+    os.link(node, os.path.join(dev_dir, "kept"))
+    out["link"] = "linked"
+except OSError as e:
+    out["link"] = __import__("errno").errorcode[e.errno]
+emit(out)
+sys.stdin.readline()
+os.close(fd)
+`;
+
+loopTest.serial('a peer can open the node made for it, cannot hard-link it, and nothing is left in /dev', async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const privateNames = () => fs.readdirSync('/dev').filter((n) => n.startsWith(`.loopdev-peer-${process.pid}-`));
+  const peer = attacker(t, OWN_NODE, [srv.socketPath, backing, devDir]);
+  const out = await peer.next();
+  t.truthy(out.reply.devname, JSON.stringify(out.reply));
+  t.is(out.read, 'PEER CONTROLLED BYTES', 'the peer reads its own file through its node (uid 65534)');
+  t.is(out.link, 'EXDEV', 'a bind-mounted node cannot be linked: no capability outlives the device');
+  t.deepEqual(privateNames(), [], 'the private name in /dev went once mounted');
+  t.deepEqual(fs.readdirSync(devDir), [out.reply.devname]);
+  t.is(await peer.finish(), 0);
+  await until('the server to release the connection', () => srv.stats().devices === 0);
+  t.deepEqual(mountsUnder(devDir), []);
+  t.deepEqual(fs.readdirSync(devDir), [], 'the node went with the connection');
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
