@@ -44,7 +44,10 @@ export class Loop implements Disposable, AsyncDisposable {
   /** True while the device is bound by a call on this object, so dispose knows to detach it. */
   #bound = false;
 
-  /** Opens `<dir>/loop<minor>` read-write; throws UnexpectedDeviceError unless it is block device 7:minor. */
+  /**
+   * Opens `<dir>/loop<minor>` read-write; throws UnexpectedDeviceError unless it is the block device sysfs names
+   * for `loop<minor>` (7:minor, or 7:(minor << part_shift) when the loop module has `max_part` set).
+   */
   constructor(minor: number, options: LoopOptions = {}) {
     const raw: NativeLoop =
       (options as { [kNative]?: NativeLoop })[kNative] ?? native.loopOpen(minor, options.dirFd);
@@ -171,7 +174,7 @@ export class Loop implements Disposable, AsyncDisposable {
 
   /**
    * Makes `loopN` usable in `dirFd` (a container's /dev): bind-mounts the host node when there is one,
-   * else mknod S_IFBLK 7:minor. Remove it with `removeNode(dirFd, lo.devname)`.
+   * else mknod S_IFBLK with the device's own number (from sysfs). Remove it with `removeNode(dirFd, lo.devname)`.
    */
   mknod(dirFd: number, mode = 0o600): void {
     native.loopMknod(this.#h(), dirFd, mode);

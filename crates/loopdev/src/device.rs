@@ -7,7 +7,7 @@ use crate::node::{self, Node};
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, openat, FcntlArg, OFlag};
-use nix::sys::stat::{self, fstat, major, FileStat, Mode, SFlag};
+use nix::sys::stat::{self, fstat, major, makedev, FileStat, Mode, SFlag};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -59,11 +59,36 @@ pub struct StatusChange {
 pub struct Loop {
     fd: OwnedFd,
     minor: u32,
+    /// The device number, which is 7:(N << part_shift) rather than 7:N when loop.max_part is set.
+    rdev: u64,
     path: PathBuf,
 }
 
 /// Where device nodes live when no directory fd is given.
 pub const DEV_DIR: &str = "/dev";
+
+/// Where the kernel describes its block devices.
+const SYS_DIR: &str = "/sys";
+
+/// `major:minor` as sysfs `dev` files hold it (`7:16\n`).
+fn parse_devnum(text: &str) -> Option<u64> {
+    let (major, minor) = text.trim_end().split_once(':')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(major) || !digits(minor) {
+        return None;
+    }
+    Some(makedev(major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The device number of `loop<index>`: with loop.max_part set the kernel gives each device
+/// `1 << part_shift` minors for its partitions, so the minor is not the index. Without a readable sysfs
+/// (a container without /sys) the kernel default, minor = index, is the best guess left.
+fn loop_devnum(sys: &Path, index: u32) -> u64 {
+    std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
+        .ok()
+        .and_then(|text| parse_devnum(&text))
+        .unwrap_or_else(|| makedev(u64::from(uapi::LOOP_MAJOR), u64::from(index)))
+}
 
 /// The path a directory fd points at, for error messages only.
 pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
@@ -104,28 +129,37 @@ fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
 }
 
 impl Loop {
-    /// Opens `<dir>/loop<minor>` (default `/dev`) read-write and checks it is that loop device.
+    /// Opens `<dir>/loop<minor>` (default `/dev`) read-write and checks it is that loop device: a block
+    /// device with the number sysfs gives for `loop<minor>`.
     pub fn open(minor: u32, dir: Option<BorrowedFd>) -> Result<Loop> {
+        Loop::open_described_by(minor, dir, Path::new(SYS_DIR))
+    }
+
+    fn open_described_by(minor: u32, dir: Option<BorrowedFd>, sys: &Path) -> Result<Loop> {
         let name = format!("loop{minor}");
         let fd = open_in(dir, &name, OFlag::O_RDWR)?;
         let path = dir_path(dir).join(&name);
         let st = stat_fd(fd.as_fd()).map_err(|e| e.with_path(&path))?;
         let rdev = st.st_rdev;
-        if !is_kind(&st, SFlag::S_IFBLK)
-            || major(rdev) != u64::from(uapi::LOOP_MAJOR)
-            || stat::minor(rdev) != u64::from(minor)
-        {
+        let expected = loop_devnum(sys, minor);
+        if !is_kind(&st, SFlag::S_IFBLK) || major(rdev) != u64::from(uapi::LOOP_MAJOR) || rdev != expected {
+            let (want_major, want_minor) = (major(expected), stat::minor(expected));
             return Err(Error {
-                kind: Kind::UnexpectedDevice { expected_minor: minor, rdev, mode: st.st_mode },
-                detail: Some(format!("not loop device 7:{minor}")),
+                kind: Kind::UnexpectedDevice { expected_minor: want_minor as u32, rdev, mode: st.st_mode },
+                detail: Some(format!("not loop device {want_major}:{want_minor}")),
                 ..Error::os(Errno::ENODEV, "open").with_path(&path)
             });
         }
-        Ok(Loop { fd, minor, path })
+        Ok(Loop { fd, minor, rdev, path })
     }
 
+    /// N of `loopN`: the loop index, which is the device's minor only while loop.max_part is 0 (see `rdev`).
     pub fn minor(&self) -> u32 {
         self.minor
+    }
+    /// The device number (`st_rdev`), as sysfs `/sys/block/loopN/dev` gives it.
+    pub fn rdev(&self) -> u64 {
+        self.rdev
     }
     pub fn path(&self) -> &Path {
         &self.path
@@ -371,16 +405,16 @@ impl Loop {
 
     /// Makes `loopN` usable inside `dir` (a container's /dev). Like osbuild: bind-mount this device's node onto
     /// an empty file (device nodes made by mknod are often unusable in a container's tmpfs), else mknod a block
-    /// device 7:minor. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
+    /// device with this device's number. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
     /// `remove_node`.
     pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<Node> {
-        node::make(dir, &self.devname(), self.fd.as_fd(), self.minor, mode, None)
+        node::make(dir, &self.devname(), self.fd.as_fd(), stat::minor(self.rdev) as u32, mode, None)
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
     pub fn try_clone(&self) -> Result<Loop> {
         let fd = self.fd.try_clone().map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(0)), "dup"))?;
-        Ok(Loop { fd, minor: self.minor, path: self.path.clone() })
+        Ok(Loop { fd, minor: self.minor, rdev: self.rdev, path: self.path.clone() })
     }
 }
 
@@ -427,6 +461,48 @@ mod tests {
         assert_eq!(err.code(), "ERR_LOOP_UNEXPECTED_DEVICE");
         assert!(matches!(err.kind, Kind::UnexpectedDevice { expected_minor: 5, .. }));
         assert_eq!(err.path, Some(tmp.join("loop5")));
+    }
+
+    #[test]
+    fn sysfs_dev_numbers_parse_and_nothing_else_does() {
+        assert_eq!(parse_devnum("7:16\n"), Some(makedev(7, 16)));
+        assert_eq!(parse_devnum("259:1048575"), Some(makedev(259, 1_048_575)));
+        for bad in ["", "7", "7:", ":16", "7:16:1", "7:-1", "7: 16", "x:1", "7:99999999999999999999"] {
+            assert_eq!(parse_devnum(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn without_sysfs_the_minor_is_taken_to_be_the_index() {
+        assert_eq!(loop_devnum(Path::new("/nonexistent"), 5), makedev(7, 5));
+    }
+
+    /// A kernel with loop.max_part=15 (part_shift 4) numbers loop1 7:16. Simulated with a sysfs and a /dev of
+    /// our own: `loop1` there is a node for a real, free loop device whose minor is not 1.
+    #[test]
+    fn the_device_number_comes_from_sysfs_not_from_the_index() {
+        let ctl = crate::LoopControl::open(None).unwrap();
+        let real = ctl.get_unbound().unwrap();
+        let index = real + 1;
+        let tmp = std::env::temp_dir().join(format!("loopdev-max-part-{}", std::process::id()));
+        let (sys, dev) = (tmp.join("sys"), tmp.join("dev"));
+        std::fs::create_dir_all(sys.join(format!("block/loop{index}"))).unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(sys.join(format!("block/loop{index}/dev")), format!("7:{real}\n")).unwrap();
+        let node = dev.join(format!("loop{index}"));
+        stat::mknod(&node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(7, u64::from(real))).unwrap();
+        let dir = open_in(None, dev.to_str().unwrap(), OFlag::O_DIRECTORY | OFlag::O_RDONLY).unwrap();
+        let opened = Loop::open_described_by(index, Some(dir.as_fd()), &sys).map(|lo| (lo.minor(), lo.rdev()));
+        // The same node under the kernel default (minor = index) is someone else's device.
+        std::fs::write(sys.join(format!("block/loop{index}/dev")), format!("7:{index}\n")).unwrap();
+        let refused = Loop::open_described_by(index, Some(dir.as_fd()), &sys).unwrap_err();
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert_eq!(opened, Ok((index, makedev(7, u64::from(real)))));
+        assert_eq!(refused.code(), "ERR_LOOP_UNEXPECTED_DEVICE");
+        assert_eq!(
+            refused.to_string().split(',').next(),
+            Some(&*format!("ERR_LOOP_UNEXPECTED_DEVICE: not loop device 7:{index}"))
+        );
     }
 
     #[test]
