@@ -228,3 +228,64 @@ loopTest('a throwing async setup rejects with its error and binds nothing', asyn
   t.is(err, boom);
   t.deepEqual(await boundAfterSettling(img.dir), []);
 });
+
+/** Sleeps the JS thread (a sync setup callback cannot await). */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+loopTest.serial('lock takes loop-control before the device, like systemd, so the two never deadlock', async (t) => {
+  const img = image(t);
+  const ready = path.join(img.dir, 'helper-has-loop-control');
+  const got = path.join(img.dir, 'helper-got-the-device');
+  using ctl = new LoopControl();
+  let helper: ReturnType<typeof spawn> | undefined;
+  const started = Date.now();
+  // While setup runs, loop-control is free: a systemd-like peer takes it, then (after a pause in which the old
+  // code took the device lock and blocked on loop-control) blocks on the lock of the same free device.
+  await using lo = await ctl.loopForFdAsync(img.fd, {
+    lock: true,
+    setup: (dev) => {
+      if (helper) return;
+      const script = `touch ${ready}; sleep 0.3; flock ${dev.path} touch ${got}`;
+      // `timeout` breaks a deadlock (the test then fails on the missing marker instead of hanging).
+      helper = spawn('timeout', ['5', 'flock', '/dev/loop-control', 'sh', '-c', script], { stdio: 'ignore' });
+      while (!fs.existsSync(ready) && Date.now() - started < 5000) sleepSync(5);
+    },
+  });
+  await new Promise((resolve) => (helper!.exitCode !== null ? resolve(null) : helper!.once('exit', resolve)));
+  t.true(fs.existsSync(got), 'the peer got the device lock: no deadlock');
+  t.true(Date.now() - started < 4000, `took ${Date.now() - started} ms`);
+  t.true(lo.isBoundTo(img.fd));
+});
+
+loopTest('concurrent loopForFdAsync calls sharing one LoopControl take its lock in turn', async (t) => {
+  const images = Array.from({ length: 16 }, () => image(t, 1 << 20));
+  using ctl = new LoopControl();
+  let timer: NodeJS.Timeout | undefined;
+  const loops: Loop[] = [];
+  const calls = images.map((img) =>
+    ctl.loopForFdAsync(img.fd, { lock: true, autoclear: true }).then((lo) => {
+      loops.push(lo);
+      return lo;
+    }),
+  );
+  // Two callers inside at once pick the same free device, and the second then waits for the device lock that
+  // the first one's Loop keeps: a hang. Closing what finished lets a hung call go on, so the test can report.
+  const timedOut = new Promise<'hung'>((resolve) => (timer = setTimeout(() => resolve('hung'), 10_000)));
+  const outcome = await Promise.race([Promise.all(calls), timedOut]);
+  clearTimeout(timer);
+  if (outcome === 'hung') for (const lo of loops) lo.close();
+  await Promise.allSettled(calls);
+  try {
+    t.not(outcome, 'hung', 'a caller waited for a device another caller of the same LoopControl had locked');
+    t.is(new Set(loops.map((lo) => lo.minor)).size, images.length);
+    for (const lo of loops) {
+      using probe = new Loop(lo.minor);
+      t.throws(() => probe.flock(LOCK_EX | LOCK_NB), { instanceOf: LoopError });
+    }
+  } finally {
+    for (const lo of loops) lo.close();
+  }
+  for (const img of images) t.deepEqual(await boundAfterSettling(img.dir), []);
+});

@@ -29,8 +29,12 @@ loopTest('clearFdWait times out with ETIMEDOUT while another fd holds the device
   t.is(err?.code, 'ETIMEDOUT');
   t.is(err?.errno, -110);
   t.is(err?.path, lo.path);
-  t.regex(err!.message, /^ETIMEDOUT: device still bound after 200 ms, ioctl LOOP_CLR_FD/);
+  t.regex(
+    err!.message,
+    /^ETIMEDOUT: device still bound after 200 ms \(open elsewhere\); LOOP_CLR_FD set autoclear on it: the kernel detaches it at its last close, ioctl LOOP_CLR_FD/,
+  );
   t.true(lo.isBoundTo(img.fd), 'still bound while held');
+  t.true(lo.getStatus().autoclear, 'autoclear, as the error says');
   lo.close();
   t.deepEqual(devicesBoundUnder(img.path).length, 1, 'the holder keeps it');
   fs.closeSync(holder);
@@ -136,4 +140,18 @@ loopTest('a Loop collected without close() is closed with a warning, and autocle
   t.true(warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && /^Closing loop device \/dev\/loop\d+ on garbage collection/.test(w.message)));
   t.true(warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && /^Closing loop-control/.test(w.message)));
   t.deepEqual(await boundAfterSettling(img.path), []);
+});
+
+loopTest('clearFdWait leaves a device bound to another file alone', async (t) => {
+  const mine = image(t);
+  const theirs = image(t);
+  using owner = await configuredLoop(theirs.fd);
+  {
+    using lo = new Loop(owner.minor);
+    // Not bound to `mine`: nothing to clear, and above all not the owner's binding.
+    await t.notThrowsAsync(lo.clearFdWait(mine.fd, 200, 10));
+    t.notThrows(() => lo.clearFdWaitSync(mine.fd, 200, 10));
+  }
+  t.true(owner.isBoundTo(theirs.fd));
+  t.false(owner.getStatus().autoclear, 'no LOOP_CLR_FD reached the device');
 });

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Loop, LoopError } from '../ts/index.js';
@@ -57,13 +58,26 @@ loopTest('setStatus changes what is asked and keeps the rest', async (t) => {
   t.false(lo.getStatus().autoclear);
 });
 
-loopTest('setStatus refuses a change the kernel would silently ignore', async (t) => {
+loopTest('setStatus refuses a change the kernel would silently ignore, and changes nothing', async (t) => {
   const img = image(t);
-  using lo = await configuredLoop(img.fd);
-  const err = t.throws(() => lo.setStatus({ readOnly: true }), { instanceOf: LoopError });
-  t.is(err?.code, 'EINVAL');
-  t.is(err?.ioctl, 'LOOP_SET_STATUS64');
-  t.false(lo.getStatus().readOnly);
+  using lo = await configuredLoop(img.fd, { partscan: true });
+  const before = lo.getStatus();
+  const asks = [
+    { offset: 4096, sizeLimit: 1 << 20, autoclear: true, readOnly: true },
+    { offset: 4096, sizeLimit: 1 << 20, autoclear: true, partscan: false },
+  ];
+  for (const ask of asks) {
+    const err = t.throws(() => lo.setStatus(ask), { instanceOf: LoopError });
+    t.is(err?.code, 'EINVAL');
+    t.is(err?.ioctl, 'LOOP_SET_STATUS64');
+    t.regex(err!.message, /nothing was changed/);
+    t.deepEqual(lo.getStatus(), before);
+    t.is(sysfs(lo.minor, 'loop/offset'), '0');
+    t.is(sysfs(lo.minor, 'loop/autoclear'), '0');
+    t.is(sysfs(lo.minor, 'ro'), '0');
+  }
+  // Asking for what is already in effect is not a change.
+  t.notThrows(() => lo.setStatus({ readOnly: false, partscan: true }));
 });
 
 loopTest('the legacy path (setFd + setStatus + setBlockSize) gives the same device', async (t) => {
@@ -147,4 +161,73 @@ loopTest('getStatus of an unbound device is ENXIO with ioctl and path', async (t
     t.is(err?.path, `/dev/loop${minor}`);
     t.is(err?.message, `ENXIO: no such device or address, ioctl LOOP_GET_STATUS64 '/dev/loop${minor}'`);
   }
+});
+
+/** Runs `body` (module code with `fs`, `LoopControl` and `dir` in scope) in a child process that forces the
+ * pre-5.8 configure path, and returns what it prints as JSON. */
+function legacyChild(dir: string, body: string): unknown {
+  const script = path.join(dir, 'legacy.mts');
+  fs.writeFileSync(
+    script,
+    `import { LoopControl } from ${JSON.stringify(path.resolve('ts/index.ts'))};
+import * as fs from 'node:fs';
+const dir = ${JSON.stringify(dir)};
+const ctl = new LoopControl();
+const sys = (lo, attr) => fs.readFileSync('/sys/block/' + lo.devname + '/' + attr, 'utf8').trim();
+${body}`,
+  );
+  const env = { ...process.env, LOOPDEV_FORCE_LEGACY_CONFIGURE: '1' };
+  return JSON.parse(execFileSync(process.execPath, ['--import=tsx', script], { env, encoding: 'utf8' }));
+}
+
+loopTest('the legacy path applies every option LOOP_CONFIGURE would', (t) => {
+  // On ext4 (not tmpfs) so that direct I/O can really be enabled.
+  const dir = fs.mkdtempSync(path.join('/var/tmp', 'loopdev-test-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.writeFileSync(path.join(dir, 'disk.img'), Buffer.alloc(16 << 20));
+  const seen = legacyChild(
+    dir,
+    `const fd = fs.openSync(dir + '/disk.img', 'r');
+const lo = ctl.loopForFd(fd, { offset: 8192, sizeLimit: 2 << 20, readOnly: true, blockSize: 4096, partscan: true,
+  directIo: true, autoclear: true });
+const attrs = ['loop/offset', 'loop/sizelimit', 'ro', 'queue/logical_block_size', 'loop/partscan', 'loop/dio',
+  'loop/autoclear'];
+console.log(JSON.stringify(Object.fromEntries(attrs.map((a) => [a, sys(lo, a)]))));
+lo.close();`,
+  );
+  t.deepEqual(seen, {
+    'loop/offset': '8192',
+    'loop/sizelimit': String(2 << 20),
+    ro: '1',
+    'queue/logical_block_size': '4096',
+    'loop/partscan': '1',
+    'loop/dio': '1',
+    'loop/autoclear': '1',
+  });
+});
+
+loopTest('the legacy path treats direct I/O as best effort and names the step that failed', (t) => {
+  const img = image(t);
+  // ramfs has no O_DIRECT: LOOP_CONFIGURE binds buffered there, and so must the fallback.
+  const ram = path.join(img.dir, 'ram');
+  fs.mkdirSync(ram);
+  execFileSync('mount', ['-t', 'ramfs', 'none', ram]);
+  t.teardown(() => execFileSync('umount', ['-l', ram]));
+  fs.writeFileSync(path.join(ram, 'disk.img'), Buffer.alloc(4 << 20));
+  const seen = legacyChild(
+    ram,
+    `const fd = fs.openSync(dir + '/disk.img', 'r+');
+const lo = ctl.loopForFd(fd, { directIo: true, autoclear: true });
+const dio = sys(lo, 'loop/dio');
+lo.close();
+let error;
+try {
+  ctl.loopForFd(fd, { blockSize: 1000, autoclear: true });
+} catch (e) {
+  error = { code: e.code, syscall: e.syscall, ioctl: e.ioctl };
+}
+fs.closeSync(fd);
+console.log(JSON.stringify({ dio, error }));`,
+  );
+  t.deepEqual(seen, { dio: '0', error: { code: 'EINVAL', syscall: 'ioctl', ioctl: 'LOOP_SET_BLOCK_SIZE' } });
 });

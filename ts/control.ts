@@ -3,7 +3,10 @@ import { closedError } from './errors.js';
 import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
 
 export interface LoopForFdOptions extends ConfigureOptions {
-  /** Take `flock(LOCK_EX|LOCK_NB)` on the device before binding (skip devices others hold); kept while open. */
+  /**
+   * Take `flock(LOCK_EX)` on the device before binding, kept while it is open. Taken after loop-control's lock
+   * and waiting for it, in systemd's order, so a systemd peer and this call cannot deadlock.
+   */
   lock?: boolean;
   /** Runs on the opened, still unbound device before it is configured. */
   setup?: (lo: Loop) => void;
@@ -54,7 +57,8 @@ export class LoopControl implements Disposable {
 
   /**
    * Binds `fd` to a free device and returns it open. Safe against other processes taking the same device
-   * (retries on a fresh one), serialised across processes with flock on loop-control.
+   * (retries on a fresh one), serialised across processes with flock on loop-control and across concurrent
+   * calls on this LoopControl.
    */
   loopForFd(fd: number, options: LoopForFdOptions = {}): Loop {
     const raw = native.controlLoopForFd(this.#h(), fd, configureArgs(options), options?.lock, wrapSetup(options?.setup));

@@ -44,7 +44,10 @@ export class Loop implements Disposable, AsyncDisposable {
   /** True while the device is bound by a call on this object, so dispose knows to detach it. */
   #bound = false;
 
-  /** Opens `<dir>/loop<minor>` read-write; throws UnexpectedDeviceError unless it is block device 7:minor. */
+  /**
+   * Opens `<dir>/loop<minor>` read-write; throws UnexpectedDeviceError unless it is the block device sysfs names
+   * for `loop<minor>` (7:minor, or 7:(minor << part_shift) when the loop module has `max_part` set).
+   */
   constructor(minor: number, options: LoopOptions = {}) {
     const raw: NativeLoop =
       (options as { [kNative]?: NativeLoop })[kNative] ?? native.loopOpen(minor, options.dirFd);
@@ -114,7 +117,17 @@ export class Loop implements Disposable, AsyncDisposable {
     this.#bound = false;
   }
 
-  /** Clears, then waits until the device is unbound or bound to another file than `fd`; ETIMEDOUT otherwise. */
+  /**
+   * Verified detach of `fd`'s file: if the device is bound to it (dev/ino), LOOP_CLR_FD, then wait until it no
+   * longer is. A device unbound or bound to another file is left alone (resolves): it is checked first.
+   *
+   * Resolving means: after the clear, the kernel reported the device unbound or being torn down, which it
+   * allows only while this is the device's only open. It does not mean the file is released yet: on
+   * Linux ≥ 6.11 that happens at the last close of this Loop's fd (`close()`), before that at once.
+   * While another process holds the device open the clear only sets autoclear; on timeout it rejects with
+   * ETIMEDOUT, the device still bound, and the message says whether this call set autoclear (the kernel then
+   * detaches the device at its last close).
+   */
   async clearFdWait(fd: number, timeoutMs: number, waitMs = 100): Promise<void> {
     await native.loopClearFdWaitAsync(this.#h(), fd, timeoutMs, waitMs);
     this.#bound = false;
@@ -135,7 +148,11 @@ export class Loop implements Disposable, AsyncDisposable {
     return native.loopIsBoundTo(this.#h(), fd);
   }
 
-  /** LOOP_SET_STATUS64 as read-modify-write; refuses changes the kernel would silently ignore. */
+  /**
+   * LOOP_SET_STATUS64 as read-modify-write. The kernel ignores, on a bound device, a change of `readOnly`
+   * (it follows the backing fd's open mode) and `partscan: false`, after applying the rest: such a request
+   * throws EINVAL before anything is changed.
+   */
   setStatus(options: StatusOptions): void {
     native.loopSetStatus(this.#h(), options);
   }
@@ -171,7 +188,7 @@ export class Loop implements Disposable, AsyncDisposable {
 
   /**
    * Makes `loopN` usable in `dirFd` (a container's /dev): bind-mounts the host node when there is one,
-   * else mknod S_IFBLK 7:minor. Remove it with `removeNode(dirFd, lo.devname)`.
+   * else mknod S_IFBLK with the device's own number (from sysfs). Remove it with `removeNode(dirFd, lo.devname)`.
    */
   mknod(dirFd: number, mode = 0o600): void {
     native.loopMknod(this.#h(), dirFd, mode);

@@ -7,6 +7,7 @@ use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How often loop_for_fd looks for another device after losing a race (systemd uses the same bound).
@@ -18,6 +19,10 @@ pub struct LoopControl {
     /// Where the loop nodes live (None = /dev); our own dup so the caller may close theirs.
     dir: Option<OwnedFd>,
     path: PathBuf,
+    /// flock belongs to the open file description, which every thread using this LoopControl shares: a
+    /// second caller's LOCK_EX succeeds at once and the first LOCK_UN frees the lock for all of them. So
+    /// callers in this process queue here first.
+    serial: Mutex<()>,
 }
 
 impl LoopControl {
@@ -29,7 +34,7 @@ impl LoopControl {
                 d.try_clone_to_owned().map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(0)), "dup"))
             })
             .transpose()?;
-        Ok(LoopControl { fd, dir: own_dir, path: dir_path(dir).join("loop-control") })
+        Ok(LoopControl { fd, dir: own_dir, path: dir_path(dir).join("loop-control"), serial: Mutex::new(()) })
     }
 
     fn dir(&self) -> Option<BorrowedFd<'_>> {
@@ -62,13 +67,18 @@ impl LoopControl {
 
     /// Binds `backing` to a free loop device and returns it open.
     ///
-    /// get-free → open → (still unbound?) → `setup` → (lock: LOCK_EX|LOCK_NB) → configure. Another process can
-    /// take the free device between get-free and configure; then the kernel answers EBUSY (or the device is
-    /// already bound when opened, or the node vanished, or someone holds its lock) and we try a fresh device after a short jittered pause, at most MAX_ATTEMPTS times.
-    /// Cooperating processes are serialised by an exclusive flock on loop-control from get-free to
-    /// configure, so they do not even collide. The flock is not held while `setup` runs: the callback may
-    /// wait on other work (in JS, the event loop) that itself wants the flock. A device this call did not
-    /// bind is never cleared.
+    /// get-free → open → (still unbound?) → `setup` → (lock: LOCK_EX) → configure. Another process can take
+    /// the free device between get-free and configure; then the kernel answers EBUSY (or the device is
+    /// already bound when opened, or the node vanished) and we try a fresh device after a short jittered
+    /// pause, at most MAX_ATTEMPTS times. Cooperating processes are serialised by an exclusive flock on
+    /// loop-control, so they do not even collide.
+    ///
+    /// Locks are taken in systemd's order (loop-util.c): loop-control first, then a blocking LOCK_EX on the
+    /// device, never the other way round; a process doing the same for the same free minor would otherwise
+    /// deadlock with us. The loop-control lock is not held while `setup` runs (the callback may wait on
+    /// other work, in JS the event loop, that itself wants the lock); it is taken again before the device
+    /// lock, and the device is checked again under it so we never wait for the lock of a device someone
+    /// bound meanwhile. A device this call did not bind is never cleared.
     pub fn loop_for_fd<E, F>(
         &self,
         backing: BorrowedFd,
@@ -85,7 +95,7 @@ impl LoopControl {
             if attempt > 0 {
                 std::thread::sleep(backoff(attempt));
             }
-            let mut serial = Some(self.serialise()?);
+            let mut serial = self.serialise()?;
             let minor = self.get_unbound()?;
             let lo = match self.open_loop(minor) {
                 Ok(lo) => lo,
@@ -97,32 +107,25 @@ impl LoopControl {
                 Err(e) => return Err(e.into()),
             };
             // Someone else bound it between get-free and open: do not even show it to setup.
-            match lo.get_status() {
-                Ok(_) => {
-                    last = Error::ioctl(Errno::EBUSY, "LOOP_CONFIGURE").with_path(lo.path());
-                    continue;
-                }
-                Err(e) if e.is(Errno::ENXIO) => {}
-                Err(e) => return Err(e.into()),
+            if let Some(taken) = bound_by_someone(&lo)? {
+                last = taken;
+                continue;
             }
             if let Some(setup) = setup.as_mut() {
-                serial = None;
+                drop(serial);
                 setup(&lo)?;
-            }
-            if lock {
-                match lo.flock(libc::LOCK_EX | libc::LOCK_NB) {
-                    Err(e) if e.is(Errno::EWOULDBLOCK) => {
-                        last = e;
-                        continue;
-                    }
-                    other => other?,
+                serial = self.serialise()?;
+                if let Some(taken) = bound_by_someone(&lo)? {
+                    last = taken;
+                    continue;
                 }
             }
-            let _serial = match serial {
-                Some(held) => held,
-                None => self.serialise()?,
-            };
-            match lo.configure(backing, opts) {
+            if lock {
+                lo.flock(libc::LOCK_EX)?;
+            }
+            let result = lo.configure(backing, opts);
+            drop(serial);
+            match result {
                 Ok(()) => return Ok(lo),
                 Err(e) if e.is(Errno::EBUSY) => last = e,
                 Err(e) => return Err(e.into()),
@@ -131,18 +134,35 @@ impl LoopControl {
         Err(last.with_detail(format!("no free loop device after {MAX_ATTEMPTS} attempts")).into())
     }
 
-    /// Exclusive flock on loop-control until the guard drops.
+    /// Exclusive use of loop-control, by this process's other threads and by other processes, until the
+    /// guard drops.
     fn serialise(&self) -> Result<Serialised<'_>> {
+        // A panic in another holder cannot leave loop-control half-done: the flock is released by its guard.
+        let guard = self.serial.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         ioctl::flock(self.fd.as_fd(), libc::LOCK_EX).map_err(|e| Error::os(e, "flock").with_path(&self.path))?;
-        Ok(Serialised(self.fd.as_fd()))
+        Ok(Serialised { fd: self.fd.as_fd(), _thread: guard })
     }
 }
 
-struct Serialised<'a>(BorrowedFd<'a>);
+/// The EBUSY to report when `lo` turns out bound already, or None when it is free.
+fn bound_by_someone(lo: &Loop) -> Result<Option<Error>> {
+    match lo.get_status() {
+        Ok(_) => Ok(Some(Error::ioctl(Errno::EBUSY, "LOOP_CONFIGURE").with_path(lo.path()))),
+        Err(e) if e.is(Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Unlocks the flock before the mutex (fields drop after `drop`), so no thread of ours can take the mutex
+/// while the flock is still held on its behalf.
+struct Serialised<'a> {
+    fd: BorrowedFd<'a>,
+    _thread: MutexGuard<'a, ()>,
+}
 
 impl Drop for Serialised<'_> {
     fn drop(&mut self) {
-        let _ = ioctl::flock(self.0, libc::LOCK_UN);
+        let _ = ioctl::flock(self.fd, libc::LOCK_UN);
     }
 }
 
@@ -172,6 +192,42 @@ mod tests {
         for attempt in 1..100 {
             assert!(backoff(attempt) <= Duration::from_millis(21));
         }
+    }
+
+    /// Whether a separate open of loop-control (another process, as far as flock can tell) finds it locked.
+    fn locked_for_others() -> bool {
+        let other = LoopControl::open(None).unwrap();
+        match ioctl::flock(other.fd.as_fd(), libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => false,
+            Err(e) => {
+                assert_eq!(e, Errno::EWOULDBLOCK);
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn threads_sharing_one_loop_control_take_its_lock_in_turn() {
+        let ctl = LoopControl::open(None).unwrap();
+        let first = ctl.serialise().unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (leave_tx, leave) = std::sync::mpsc::channel::<()>();
+        let shared = &ctl;
+        // `move`: a failed assertion drops leave_tx, which lets the thread (and the scope) finish.
+        std::thread::scope(move |s| {
+            s.spawn(move || {
+                let _second = shared.serialise().unwrap();
+                entered_tx.send(()).unwrap();
+                let _ = leave.recv();
+            });
+            // Same open file description: flock alone would let the second thread straight in.
+            assert!(entered.recv_timeout(Duration::from_millis(200)).is_err(), "second caller got in");
+            drop(first);
+            entered.recv_timeout(Duration::from_secs(5)).unwrap();
+            // The first unlock must not have released the lock the second caller now relies on.
+            assert!(locked_for_others(), "loop-control unlocked while a caller is inside");
+            leave_tx.send(()).unwrap();
+        });
     }
 
     #[test]

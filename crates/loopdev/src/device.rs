@@ -7,7 +7,7 @@ use crate::node::{self, Node};
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, openat, FcntlArg, OFlag};
-use nix::sys::stat::{self, fstat, major, FileStat, Mode, SFlag};
+use nix::sys::stat::{self, fstat, major, makedev, FileStat, Mode, SFlag};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -59,11 +59,36 @@ pub struct StatusChange {
 pub struct Loop {
     fd: OwnedFd,
     minor: u32,
+    /// The device number, which is 7:(N << part_shift) rather than 7:N when loop.max_part is set.
+    rdev: u64,
     path: PathBuf,
 }
 
 /// Where device nodes live when no directory fd is given.
 pub const DEV_DIR: &str = "/dev";
+
+/// Where the kernel describes its block devices.
+const SYS_DIR: &str = "/sys";
+
+/// `major:minor` as sysfs `dev` files hold it (`7:16\n`).
+fn parse_devnum(text: &str) -> Option<u64> {
+    let (major, minor) = text.trim_end().split_once(':')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(major) || !digits(minor) {
+        return None;
+    }
+    Some(makedev(major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The device number of `loop<index>`: with loop.max_part set the kernel gives each device
+/// `1 << part_shift` minors for its partitions, so the minor is not the index. Without a readable sysfs
+/// (a container without /sys) the kernel default, minor = index, is the best guess left.
+fn loop_devnum(sys: &Path, index: u32) -> u64 {
+    std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
+        .ok()
+        .and_then(|text| parse_devnum(&text))
+        .unwrap_or_else(|| makedev(u64::from(uapi::LOOP_MAJOR), u64::from(index)))
+}
 
 /// The path a directory fd points at, for error messages only.
 pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
@@ -104,28 +129,37 @@ fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
 }
 
 impl Loop {
-    /// Opens `<dir>/loop<minor>` (default `/dev`) read-write and checks it is that loop device.
+    /// Opens `<dir>/loop<minor>` (default `/dev`) read-write and checks it is that loop device: a block
+    /// device with the number sysfs gives for `loop<minor>`.
     pub fn open(minor: u32, dir: Option<BorrowedFd>) -> Result<Loop> {
+        Loop::open_described_by(minor, dir, Path::new(SYS_DIR))
+    }
+
+    fn open_described_by(minor: u32, dir: Option<BorrowedFd>, sys: &Path) -> Result<Loop> {
         let name = format!("loop{minor}");
         let fd = open_in(dir, &name, OFlag::O_RDWR)?;
         let path = dir_path(dir).join(&name);
         let st = stat_fd(fd.as_fd()).map_err(|e| e.with_path(&path))?;
         let rdev = st.st_rdev;
-        if !is_kind(&st, SFlag::S_IFBLK)
-            || major(rdev) != u64::from(uapi::LOOP_MAJOR)
-            || stat::minor(rdev) != u64::from(minor)
-        {
+        let expected = loop_devnum(sys, minor);
+        if !is_kind(&st, SFlag::S_IFBLK) || major(rdev) != u64::from(uapi::LOOP_MAJOR) || rdev != expected {
+            let (want_major, want_minor) = (major(expected), stat::minor(expected));
             return Err(Error {
-                kind: Kind::UnexpectedDevice { expected_minor: minor, rdev, mode: st.st_mode },
-                detail: Some(format!("not loop device 7:{minor}")),
+                kind: Kind::UnexpectedDevice { expected_minor: want_minor as u32, rdev, mode: st.st_mode },
+                detail: Some(format!("not loop device {want_major}:{want_minor}")),
                 ..Error::os(Errno::ENODEV, "open").with_path(&path)
             });
         }
-        Ok(Loop { fd, minor, path })
+        Ok(Loop { fd, minor, rdev, path })
     }
 
+    /// N of `loopN`: the loop index, which is the device's minor only while loop.max_part is 0 (see `rdev`).
     pub fn minor(&self) -> u32 {
         self.minor
+    }
+    /// The device number (`st_rdev`), as sysfs `/sys/block/loopN/dev` gives it.
+    pub fn rdev(&self) -> u64 {
+        self.rdev
     }
     pub fn path(&self) -> &Path {
         &self.path
@@ -159,29 +193,43 @@ impl Loop {
         ioctl::clr_fd(self.fd.as_fd()).map_err(self.ioctl_err("LOOP_CLR_FD"))
     }
 
-    /// Clears, then waits until the device is unbound or bound to another file than `backing`.
-    /// The kernel defers the detach while another opener holds the device (it only sets autoclear), so
-    /// waiting is how a caller knows the detach really happened.
+    /// Verified detach of `backing`: if the device is bound to that file (dev/ino), LOOP_CLR_FD, then wait
+    /// until it no longer is. A device that is unbound or bound to another file is left alone (Ok): the
+    /// check comes first, so this never clears someone else's binding.
+    ///
+    /// What Ok guarantees: after our LOOP_CLR_FD, LOOP_GET_STATUS64 on our fd found the device unbound or
+    /// being torn down. The kernel lets a clear proceed only when ours is the device's only open, so at that
+    /// point nobody else had the file through this device. It does *not*
+    /// say the kernel has released the file: on Linux ≥ 6.11 the teardown runs at the last close of our open
+    /// file description (this Loop's `close`, and any dup of its fd), before that synchronously. While
+    /// someone else holds the device open the clear only sets autoclear; at the timeout (ETIMEDOUT) the
+    /// device is still bound, and the error says whether this call set autoclear, which detaches the device
+    /// at its last close.
     pub fn clear_fd_wait(&self, backing: BorrowedFd, timeout: Duration, poll: Duration) -> Result<()> {
         let st = stat_fd(backing).map_err(|e| e.with_path(&self.path))?;
-        self.clear_and_wait(st.st_dev, st.st_ino, timeout, poll)
+        match self.get_status() {
+            Err(e) if e.is(Errno::ENXIO) => Ok(()),
+            Err(e) => Err(e),
+            Ok(info) if !info.is_bound_to(st.st_dev, st.st_ino) => Ok(()),
+            Ok(info) => self.clear_and_wait(&info, timeout, poll),
+        }
     }
 
     /// Verified detach of whatever is bound now: `clear_fd_wait` for the current backing file.
-    /// Unbound already = done. On Linux ≥ 6.x the teardown itself completes at the last close.
+    /// Unbound already = done.
     pub fn detach(&self, timeout: Duration, poll: Duration) -> Result<()> {
         match self.get_status() {
             Err(e) if e.is(Errno::ENXIO) => Ok(()),
             Err(e) => Err(e),
-            Ok(info) => self.clear_and_wait(info.device, info.inode, timeout, poll),
+            Ok(info) => self.clear_and_wait(&info, timeout, poll),
         }
     }
 
     /// LOOP_CLR_FD while someone else has the device open only marks it autoclear, and our own open fd then
     /// keeps it bound after they close. So the clear is repeated on every poll while the device is still bound
-    /// to the same file; once we are the only opener, it takes effect. Holding the fd, the binding cannot have
-    /// passed to anyone else in between.
-    fn clear_and_wait(&self, dev: u64, ino: u64, timeout: Duration, poll: Duration) -> Result<()> {
+    /// to the same file; once we are the only opener, it takes effect. A device we hold open cannot be
+    /// unbound (and then rebound by someone else) before our own clear, so `bound` still describes it.
+    fn clear_and_wait(&self, bound: &LoopInfo, timeout: Duration, poll: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.clear_fd() {
@@ -191,14 +239,20 @@ impl Loop {
             match self.get_status() {
                 Err(e) if e.is(Errno::ENXIO) => return Ok(()),
                 Err(e) => return Err(e),
-                Ok(info) if !info.is_bound_to(dev, ino) => return Ok(()),
+                Ok(info) if !info.is_bound_to(bound.device, bound.inode) => return Ok(()),
                 Ok(_) => {}
             }
             let now = Instant::now();
             if now >= deadline {
+                let autoclear =
+                    if bound.autoclear() { "it was autoclear already" } else { "LOOP_CLR_FD set autoclear on it" };
                 return Err(Error {
                     kind: Kind::Timeout,
-                    detail: Some(format!("device still bound after {} ms", timeout.as_millis())),
+                    detail: Some(format!(
+                        "device still bound after {} ms (open elsewhere); {autoclear}: the kernel detaches it at \
+                         its last close",
+                        timeout.as_millis()
+                    )),
                     ..Error::ioctl(Errno::ETIMEDOUT, "LOOP_CLR_FD").with_path(&self.path)
                 });
             }
@@ -229,46 +283,49 @@ impl Loop {
             .map_err(self.ioctl_err("LOOP_GET_STATUS64"))
     }
 
-    /// LOOP_SET_STATUS64 as read-modify-write. The kernel silently ignores flags it cannot change on a
-    /// bound device (read-only; clearing partscan), so the result is read back and a refusal reported.
+    /// LOOP_SET_STATUS64 as read-modify-write. On a bound device the kernel takes read-only-ness from the
+    /// backing file's open mode and never clears partscan; it ignores such a request silently, after applying
+    /// the rest of the change. So those are refused up front (EINVAL) and the device is left as it was.
     pub fn set_status(&self, change: &StatusChange) -> Result<()> {
         let mut raw = ioctl::get_status64(self.fd.as_fd()).map_err(self.ioctl_err("LOOP_GET_STATUS64"))?;
+        let has = |flag: u32| raw.lo_flags & flag != 0;
+        let refusal = match (change.read_only, change.partscan) {
+            (Some(ro), _) if ro != has(uapi::LO_FLAGS_READ_ONLY) => Some(if ro {
+                "the kernel cannot make a bound device read-only (it follows the backing file's open mode)"
+            } else {
+                "the kernel cannot make a bound read-only device writable (it follows the backing file's open mode)"
+            }),
+            (_, Some(false)) if has(uapi::LO_FLAGS_PARTSCAN) => {
+                Some("the kernel cannot turn partition scanning off on a bound device")
+            }
+            _ => None,
+        };
+        if let Some(why) = refusal {
+            return Err(Error::ioctl(Errno::EINVAL, "LOOP_SET_STATUS64")
+                .with_path(&self.path)
+                .with_detail(format!("{why}; nothing was changed")));
+        }
         if let Some(offset) = change.offset {
             raw.lo_offset = offset;
         }
         if let Some(limit) = change.size_limit {
             raw.lo_sizelimit = limit;
         }
-        let wanted = [
-            (change.autoclear, uapi::LO_FLAGS_AUTOCLEAR),
-            (change.partscan, uapi::LO_FLAGS_PARTSCAN),
-            (change.read_only, uapi::LO_FLAGS_READ_ONLY),
-        ];
-        for (value, flag) in wanted {
+        for (value, flag) in [(change.autoclear, uapi::LO_FLAGS_AUTOCLEAR), (change.partscan, uapi::LO_FLAGS_PARTSCAN)]
+        {
             match value {
                 Some(true) => raw.lo_flags |= flag,
                 Some(false) => raw.lo_flags &= !flag,
                 None => {}
             }
         }
-        ioctl::set_status64(self.fd.as_fd(), &raw).map_err(self.ioctl_err("LOOP_SET_STATUS64"))?;
-        let applied = self.get_status()?.flags;
-        for (value, flag) in wanted {
-            if let Some(on) = value {
-                if (applied & flag != 0) != on {
-                    return Err(Error::ioctl(Errno::EINVAL, "LOOP_SET_STATUS64").with_path(&self.path).with_detail(
-                        format!("the kernel cannot {} flag {flag} on a bound device", if on { "set" } else { "clear" }),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        ioctl::set_status64(self.fd.as_fd(), &raw).map_err(self.ioctl_err("LOOP_SET_STATUS64"))
     }
 
     /// Binds `backing` with LOOP_CONFIGURE; on kernels without it (before 5.8) falls back to LOOP_SET_FD +
     /// LOOP_SET_STATUS64 (+ block size, direct I/O). An EINVAL on a kernel that has LOOP_CONFIGURE is a bad
     /// parameter and is returned as such. If a fallback step after the bind fails, the bind we made is undone
-    /// and the LOOP_CONFIGURE error is returned.
+    /// and that step's error is returned (its ioctl names the step).
     pub fn configure(&self, backing: BorrowedFd, opts: &ConfigureOptions) -> Result<()> {
         let mut info = LoopInfo64 {
             lo_offset: opts.offset,
@@ -283,24 +340,19 @@ impl Loop {
         let config =
             LoopConfig { fd: backing.as_raw_fd() as u32, block_size: opts.block_size, info, ..Default::default() };
         let attempt = if legacy_forced() { Err(Errno::ENOTTY) } else { ioctl::configure(self.fd.as_fd(), &config) };
-        let first = match attempt {
-            Ok(()) => return Ok(()),
+        match attempt {
+            Ok(()) => Ok(()),
             Err(e @ (Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS)) => {
                 // A backing fd of the wrong kind also gives EINVAL: say so rather than try the old path.
                 // (Checked only on failure, to keep the common bind at one syscall.)
                 check_backing(backing).map_err(|e| e.with_path(&self.path))?;
-                let err = Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path);
                 if e == Errno::EINVAL && self.has_configure() {
-                    return Err(err);
+                    return Err(Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path));
                 }
-                err
+                self.configure_legacy(backing, opts, &info)
             }
-            Err(e) => return Err(Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)),
-        };
-        self.configure_legacy(backing, opts, &info).map_err(|e| match e {
-            Some(e) => e,
-            None => first,
-        })
+            Err(e) => Err(Error::ioctl(e, "LOOP_CONFIGURE").with_path(&self.path)),
+        }
     }
 
     /// Whether the kernel knows LOOP_CONFIGURE (asked once per process): where it exists, an fd of -1 is
@@ -319,37 +371,37 @@ impl Loop {
         }
     }
 
-    /// The pre-5.8 path. `Err(None)` = a step after our bind failed and was rolled back.
-    fn configure_legacy(
-        &self,
-        backing: BorrowedFd,
-        opts: &ConfigureOptions,
-        info: &LoopInfo64,
-    ) -> std::result::Result<(), Option<Error>> {
+    /// The pre-5.8 path: bind, then set what LOOP_CONFIGURE would have set in the same call.
+    fn configure_legacy(&self, backing: BorrowedFd, opts: &ConfigureOptions, info: &LoopInfo64) -> Result<()> {
         // LOOP_SET_FD takes read-only-ness from the fd's open mode alone (SET_STATUS cannot set it), and the
         // fd is never reopened by path: it may be someone else's, whose path means something else to us.
         if opts.read_only
             && fcntl(backing.as_raw_fd(), FcntlArg::F_GETFL).map_or(true, |fl| fl & libc::O_ACCMODE != libc::O_RDONLY)
         {
-            return Err(Some(Error::ioctl(Errno::EINVAL, "LOOP_SET_FD").with_path(&self.path).with_detail(
+            return Err(Error::ioctl(Errno::EINVAL, "LOOP_SET_FD").with_path(&self.path).with_detail(
                 "a read-only binding of a file opened for writing needs LOOP_CONFIGURE (Linux 5.8); open it O_RDONLY",
-            )));
+            ));
         }
-        ioctl::set_fd(self.fd.as_fd(), backing)
-            .map_err(|e| Some(Error::ioctl(e, "LOOP_SET_FD").with_path(&self.path)))?;
-        let rest = ioctl::set_status64(self.fd.as_fd(), info)
-            .and_then(|()| {
-                if opts.block_size != 0 {
-                    ioctl::set_block_size(self.fd.as_fd(), opts.block_size)
-                } else {
-                    Ok(())
-                }
-            })
-            .and_then(|()| if opts.direct_io { ioctl::set_direct_io(self.fd.as_fd(), true) } else { Ok(()) });
-        if rest.is_err() {
+        ioctl::set_fd(self.fd.as_fd(), backing).map_err(self.ioctl_err("LOOP_SET_FD"))?;
+        self.legacy_settings(opts, info).map_err(|e| {
             // We bound it a moment ago, so clearing it cannot take someone else's device.
             let _ = ioctl::clr_fd(self.fd.as_fd());
-            return Err(None);
+            e
+        })
+    }
+
+    fn legacy_settings(&self, opts: &ConfigureOptions, info: &LoopInfo64) -> Result<()> {
+        // Of the flags, SET_STATUS64 sets only these; read-only came with the fd, direct I/O has its own ioctl.
+        let status =
+            LoopInfo64 { lo_flags: info.lo_flags & (uapi::LO_FLAGS_AUTOCLEAR | uapi::LO_FLAGS_PARTSCAN), ..*info };
+        retry_eagain(|| ioctl::set_status64(self.fd.as_fd(), &status)).map_err(self.ioctl_err("LOOP_SET_STATUS64"))?;
+        if opts.block_size != 0 {
+            retry_eagain(|| ioctl::set_block_size(self.fd.as_fd(), opts.block_size))
+                .map_err(self.ioctl_err("LOOP_SET_BLOCK_SIZE"))?;
+        }
+        if opts.direct_io {
+            // Best effort, as LOOP_CONFIGURE treats the flag: a file system without O_DIRECT stays buffered.
+            let _ = ioctl::set_direct_io(self.fd.as_fd(), true);
         }
         Ok(())
     }
@@ -371,16 +423,36 @@ impl Loop {
 
     /// Makes `loopN` usable inside `dir` (a container's /dev). Like osbuild: bind-mount this device's node onto
     /// an empty file (device nodes made by mknod are often unusable in a container's tmpfs), else mknod a block
-    /// device 7:minor. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
+    /// device with this device's number. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
     /// `remove_node`.
     pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<Node> {
-        node::make(dir, &self.devname(), self.fd.as_fd(), self.minor, mode, None)
+        node::make(dir, &self.devname(), self.fd.as_fd(), stat::minor(self.rdev) as u32, mode, None)
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
     pub fn try_clone(&self) -> Result<Loop> {
         let fd = self.fd.try_clone().map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(0)), "dup"))?;
-        Ok(Loop { fd, minor: self.minor, path: self.path.clone() })
+        Ok(Loop { fd, minor: self.minor, rdev: self.rdev, path: self.path.clone() })
+    }
+}
+
+/// Runs `op` again while it fails with EAGAIN, at most 64 times, pausing 10 ms plus a growing random part
+/// (systemd's loop). Linux 5.0–5.7 answer EAGAIN to LOOP_SET_STATUS64 / LOOP_SET_BLOCK_SIZE while someone
+/// (udev probing the fresh device) still has pages cached; osbuild and systemd retry likewise.
+fn retry_eagain<T>(mut op: impl FnMut() -> ioctl::Result<T>) -> ioctl::Result<T> {
+    let mut attempts = 0u64;
+    loop {
+        match op() {
+            Err(Errno::EAGAIN) if attempts < 63 => {
+                attempts += 1;
+                let mut r = 0u64;
+                // SAFETY: getrandom writes at most the 8 bytes we pass; a short read leaves r at 0, which is fine.
+                unsafe { libc::getrandom(&mut r as *mut u64 as *mut libc::c_void, 8, libc::GRND_NONBLOCK) };
+                let jitter = r % (240_000 * attempts / 64 + 1);
+                std::thread::sleep(Duration::from_micros(10_000 + jitter));
+            }
+            other => return other,
+        }
     }
 }
 
@@ -427,6 +499,71 @@ mod tests {
         assert_eq!(err.code(), "ERR_LOOP_UNEXPECTED_DEVICE");
         assert!(matches!(err.kind, Kind::UnexpectedDevice { expected_minor: 5, .. }));
         assert_eq!(err.path, Some(tmp.join("loop5")));
+    }
+
+    #[test]
+    fn eagain_is_retried_and_other_errors_are_not() {
+        let mut calls = 0;
+        let r = retry_eagain(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(Errno::EAGAIN)
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(r, Ok(3));
+        let mut calls = 0;
+        assert_eq!(
+            retry_eagain(|| -> ioctl::Result<()> {
+                calls += 1;
+                Err(Errno::EINVAL)
+            }),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn sysfs_dev_numbers_parse_and_nothing_else_does() {
+        assert_eq!(parse_devnum("7:16\n"), Some(makedev(7, 16)));
+        assert_eq!(parse_devnum("259:1048575"), Some(makedev(259, 1_048_575)));
+        for bad in ["", "7", "7:", ":16", "7:16:1", "7:-1", "7: 16", "x:1", "7:99999999999999999999"] {
+            assert_eq!(parse_devnum(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn without_sysfs_the_minor_is_taken_to_be_the_index() {
+        assert_eq!(loop_devnum(Path::new("/nonexistent"), 5), makedev(7, 5));
+    }
+
+    /// A kernel with loop.max_part=15 (part_shift 4) numbers loop1 7:16. Simulated with a sysfs and a /dev of
+    /// our own: `loop1` there is a node for a real, free loop device whose minor is not 1.
+    #[test]
+    fn the_device_number_comes_from_sysfs_not_from_the_index() {
+        let ctl = crate::LoopControl::open(None).unwrap();
+        let real = ctl.get_unbound().unwrap();
+        let index = real + 1;
+        let tmp = std::env::temp_dir().join(format!("loopdev-max-part-{}", std::process::id()));
+        let (sys, dev) = (tmp.join("sys"), tmp.join("dev"));
+        std::fs::create_dir_all(sys.join(format!("block/loop{index}"))).unwrap();
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(sys.join(format!("block/loop{index}/dev")), format!("7:{real}\n")).unwrap();
+        let node = dev.join(format!("loop{index}"));
+        stat::mknod(&node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(7, u64::from(real))).unwrap();
+        let dir = open_in(None, dev.to_str().unwrap(), OFlag::O_DIRECTORY | OFlag::O_RDONLY).unwrap();
+        let opened = Loop::open_described_by(index, Some(dir.as_fd()), &sys).map(|lo| (lo.minor(), lo.rdev()));
+        // The same node under the kernel default (minor = index) is someone else's device.
+        std::fs::write(sys.join(format!("block/loop{index}/dev")), format!("7:{index}\n")).unwrap();
+        let refused = Loop::open_described_by(index, Some(dir.as_fd()), &sys).unwrap_err();
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert_eq!(opened, Ok((index, makedev(7, u64::from(real)))));
+        assert_eq!(refused.code(), "ERR_LOOP_UNEXPECTED_DEVICE");
+        assert_eq!(
+            refused.to_string().split(',').next(),
+            Some(&*format!("ERR_LOOP_UNEXPECTED_DEVICE: not loop device 7:{index}"))
+        );
     }
 
     #[test]

@@ -3,22 +3,35 @@
 
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
-use std::os::raw::c_int;
+use std::os::raw::{c_int, c_long, c_ulong};
 use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// nix's `ioctl_write_int_bad!` passes a C `int` through the variadic `ioctl()`, but the kernel reads the
+/// argument as `unsigned long`: the upper half of the register is whatever the caller left there (the ABI
+/// does not define it). Pass a full `unsigned long`, as systemd and util-linux do.
+macro_rules! ioctl_write_ulong_bad {
+    ($name:ident, $nr:expr) => {
+        /// # Safety
+        /// `fd` must be open, and `$nr` an ioctl that takes its argument by value, not as a pointer.
+        pub unsafe fn $name(fd: c_int, data: c_ulong) -> nix::Result<c_int> {
+            Errno::result(libc::ioctl(fd, $nr as nix::sys::ioctl::ioctl_num_type, data))
+        }
+    };
+}
 
 mod raw {
     use super::*;
-    nix::ioctl_write_int_bad!(loop_set_fd, uapi::LOOP_SET_FD);
+    ioctl_write_ulong_bad!(loop_set_fd, uapi::LOOP_SET_FD);
     nix::ioctl_none_bad!(loop_clr_fd, uapi::LOOP_CLR_FD);
     nix::ioctl_write_ptr_bad!(loop_set_status64, uapi::LOOP_SET_STATUS64, LoopInfo64);
     nix::ioctl_read_bad!(loop_get_status64, uapi::LOOP_GET_STATUS64, LoopInfo64);
-    nix::ioctl_write_int_bad!(loop_change_fd, uapi::LOOP_CHANGE_FD);
+    ioctl_write_ulong_bad!(loop_change_fd, uapi::LOOP_CHANGE_FD);
     nix::ioctl_none_bad!(loop_set_capacity, uapi::LOOP_SET_CAPACITY);
-    nix::ioctl_write_int_bad!(loop_set_direct_io, uapi::LOOP_SET_DIRECT_IO);
-    nix::ioctl_write_int_bad!(loop_set_block_size, uapi::LOOP_SET_BLOCK_SIZE);
+    ioctl_write_ulong_bad!(loop_set_direct_io, uapi::LOOP_SET_DIRECT_IO);
+    ioctl_write_ulong_bad!(loop_set_block_size, uapi::LOOP_SET_BLOCK_SIZE);
     nix::ioctl_write_ptr_bad!(loop_configure, uapi::LOOP_CONFIGURE, LoopConfig);
-    nix::ioctl_write_int_bad!(loop_ctl_add, uapi::LOOP_CTL_ADD);
-    nix::ioctl_write_int_bad!(loop_ctl_remove, uapi::LOOP_CTL_REMOVE);
+    ioctl_write_ulong_bad!(loop_ctl_add, uapi::LOOP_CTL_ADD);
+    ioctl_write_ulong_bad!(loop_ctl_remove, uapi::LOOP_CTL_REMOVE);
     nix::ioctl_none_bad!(loop_ctl_get_free, uapi::LOOP_CTL_GET_FREE);
     nix::ioctl_none_bad!(blkflsbuf, uapi::BLKFLSBUF);
     // FS_IOC_GETFLAGS is declared `_IOR('f', 1, long)` but the kernel reads and writes an int.
@@ -27,10 +40,20 @@ mod raw {
 
 pub type Result<T> = std::result::Result<T, Errno>;
 
+/// A C `int` as the `unsigned long` the kernel reads: sign-extended, as C converts `(unsigned long)(int)`, so
+/// that -1 ("any minor") arrives as the kernel's `(int)` cast expects on every ABI.
+fn int_arg(v: c_int) -> c_ulong {
+    c_long::from(v) as c_ulong
+}
+
+fn fd_arg(fd: BorrowedFd) -> c_ulong {
+    int_arg(fd.as_raw_fd())
+}
+
 /// LOOP_SET_FD: bind `backing` to the loop device.
 pub fn set_fd(lo: BorrowedFd, backing: BorrowedFd) -> Result<()> {
     // SAFETY: both fds are valid for the borrow; the ioctl takes the backing fd by value.
-    unsafe { raw::loop_set_fd(lo.as_raw_fd(), backing.as_raw_fd()) }.map(drop)
+    unsafe { raw::loop_set_fd(lo.as_raw_fd(), fd_arg(backing)) }.map(drop)
 }
 
 /// LOOP_CLR_FD: unbind (deferred by the kernel to the last close when others hold the device open).
@@ -56,7 +79,7 @@ pub fn get_status64(lo: BorrowedFd) -> Result<LoopInfo64> {
 /// LOOP_CHANGE_FD: swap the backing file of a read-only device for one of the same size.
 pub fn change_fd(lo: BorrowedFd, backing: BorrowedFd) -> Result<()> {
     // SAFETY: both fds are valid for the borrow.
-    unsafe { raw::loop_change_fd(lo.as_raw_fd(), backing.as_raw_fd()) }.map(drop)
+    unsafe { raw::loop_change_fd(lo.as_raw_fd(), fd_arg(backing)) }.map(drop)
 }
 
 /// LOOP_SET_CAPACITY: re-read the backing file's size.
@@ -68,14 +91,13 @@ pub fn set_capacity(lo: BorrowedFd) -> Result<()> {
 /// LOOP_SET_DIRECT_IO.
 pub fn set_direct_io(lo: BorrowedFd, on: bool) -> Result<()> {
     // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
-    unsafe { raw::loop_set_direct_io(lo.as_raw_fd(), c_int::from(on)) }.map(drop)
+    unsafe { raw::loop_set_direct_io(lo.as_raw_fd(), c_ulong::from(on)) }.map(drop)
 }
 
 /// LOOP_SET_BLOCK_SIZE: logical sector size, a power of two from 512 to the page size.
 pub fn set_block_size(lo: BorrowedFd, size: u32) -> Result<()> {
-    let size = c_int::try_from(size).map_err(|_| Errno::EINVAL)?;
     // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
-    unsafe { raw::loop_set_block_size(lo.as_raw_fd(), size) }.map(drop)
+    unsafe { raw::loop_set_block_size(lo.as_raw_fd(), c_ulong::from(size)) }.map(drop)
 }
 
 /// LOOP_CONFIGURE (Linux ≥ 5.8): bind and set status atomically.
@@ -87,13 +109,13 @@ pub fn configure(lo: BorrowedFd, config: &LoopConfig) -> Result<()> {
 /// LOOP_CTL_ADD: create loop device `minor`, or the first free minor when negative; returns the minor.
 pub fn ctl_add(control: BorrowedFd, minor: i32) -> Result<u32> {
     // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
-    unsafe { raw::loop_ctl_add(control.as_raw_fd(), minor) }.map(|m| m as u32)
+    unsafe { raw::loop_ctl_add(control.as_raw_fd(), int_arg(minor)) }.map(|m| m as u32)
 }
 
 /// LOOP_CTL_REMOVE: delete loop device `minor` (EBUSY while bound or open).
 pub fn ctl_remove(control: BorrowedFd, minor: i32) -> Result<()> {
     // SAFETY: the fd is valid for the borrow; the argument is a plain integer.
-    unsafe { raw::loop_ctl_remove(control.as_raw_fd(), minor) }.map(drop)
+    unsafe { raw::loop_ctl_remove(control.as_raw_fd(), int_arg(minor)) }.map(drop)
 }
 
 /// LOOP_CTL_GET_FREE: the minor of an unbound device, created if needed.
@@ -116,10 +138,16 @@ pub fn fs_flags(file: BorrowedFd) -> Result<u32> {
     Ok(flags as u32)
 }
 
-/// flock(2) on any fd (loop device or loop-control).
+/// flock(2) on any fd (loop device or loop-control). A blocking flock is interrupted by any signal whose
+/// handler lacks SA_RESTART (EINTR); the caller asked to wait for the lock, so the wait goes on.
 pub fn flock(fd: BorrowedFd, op: c_int) -> Result<()> {
-    // SAFETY: plain syscall on a borrowed, valid fd.
-    Errno::result(unsafe { libc::flock(fd.as_raw_fd(), op) }).map(drop)
+    loop {
+        // SAFETY: plain syscall on a borrowed, valid fd.
+        match Errno::result(unsafe { libc::flock(fd.as_raw_fd(), op) }) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(drop),
+        }
+    }
 }
 
 /// open_tree(fd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH | OPEN_TREE_CLOEXEC): a detached bind mount of the file
@@ -145,4 +173,71 @@ pub fn move_mount_onto(tree: BorrowedFd, target: BorrowedFd) -> Result<()> {
         libc::syscall(libc::SYS_move_mount, tree.as_raw_fd(), empty, target.as_raw_fd(), empty, flags)
     })
     .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::AsFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn integer_arguments_are_unsigned_long_like_the_kernel_reads_them() {
+        // Compile-time: a C int here would again leave the upper half of the register to chance.
+        type IntIoctl = unsafe fn(c_int, c_ulong) -> nix::Result<c_int>;
+        let fns: [IntIoctl; 6] = [
+            raw::loop_set_fd,
+            raw::loop_change_fd,
+            raw::loop_set_direct_io,
+            raw::loop_set_block_size,
+            raw::loop_ctl_add,
+            raw::loop_ctl_remove,
+        ];
+        assert_eq!(fns.len(), 6);
+        // -1 must reach `loop_add((int)arg)` as -1: sign-extended, never 0x00000000ffffffff by accident.
+        assert_eq!(int_arg(-1), c_ulong::MAX);
+        assert_eq!(int_arg(7), 7);
+    }
+
+    extern "C" fn ignore(_: c_int) {}
+
+    #[test]
+    fn a_blocking_flock_survives_a_signal_without_sa_restart() {
+        // A handler without SA_RESTART makes the kernel fail a blocked flock with EINTR.
+        // SAFETY: installs a handler that does nothing; SIGURG is otherwise unused by the test process.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore as *const () as usize;
+            sa.sa_flags = 0;
+            assert_eq!(libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut()), 0);
+        }
+        let path = std::env::temp_dir().join(format!("loopdev-flock-eintr-{}", std::process::id()));
+        let holder = std::fs::File::create(&path).unwrap();
+        let waiter = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        flock(holder.as_fd(), libc::LOCK_EX).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                tid_tx.send(unsafe { libc::pthread_self() }).unwrap();
+                let r = flock(waiter.as_fd(), libc::LOCK_EX);
+                done.store(true, Ordering::SeqCst);
+                r
+            })
+        };
+        let tid = tid_rx.recv().unwrap();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(40));
+            // SAFETY: the thread is alive until joined below (it is blocked in flock).
+            unsafe { libc::pthread_kill(tid, libc::SIGURG) };
+        }
+        assert!(!done.load(Ordering::SeqCst), "the waiter must still be waiting for the lock");
+        flock(holder.as_fd(), libc::LOCK_UN).unwrap();
+        assert_eq!(thread.join().unwrap(), Ok(()));
+    }
 }
