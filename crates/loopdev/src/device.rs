@@ -83,7 +83,7 @@ fn parse_devnum(text: &str) -> Option<u64> {
 /// The device number of `loop<index>`: with loop.max_part set the kernel gives each device
 /// `1 << part_shift` minors for its partitions, so the minor is not the index. Without a readable sysfs
 /// (a container without /sys) the kernel default, minor = index, is the best guess left.
-fn loop_devnum(sys: &Path, index: u32) -> u64 {
+pub(crate) fn loop_devnum(sys: &Path, index: u32) -> u64 {
     std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
         .ok()
         .and_then(|text| parse_devnum(&text))
@@ -426,7 +426,7 @@ impl Loop {
     /// device with this device's number. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
     /// `remove_node`.
     pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<Node> {
-        node::make(dir, &self.devname(), self.fd.as_fd(), stat::minor(self.rdev) as u32, mode, None)
+        node::make(dir, &self.devname(), self.fd.as_fd(), self.rdev, mode, None)
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.

@@ -4,11 +4,10 @@
 
 use crate::device::{dir_path, is_kind, open_in, stat_fd};
 use crate::error::{Error, Kind, Result};
-use crate::uapi;
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{self, makedev, mknodat, FileStat, Mode, SFlag};
+use nix::sys::stat::{self, mknodat, FileStat, Mode, SFlag};
 use nix::unistd::{fchown, unlinkat, Uid, UnlinkatFlags};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -61,13 +60,12 @@ pub(crate) fn make(
     dir: BorrowedFd,
     name: &str,
     device: BorrowedFd,
-    minor: u32,
+    rdev: u64,
     mode: u32,
     peer: Option<u32>,
 ) -> Result<Node> {
     let path = dir_path(Some(dir)).join(name);
     let perm = Mode::from_bits_truncate(mode & 0o7777);
-    let rdev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
     let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
     let raw = openat(dir.as_raw_fd(), name, file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
     // SAFETY: openat returned a fresh fd that nothing else owns.
@@ -78,7 +76,7 @@ pub(crate) fn make(
     });
     let bound = given.and_then(|()| match peer {
         None => bind(device, placeholder.as_fd()),
-        Some(uid) => PeerNode::make(minor, uid, perm).and_then(|own| bind(own.fd.as_fd(), placeholder.as_fd())),
+        Some(uid) => PeerNode::make(name, rdev, uid, perm).and_then(|own| bind(own.fd.as_fd(), placeholder.as_fd())),
     });
     let failure = match bound {
         Ok(mount) => {
@@ -117,13 +115,12 @@ impl Drop for PrivateName {
 }
 
 impl PeerNode {
-    fn make(minor: u32, uid: u32, perm: Mode) -> Result<PeerNode> {
+    fn make(devname: &str, rdev: u64, uid: u32, perm: Mode) -> Result<PeerNode> {
         static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = open_in(None, "/dev", OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        let name = format!(".loopdev-peer-{}-{serial}-loop{minor}", std::process::id());
+        let name = format!(".loopdev-peer-{}-{serial}-{devname}", std::process::id());
         let path = PathBuf::from("/dev").join(&name);
-        let rdev = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
         mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, Mode::empty(), rdev)
             .map_err(|e| Error::os(e, "mknod").with_path(&path))?;
         let private = PrivateName { dir, name };
@@ -174,20 +171,25 @@ fn unlink_if(dir: BorrowedFd, name: &str, ours: impl Fn(&FileStat) -> bool) -> R
 /// refused with ERR_LOOP_UNEXPECTED_DEVICE and left alone.
 pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
     let path = dir_path(Some(dir)).join(name);
-    let minor = name
+    let index = name
         .strip_prefix("loop")
         .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|n| n.parse::<u32>().ok())
         .ok_or_else(|| Error::os(Errno::EINVAL, "unlink").with_path(&path).with_detail("not a loop device name"))?;
     let entry = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
     let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path))?;
-    let node = makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
+    // loopN's device number from sysfs: with loop.max_part set, its minor is not N.
+    let node = crate::device::loop_devnum(std::path::Path::new("/sys"), index);
     let is_node = |st: &FileStat| is_kind(st, SFlag::S_IFBLK) && st.st_rdev == node;
     let is_placeholder = |st: &FileStat| is_kind(st, SFlag::S_IFREG) && st.st_size == 0;
     if !is_node(&st) && !is_placeholder(&st) {
         return Err(Error {
-            kind: Kind::UnexpectedDevice { expected_minor: minor, rdev: st.st_rdev, mode: st.st_mode },
-            detail: Some(format!("not loop device node 7:{minor}; left alone")),
+            kind: Kind::UnexpectedDevice {
+                expected_minor: stat::minor(node) as u32,
+                rdev: st.st_rdev,
+                mode: st.st_mode,
+            },
+            detail: Some(format!("not loop device node {}:{}; left alone", stat::major(node), stat::minor(node))),
             ..Error::os(Errno::ENODEV, "unlink").with_path(&path)
         });
     }

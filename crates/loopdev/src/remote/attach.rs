@@ -152,7 +152,7 @@ impl Attacher {
         options.read_only |= !access.writable;
         let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
         let peer_uid = Some(peer.uid).filter(|&uid| uid != 0);
-        let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.minor(), self.options.node_mode, peer_uid)?;
+        let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.rdev(), self.options.node_mode, peer_uid)?;
         let mut fds = fds;
         let dir = fds.swap_remove(req.dir_fd);
         // Every other fd of the message (the backing file: the device holds its own reference) closes here.
