@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LOCK_EX, LOCK_NB, Loop, LoopControl, LoopError } from '../ts/index.js';
@@ -288,4 +288,28 @@ loopTest('concurrent loopForFdAsync calls sharing one LoopControl take its lock 
     for (const lo of loops) lo.close();
   }
   for (const img of images) t.deepEqual(await boundAfterSettling(img.dir), []);
+});
+
+loopTest.serial('lock: a free device another process keeps locked is skipped for a new one, not retried until EAGAIN', async (t) => {
+  const img = image(t);
+  using ctl = new LoopControl();
+  const free = ctl.getUnbound();
+  // --close: only flock itself holds the device open (its `sleep` must not keep it open after the kill, or
+  // the next test to bind this minor could not detach it).
+  const holder = spawn('flock', ['--exclusive', '--close', `/dev/loop${free}`, 'sleep', '60'], {
+    stdio: 'ignore',
+    detached: true,
+  });
+  t.teardown(() => process.kill(-holder.pid!, 'SIGKILL'));
+  const isLocked = () => spawnSync('flock', ['--nonblock', '--shared', `/dev/loop${free}`, 'true']).status === 1;
+  for (let i = 0; i < 400 && !isLocked(); i++) await new Promise((r) => setTimeout(r, 5));
+  t.true(isLocked(), `the other process holds the lock on loop${free}`);
+  {
+    using lo = ctl.loopForFd(img.fd, { lock: true, autoclear: true });
+    t.not(lo.minor, free, 'a device nobody holds was taken');
+    t.true(lo.isBoundTo(img.fd));
+    t.is(sysfs(free, 'loop/backing_file'), null, 'the locked device was left alone');
+  }
+  await using lo = await ctl.loopForFdAsync(img.fd, { lock: true, autoclear: true });
+  t.not(lo.minor, free);
 });

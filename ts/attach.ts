@@ -22,7 +22,7 @@ export interface AttachOptions extends ConfigureOptions {
    * exits (what `loopdev attach` does); it is then yours to detach.
    */
   autoclear?: boolean;
-  /** Hold `flock(LOCK_EX)` on the device while it is open (skips devices others have locked). */
+  /** Hold `flock(LOCK_EX)` on the device while it is open (a device others keep locked is skipped for a new one). */
   lock?: boolean;
   /**
    * Direct I/O (O_DIRECT backing fd + LO_FLAGS_DIRECT_IO). Default true; falls back silently to buffered

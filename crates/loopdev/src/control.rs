@@ -73,9 +73,11 @@ impl LoopControl {
     /// pause, at most MAX_ATTEMPTS times. Cooperating processes are serialised by an exclusive flock on
     /// loop-control, so they do not even collide.
     ///
-    /// Locks are taken in systemd's order (loop-util.c): loop-control first, then a blocking LOCK_EX on the
-    /// device, never the other way round; a process doing the same for the same free minor would otherwise
-    /// deadlock with us. The loop-control lock is not held while `setup` runs (the callback may wait on
+    /// Locks are taken in systemd's order (loop-util.c): loop-control first, then LOCK_EX on the device,
+    /// never the other way round; a process doing the same for the same free minor would otherwise deadlock
+    /// with us. The device lock is not waited for while loop-control is held: a device someone else keeps
+    /// locked (beyond a few ms, e.g. a udev probe) is skipped, and since GET_FREE would hand it out again, the
+    /// next attempt creates a new device (LOOP_CTL_ADD) instead. The loop-control lock is not held while `setup` runs (the callback may wait on
     /// other work, in JS the event loop, that itself wants the lock); it is taken again before the device
     /// lock, and the device is checked again under it so we never wait for the lock of a device someone
     /// bound meanwhile. A device this call did not bind is never cleared.
@@ -91,12 +93,16 @@ impl LoopControl {
         F: FnMut(&Loop) -> std::result::Result<(), E>,
     {
         let mut last = Error::ioctl(Errno::EBUSY, "LOOP_CONFIGURE");
+        let mut locked_by_others: Vec<u32> = Vec::new();
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
                 std::thread::sleep(backoff(attempt));
             }
             let mut serial = self.serialise()?;
-            let minor = self.get_unbound()?;
+            let mut minor = self.get_unbound()?;
+            if locked_by_others.contains(&minor) {
+                minor = self.add(None)?;
+            }
             let lo = match self.open_loop(minor) {
                 Ok(lo) => lo,
                 // Removed by someone between get-free and open.
@@ -120,8 +126,10 @@ impl LoopControl {
                     continue;
                 }
             }
-            if lock {
-                lo.flock(libc::LOCK_EX)?;
+            if lock && !lock_briefly(&lo)? {
+                locked_by_others.push(minor);
+                last = Error::os(Errno::EWOULDBLOCK, "flock").with_path(lo.path());
+                continue;
             }
             let result = lo.configure(backing, opts);
             drop(serial);
@@ -142,6 +150,20 @@ impl LoopControl {
         ioctl::flock(self.fd.as_fd(), libc::LOCK_EX).map_err(|e| Error::os(e, "flock").with_path(&self.path))?;
         Ok(Serialised { fd: self.fd.as_fd(), _thread: guard })
     }
+}
+
+/// LOCK_EX on `lo`, waiting a few ms at most (without blocking, so loop-control's lock is never held while
+/// waiting on a device: see `loop_for_fd`). False when someone else keeps it locked.
+fn lock_briefly(lo: &Loop) -> Result<bool> {
+    for pause_ms in [0, 1, 2, 4] {
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        match lo.flock(libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.is(Errno::EWOULDBLOCK) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 /// The EBUSY to report when `lo` turns out bound already, or None when it is free.
