@@ -4,8 +4,9 @@ import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
 
 export interface LoopForFdOptions extends ConfigureOptions {
   /**
-   * Take `flock(LOCK_EX)` on the device before binding, kept while it is open. Taken after loop-control's lock
-   * and waiting for it, in systemd's order, so a systemd peer and this call cannot deadlock.
+   * Take `flock(LOCK_EX)` on the device before binding, kept while it is open. Taken after loop-control's lock,
+   * in systemd's order, and never waited for more than a few ms while holding it (so a systemd peer and this
+   * call cannot deadlock): a free device another process keeps locked is skipped and a new one created.
    */
   lock?: boolean;
   /** Runs on the opened, still unbound device before it is configured. */
