@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { attach } from './attach.js';
-import { detach } from './device.js';
+import { LoopDevice } from './device.js';
 import {
   deviceInfo,
   list,
@@ -154,16 +154,18 @@ Options:
   },
 
   detach: {
-    usage: 'loopdev detach DEV…',
-    summary: 'detach loop devices (waits until the kernel released them)',
-    help: `Detaches each DEV (/dev/loop3, loop3 or 3) and waits until the kernel has released the backing
-file. If something still holds the device open (a mount), the kernel finishes the detach when it closes it
-and loopdev reports the device as still bound.
+    usage: 'loopdev detach [--wait] DEV…',
+    summary: 'detach loop devices (like losetup -d; --wait: until the kernel released them)',
+    help: `Detaches each DEV (/dev/loop3, loop3 or 3), as losetup -d does: the kernel finishes the detach at the
+device's last close. If something still holds it open (a mount, another process), one line on stderr says
+what, and the exit status is still 0.
 
 Options:
-      --timeout MS      how long to wait for the kernel (default 10000)
+      --wait            wait until the kernel has released the backing file; fail at once (EBUSY) if
+                        something holds the device open (a mount, a holder, a process), naming it
+      --timeout MS      with --wait: how long to wait when nothing can be named (default 10000)
   -h, --help            show this help`,
-    options: { timeout: { type: 'string' } },
+    options: { wait: { type: 'boolean' }, timeout: { type: 'string' } },
     async run(values, positionals) {
       if (positionals.length === 0) throw new UsageError('detach', 'missing DEV');
       const timeout = values.timeout === undefined ? undefined : Number(values.timeout);
@@ -171,9 +173,15 @@ Options:
         throw new UsageError('detach', `invalid --timeout '${String(values.timeout)}'`);
       }
       let failed = 0;
-      for (const dev of positionals) {
+      for (const name of positionals) {
         try {
-          await detach(dev, timeout);
+          const dev = LoopDevice.open(name);
+          await dev.detach({ timeoutMs: timeout, lazy: !values.wait });
+          if (!values.wait && !dev.released) {
+            const held = dev.heldBy();
+            const why = held.length > 0 ? held.join(', ') : 'still open';
+            process.stderr.write(`loopdev: ${dev.path}: ${why}; the kernel detaches it when it is closed\n`);
+          }
         } catch (e) {
           if (positionals.length === 1) throw e;
           failed++;

@@ -6,7 +6,7 @@ import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
 import { LoopInfo } from './info.js';
 import { loopName } from './list.js';
 import { DETACH_TIMEOUT_MS, Loop } from './loop.js';
-import { bindingGone, loopNumber, partitionNames, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
+import { bindingGone, holdersOf, loopNumber, partitionNames, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 const POLL_MS = 5;
@@ -204,19 +204,28 @@ export class LoopDevice extends Loop {
   /**
    * Verified detach: clears the binding (only if it is still this attach's), closes the device and the
    * backing fd attach opened, then waits until sysfs shows the device no longer refers to the file.
-   * ETIMEDOUT when something else keeps the device open (a mount, another opener): the kernel then finishes
-   * the detach at their last close. Idempotent.
+   * While something else keeps the device open the kernel cannot finish (it does at their last close): a
+   * mount or a sysfs holder fails at once with EBUSY, another process's fd after a moment (a udev probe
+   * lets go by then), each naming what holds it (`heldBy`); ETIMEDOUT after `timeoutMs` when nothing could
+   * be named. `lazy: true` is `losetup -d`: clear and close, and leave the rest to the kernel. Idempotent.
    */
-  override detach(timeoutMs = DETACH_TIMEOUT_MS): Promise<void> {
-    return runAsync(this.#detachFlow(timeoutMs));
+  override detach(options: number | DetachOptions = {}): Promise<void> {
+    return runAsync(this.#detachFlow(detachOptions(options)));
   }
 
-  override detachSync(timeoutMs = DETACH_TIMEOUT_MS): void {
-    runSync(this.#detachFlow(timeoutMs));
+  override detachSync(options: number | DetachOptions = {}): void {
+    runSync(this.#detachFlow(detachOptions(options)));
   }
 
-  *#detachFlow(timeoutMs: number): Flow<void> {
-    const deadline = Date.now() + timeoutMs;
+  /** What keeps the device open now (see `holdersOf`): `mounted at /mnt`, `open in process 42 (dd)`, … */
+  heldBy(): string[] {
+    return holdersOf(this.devname);
+  }
+
+  *#detachFlow({ timeoutMs, lazy }: Required<DetachOptions>): Flow<void> {
+    const start = Date.now();
+    const deadline = start + timeoutMs;
+    let nextLook = start;
     try {
       if (!this.closed) {
         this.#clearIfOurs(this);
@@ -237,7 +246,27 @@ export class LoopDevice extends Loop {
           }
         }
       }
+      if (lazy) return;
       while (!this.released) {
+        if (Date.now() >= nextLook) {
+          // Mounts and holders do not go away by themselves; a process may (udev's probe holds it briefly).
+          nextLook = Date.now() + LOOK_EVERY_MS;
+          const held = this.heldBy();
+          const lasting = held.filter((h) => !h.startsWith('open in process'));
+          if (lasting.length > 0 || (held.length > 0 && Date.now() - start >= PROCESS_GRACE_MS)) {
+            throw Object.assign(
+              sysError('EBUSY', {
+                syscall: 'ioctl',
+                ioctl: 'LOOP_CLR_FD',
+                path: this.path,
+                detail:
+                  `still bound to '${this.backingFile}': ${held.join(', ')}; ` +
+                  'the kernel detaches it at its last close',
+              }),
+              { heldBy: held },
+            );
+          }
+        }
         if (Date.now() >= deadline) {
           throw sysError('ETIMEDOUT', {
             syscall: 'ioctl',
@@ -282,15 +311,31 @@ export class LoopDevice extends Loop {
   }
 }
 
+export interface DetachOptions {
+  /** How long to wait for a release nothing could be blamed for (default 10000). */
+  timeoutMs?: number;
+  /** Do not wait: clear and close, the kernel detaches at the last close (`losetup -d`). */
+  lazy?: boolean;
+}
+
+/** How often a waiting detach looks for what holds the device, and how long a process may keep it open. */
+const LOOK_EVERY_MS = 50;
+const PROCESS_GRACE_MS = 250;
+
+function detachOptions(o: number | DetachOptions): Required<DetachOptions> {
+  const { timeoutMs = DETACH_TIMEOUT_MS, lazy = false } = typeof o === 'number' ? { timeoutMs: o } : o;
+  return { timeoutMs, lazy };
+}
+
 function notAttached(path: string) {
   return sysError('ENXIO', { syscall: 'ioctl', ioctl: 'LOOP_GET_STATUS64', path, detail: 'not attached' });
 }
 
 /** Verified detach of an already bound device by name or path (`loopdev detach`, `losetup -d`). */
-export async function detach(device: string | number, timeoutMs = DETACH_TIMEOUT_MS): Promise<void> {
-  await LoopDevice.open(device).detach(timeoutMs);
+export async function detach(device: string | number, options: number | DetachOptions = {}): Promise<void> {
+  await LoopDevice.open(device).detach(options);
 }
 
-export function detachSync(device: string | number, timeoutMs = DETACH_TIMEOUT_MS): void {
-  LoopDevice.open(device).detachSync(timeoutMs);
+export function detachSync(device: string | number, options: number | DetachOptions = {}): void {
+  LoopDevice.open(device).detachSync(options);
 }

@@ -4,6 +4,6 @@ export { LoopInfo, type FileIdentity } from './info.js';
 export { LoopError, UnexpectedDeviceError, type LoopErrorFields, type UnexpectedDeviceFields } from './errors.js';
 export * from './constants.js';
 export { attach, attachSync, type AttachOptions } from './attach.js';
-export { LoopDevice, detach, detachSync } from './device.js';
+export { LoopDevice, detach, detachSync, type DetachOptions } from './device.js';
 export { list, listSync, find, findSync, deviceInfo, deviceInfoSync, type LoopDeviceInfo } from './list.js';
 export { LoopServer, LoopClient, RemoteDevice, RemoteLoopError, serve, type LoopServerOptions, type LoopServerQuotas, type LoopServerStats, type RemoteDeviceOptions, type ServeOptions } from './remote/index.js';

@@ -137,3 +137,63 @@ export function devMajor(dev: bigint): number {
 export function devMinor(dev: bigint): number {
   return Number((dev & 0xffn) | ((dev >> 12n) & ~0xffn));
 }
+
+/**
+ * What keeps `loopN` (or one of its partitions) open, as far as can be seen from here: mounts in this mount
+ * namespace (`mounted at /mnt`), holders in sysfs (`held by dm-0`), and processes with it open (`open in
+ * process 1234 (mkfs.ext4)`). Empty when nothing is found (an opener in another mount namespace, or one that
+ * has just gone). Only for error messages: it scans /proc.
+ */
+export function holdersOf(name: string): string[] {
+  const devs = new Set(
+    [readAttr(name, 'dev'), ...partitionNames(name).map((p) => readAttr(name, `${p}/dev`))].filter(
+      (d): d is string => d !== null,
+    ),
+  );
+  const found: string[] = [];
+  let mountinfo = '';
+  try {
+    mountinfo = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    /* no /proc */
+  }
+  for (const line of mountinfo.split('\n')) {
+    const f = line.split(' ');
+    if (f.length > 4 && devs.has(f[2]!)) {
+      found.push(`mounted at ${f[4]!.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)))}`);
+    }
+  }
+  for (const dir of [name, ...partitionNames(name).map((p) => `${name}/${p}`)]) {
+    try {
+      for (const h of fs.readdirSync(`${SYS_BLOCK}/${dir}/holders`)) found.push(`held by ${h}`);
+    } catch {
+      /* none */
+    }
+  }
+  for (const pid of fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e))) {
+    let fds: string[];
+    try {
+      fds = fs.readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue; // gone, or not ours to look at
+    }
+    const holds = fds.some((fd) => {
+      try {
+        const st = fs.statSync(`/proc/${pid}/fd/${fd}`, { bigint: true });
+        return st.isBlockDevice() && devs.has(`${devMajor(st.rdev)}:${devMinor(st.rdev)}`);
+      } catch {
+        return false;
+      }
+    });
+    if (holds) {
+      let comm = '?';
+      try {
+        comm = fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+      } catch {
+        /* gone */
+      }
+      found.push(`open in process ${pid} (${comm}${Number(pid) === process.pid ? ', this process' : ''})`);
+    }
+  }
+  return found;
+}
