@@ -121,9 +121,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 process.on('warning', (w) => console.log(JSON.stringify({ code: w.code, message: w.message })));
 const fd = fs.openSync(process.argv[2], 'r+');
+const kept = fs.openSync(process.argv[3], 'r+');
 (() => {
   const ctl = new LoopControl();
   ctl.loopForFd(fd, { autoclear: true }); // never closed, and neither is ctl
+  ctl.loopForFd(kept); // nor this one, without autoclear
 })();
 globalThis.gc();
 await new Promise((r) => setTimeout(r, 100));
@@ -131,15 +133,23 @@ globalThis.gc();
 await new Promise((r) => setTimeout(r, 100));
 `;
 
-loopTest('a Loop collected without close() is closed with a warning, and autoclear frees it', async (t) => {
+loopTest('a Loop collected without close() is closed with a warning that says what becomes of its binding', async (t) => {
   const img = image(t);
+  const kept = image(t);
   const script = path.join(img.dir, 'forgetful.mts');
   fs.writeFileSync(script, FORGETFUL);
-  const out = execFileSync(process.execPath, ['--expose-gc', '--import=tsx', script, img.path], { encoding: 'utf8' });
+  const argv = ['--expose-gc', '--import=tsx', script, img.path, kept.path];
+  const out = execFileSync(process.execPath, argv, { encoding: 'utf8' });
   const warnings = out.trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as { code: string; message: string });
-  t.true(warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && /^Closing loop device \/dev\/loop\d+ on garbage collection/.test(w.message)));
-  t.true(warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && /^Closing loop-control/.test(w.message)));
-  t.deepEqual(await boundAfterSettling(img.path), []);
+  const said = (re: RegExp) => warnings.some((w) => w.code === 'LOOPDEV_UNCLOSED' && re.test(w.message));
+  t.true(said(/^Closing loop device \/dev\/loop\d+ on garbage collection \(autoclear: the kernel detaches it now/));
+  t.true(said(new RegExp(`^Closing loop device /dev/loop\\d+ on garbage collection \\(it stays bound to ${kept.path}: no autoclear`)));
+  t.true(said(/^Closing loop-control/));
+  t.deepEqual(await boundAfterSettling(img.path), [], 'autoclear freed it');
+  const left = devicesBoundUnder(kept.path);
+  t.is(left.length, 1, 'the other one stayed bound, as the warning said');
+  for (const dev of left) execFileSync('losetup', ['-d', dev]); // ours: bound to this test's file
+  t.deepEqual(await boundAfterSettling(kept.path), []);
 });
 
 loopTest('clearFdWait leaves a device bound to another file alone', async (t) => {
