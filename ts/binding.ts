@@ -1,11 +1,8 @@
 /**
- * Loads the native addon: the per-platform npm package when installed, else a locally built
- * `loopdev.<platform>.node` at the package root. Anything else gets one clear error, never a dlopen message.
+ * The native addon's functions as TypeScript sees them, loaded once (see load.ts), plus the collection of
+ * handles whose owner forgot to close them.
  */
-import { createRequire } from 'node:module';
-import { existsSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { loadNative } from './load.js';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
 import { readLoop } from './sysfs.js';
 import type { LoopServerQuotas, LoopServerStats } from './remote/server.js';
@@ -137,45 +134,7 @@ export interface Native {
   remoteClientClose(h: Handle): void;
 }
 
-const SUPPORTED = ['linux-x64-gnu', 'linux-arm64-gnu'];
-
-function platformTriple(): string {
-  const libc =
-    process.platform === 'linux'
-      ? (process.report?.getReport() as { header?: { glibcVersionRuntime?: string } } | undefined)?.header
-          ?.glibcVersionRuntime
-        ? 'gnu'
-        : 'musl'
-      : '';
-  return [process.platform, process.arch, libc].filter(Boolean).join('-');
-}
-
-function load(): Native {
-  const triple = platformTriple();
-  const require = createRequire(import.meta.url);
-  const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-  const local = join(root, `loopdev.${triple}.node`);
-  const candidates = [`@loopdev/loop-${triple}`, local];
-  const failures: string[] = [];
-  for (const candidate of candidates) {
-    if (candidate === local && !existsSync(local)) continue;
-    try {
-      return require(candidate) as Native;
-    } catch (e) {
-      const err = e as NodeJS.ErrnoException;
-      if (err.code === 'MODULE_NOT_FOUND' && candidate !== local) continue;
-      failures.push(`${candidate}: ${err.message.split('\n')[0]}`);
-    }
-  }
-  const why = SUPPORTED.includes(triple)
-    ? `no native binary found for ${triple} (install @loopdev/loop-${triple} or run "npm run build:native")`
-    : `platform ${triple} is not supported (supported: ${SUPPORTED.join(', ')})`;
-  const err = new Error(`@loopdev/loop: ${why}${failures.length ? `; ${failures.join('; ')}` : ''}`);
-  Object.assign(err, { code: 'ERR_LOOP_UNSUPPORTED_PLATFORM', platform: triple });
-  throw err;
-}
-
-export const native: Native = load();
+export const native: Native = loadNative<Native>();
 native.init({ LoopError, UnexpectedDeviceError });
 
 interface Watched {

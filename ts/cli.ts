@@ -4,8 +4,9 @@
  */
 import * as fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { attach } from './attach.js';
-import { LoopDevice } from './device.js';
+// Only modules that never load the native addon are imported up front (list is read from sysfs): --help,
+// --version, usage errors and list then work where the binary is missing, and commands that need it fail
+// with the loader's one-line error instead of a stack trace at startup.
 import {
   deviceInfo,
   list,
@@ -129,6 +130,7 @@ Options:
       const offset = size(values, 'offset');
       const sizeLimit = size(values, 'sizelimit');
       const sectorSize = size(values, 'sector-size');
+      const { attach } = await import('./attach.js');
       // Never autoclear: this process closes its fds at exit and the device must outlive it.
       const dev = await attach(positionals[0]!, {
         ...(offset === undefined ? {} : { offset }),
@@ -172,6 +174,7 @@ Options:
       if (timeout !== undefined && !(Number.isInteger(timeout) && timeout >= 0)) {
         throw new UsageError('detach', `invalid --timeout '${String(values.timeout)}'`);
       }
+      const { LoopDevice } = await import('./device.js');
       let failed = 0;
       for (const name of positionals) {
         try {
