@@ -70,12 +70,17 @@ function openFds(): number {
   return fs.readdirSync('/proc/self/fd').length;
 }
 
-loopTest.serial('16 requests to a server that never answers take no pool thread: fs and dns go on, then ETIMEDOUT', async (t) => {
+/** A fake server, a file to send it and a dir for nodes, and the fd count before any client. */
+async function setUp(t: ExecutionContext, mode: 'silent' | 'late', delaySeconds = 0) {
   const dir = tempDir(t);
   const file = path.join(dir, 'file');
   fs.writeFileSync(file, 'x');
-  const server = await fakeServer(t, 'silent');
-  const before = openFds();
+  const server = await fakeServer(t, mode, delaySeconds);
+  return { dir, file, server, before: openFds() };
+}
+
+loopTest.serial('16 requests to a server that never answers take no pool thread: fs and dns go on, then ETIMEDOUT', async (t) => {
+  const { dir, file, server, before } = await setUp(t, 'silent');
   const clients = Array.from({ length: 16 }, () => new LoopClient(server.socketPath));
   let settled = 0;
   const pending = clients.map((c) =>
@@ -96,11 +101,7 @@ loopTest.serial('16 requests to a server that never answers take no pool thread:
 });
 
 loopTest.serial('abort: before the call, while queued (never sent), and in flight', async (t) => {
-  const dir = tempDir(t);
-  const file = path.join(dir, 'file');
-  fs.writeFileSync(file, 'x');
-  const server = await fakeServer(t, 'silent');
-  const before = openFds();
+  const { dir, file, server, before } = await setUp(t, 'silent');
   {
     using client = new LoopClient(server.socketPath);
     const early = new AbortController();
@@ -125,11 +126,7 @@ loopTest.serial('abort: before the call, while queued (never sent), and in fligh
 });
 
 loopTest.serial('a reply that arrives after its request gave up is discarded; the next request gets its own', async (t) => {
-  const dir = tempDir(t);
-  const file = path.join(dir, 'file');
-  fs.writeFileSync(file, 'x');
-  const server = await fakeServer(t, 'late', 0.3);
-  const before = openFds();
+  const { dir, file, server, before } = await setUp(t, 'late', 0.3);
   {
     using client = new LoopClient(server.socketPath);
     await t.throwsAsync(client.device(file, { devDir: dir, timeoutMs: 50 }), { code: 'ETIMEDOUT' });

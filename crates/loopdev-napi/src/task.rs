@@ -21,12 +21,7 @@ pub fn spawn<T: Send + 'static>(
     finish: fn(Env, T) -> JsResult<Value>,
 ) -> JsResult<Value> {
     let resource_name = env.string(name)?;
-    let mut deferred = ptr::null_mut();
-    let mut promise = ptr::null_mut();
-    // SAFETY: valid env and out-pointers.
-    if unsafe { napi_create_promise(env.0, &mut deferred, &mut promise) } != NAPI_OK {
-        return Err(Failure::Pending);
-    }
+    let (deferred, promise) = new_promise(env)?;
     let job = Box::into_raw(Box::new(Job {
         run: Some(Box::new(run)),
         output: None,
@@ -93,6 +88,17 @@ unsafe extern "C" fn complete<T>(env: napi_env, status: napi_status, data: *mut 
     unsafe { napi_delete_async_work(env.0, work) };
 }
 
+/// A promise and the deferred that settles it (exactly once: see `settle`).
+fn new_promise(env: Env) -> JsResult<(napi_deferred, napi_value)> {
+    let mut deferred = ptr::null_mut();
+    let mut promise = ptr::null_mut();
+    // SAFETY: valid env and out-pointers.
+    if unsafe { napi_create_promise(env.0, &mut deferred, &mut promise) } != NAPI_OK {
+        return Err(Failure::Pending);
+    }
+    Ok((deferred, promise))
+}
+
 fn panicked() -> Failure {
     Failure::Type("internal error (panic) in loopdev native code".into())
 }
@@ -138,12 +144,7 @@ pub fn spawn_thread<T: Send + 'static>(
     finish: fn(Env, T) -> JsResult<Value>,
 ) -> JsResult<Value> {
     let resource_name = env.string(name)?;
-    let mut deferred = ptr::null_mut();
-    let mut promise = ptr::null_mut();
-    // SAFETY: valid env and out-pointers.
-    if unsafe { napi_create_promise(env.0, &mut deferred, &mut promise) } != NAPI_OK {
-        return Err(Failure::Pending);
-    }
+    let (deferred, promise) = new_promise(env)?;
     let mut tsfn = ptr::null_mut();
     // SAFETY: no JS function (deliver settles the promise itself), one thread count, deliver matches the
     // Delivery<T> the thread sends. The tsfn keeps the event loop alive until released, like a pending socket.
