@@ -227,10 +227,39 @@ impl SocketFile {
         let (parent, name) = seqpacket::split_path(path)
             .ok_or_else(|| Error::os(Errno::EINVAL, "bind").with_path(path).with_detail("not a socket file path"))?;
         let dir = open_in(None, &parent.to_string_lossy(), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        seqpacket::bind(sock, path)?;
+        match seqpacket::bind(sock, path) {
+            Err(e) if e.is(Errno::EADDRINUSE) && remove_stale(dir.as_fd(), name, path)? => seqpacket::bind(sock, path)?,
+            other => other?,
+        }
         let st = nix::sys::stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| Error::os(e, "stat").with_path(path))?;
         Ok(SocketFile { dir, name: name.to_os_string(), dev: st.st_dev, ino: st.st_ino })
+    }
+}
+
+/// When the name is taken: a socket nobody listens on any more (a server killed with SIGKILL leaves it) is
+/// removed and true returned; a live server, or anything that is not a socket, is an error that says so.
+fn remove_stale(dir: BorrowedFd, name: &std::ffi::OsStr, path: &Path) -> Result<bool> {
+    let st = nix::sys::stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| Error::os(e, "stat").with_path(path))?;
+    let in_use = |detail: &str| Error::os(Errno::EADDRINUSE, "bind").with_path(path).with_detail(detail);
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(in_use("the path exists and is not a socket; left alone"));
+    }
+    let probe = seqpacket::socket(false)?;
+    match seqpacket::connect(probe.as_fd(), path) {
+        Ok(()) => Err(in_use("a server is listening on it already")),
+        Err(e) if e.is(Errno::ECONNREFUSED) => {
+            // Only the socket we looked at: if someone replaced it meanwhile, leave theirs.
+            let same = nix::sys::stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_or(false, |now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino));
+            if same {
+                unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
+                    .map_err(|e| Error::os(e, "unlink").with_path(path))?;
+            }
+            Ok(true)
+        }
+        Err(e) => Err(in_use(&format!("a socket is there and connecting to it failed ({})", e.code()))),
     }
 }
 
@@ -791,6 +820,23 @@ mod tests {
         assert_eq!(seqpacket::recv(raw.as_fd(), &mut buf, 1).map(|p| p.len).unwrap_or(0), 0, "then EOF");
         assert_eq!(server.stats().refused, 1);
         drop(server);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = temp_dir("stale");
+        let path = dir.join("remoteloop");
+        // A socket file nobody listens on, as a server killed with SIGKILL leaves it.
+        let dead = seqpacket::socket(false).unwrap();
+        seqpacket::bind(dead.as_fd(), &path).unwrap();
+        drop(dead);
+        let server = Server::bind(&path, ServerOptions::default()).unwrap();
+        let e = Server::bind(&path, ServerOptions::default()).unwrap_err();
+        assert_eq!(e.code(), "EADDRINUSE");
+        assert!(e.to_string().contains("a server is listening on it already"), "{e}");
+        assert!(Client::connect(&path).is_ok(), "the live server keeps its socket");
+        server.shutdown().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
