@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { attach, type AttachOptions, type LoopDevice } from '../ts/index.js';
 
 export const ROOT = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
-const CLI = path.join(ROOT, 'ts', 'cli.ts');
+export const CLI = path.join(ROOT, 'ts', 'cli.ts');
 
 /** Absolute path of an executable (PATH, then the sbin dirs), or null. */
 export function tool(name: string): string | null {

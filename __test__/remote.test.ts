@@ -10,6 +10,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
 import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs } from './helpers.js';
+import { CLI, ROOT } from './fixtures.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
 // osbuild's client and server in Python, passed inline (python3 -c): a child running as another uid then
@@ -180,6 +181,47 @@ loopTest('closing the server frees every device it attached', async (t) => {
   t.is(srv.stats().devices, 3);
   await srv.close();
   for (const img of images) t.deepEqual(await boundAfterSettling(img.dir), [], `${img.path} is free`);
+});
+
+loopTest.serial('loopdev serve under socket activation (systemd-socket-activate): one log line per request', async (t) => {
+  const img = image(t);
+  const socketPath = path.join(img.dir, 'remoteloop');
+  const serve = (quiet: boolean) => {
+    const argv = ['--seqpacket', '-l', socketPath, process.execPath, '--import=tsx', CLI, 'serve', ...(quiet ? ['-q'] : [])];
+    const child = spawn('systemd-socket-activate', argv, { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    t.teardown(() => {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    });
+    return { child, stderr: () => stderr };
+  };
+  for (const quiet of [false, true]) {
+    const server = serve(quiet);
+    while (!fs.existsSync(socketPath)) await new Promise((r) => setTimeout(r, 10));
+    {
+      // The first connection starts the server, which finds the socket as fd 3 (LISTEN_FDS=1).
+      using client = new LoopClient(socketPath);
+      const dev = await client.device(img.path, { devDir: img.dir });
+      t.is(sysfs(minorOf(dev.devname), 'loop/backing_file'), img.path);
+      await t.throwsAsync(client.device('/dev/null', { devDir: img.dir }), { code: 'EINVAL' });
+      await dev.remove();
+    }
+    server.child.kill('SIGTERM');
+    await exited(server.child);
+    t.is(server.child.exitCode, 0, server.stderr());
+    const lines = server.stderr().split('\n').filter((l) => l.includes(`pid ${process.pid} uid 0:`));
+    if (quiet) {
+      t.deepEqual(lines, [], '--quiet: no request lines');
+    } else {
+      t.is(lines.length, 2, server.stderr());
+      t.regex(lines[0]!, new RegExp(`^loopdev serve: pid ${process.pid} uid 0: ${img.path} -> loop\\d+ \\(\\d+\\.\\d ms\\)$`));
+      t.regex(lines[1]!, /: \/dev\/null -> refused: EINVAL: /);
+    }
+    t.true(fs.existsSync(socketPath), "the socket is its activator's: left in place");
+    fs.rmSync(socketPath);
+    t.deepEqual(await boundAfterSettling(img.path), []);
+  }
 });
 
 loopTest('across processes: a serve() child serves our client and releases its devices on SIGTERM', async (t) => {

@@ -116,7 +116,8 @@ export interface Native {
   loopSetCapacity(h: Handle): void;
   loopMknod(h: Handle, dirFd: number, mode: number): void;
   removeNode(dirFd: number, name: string): void;
-  remoteServerListen(socketPath: string, allowUids?: readonly number[], quotas?: LoopServerQuotas): Handle;
+  remoteServerListen(socketPath: string, allowUids?: readonly number[], quotas?: LoopServerQuotas & { log?: boolean }): Handle;
+  remoteServerAdopt(fd: number, allowUids?: readonly number[], quotas?: LoopServerQuotas & { log?: boolean }): Handle;
   remoteServerClose(h: Handle): Promise<void>;
   remoteServerStats(h: Handle): LoopServerStats;
   remoteClientConnect(socketPath: string): Handle;

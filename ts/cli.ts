@@ -30,6 +30,14 @@ interface Command {
   run(values: Values, positionals: string[]): Promise<number>;
 }
 
+/** The listening socket systemd passed (sd_listen_fds: fd 3 when LISTEN_PID is us and LISTEN_FDS is 1). */
+function socketActivation(): number | undefined {
+  const { LISTEN_PID, LISTEN_FDS } = process.env;
+  if (LISTEN_PID !== String(process.pid) || LISTEN_FDS === undefined) return undefined;
+  if (LISTEN_FDS !== '1') throw new UsageError('serve', `socket activation passed ${LISTEN_FDS} sockets; one is served`);
+  return 3;
+}
+
 /** A mistake in the command line: printed with a pointer to `--help`. */
 class UsageError extends Error {
   constructor(
@@ -235,20 +243,31 @@ Options:
   },
 
   serve: {
-    usage: 'loopdev serve --socket PATH [--allow-uid UID]…',
+    usage: 'loopdev serve (--socket PATH | socket activation) [--allow-uid UID]… [--quiet]',
     summary: 'run an osbuild-compatible remote loop server on a unix socket',
     help: `Serves loop devices to clients on a SOCK_SEQPACKET unix socket, wire-compatible with osbuild's
 LoopClient. A device lives as long as the client's connection. Runs until SIGINT or SIGTERM, then
 releases every device it attached and removes the socket. A non-root client's node directory must be its own.
+Started by systemd with a socket unit (LISTEN_FDS=1, ListenSequentialPacket=), it serves on that socket and
+needs no --socket. Logs one line per request on stderr (peer pid and uid, file, device, milliseconds).
+Run the installed bin (or exec it) as a service, not through npx: npx does not pass SIGTERM on.
 
 Options:
-  -s, --socket PATH     socket path to listen on
+  -s, --socket PATH     socket path to listen on (a stale socket there is replaced)
       --allow-uid UID   accept clients with this uid (repeatable; replaces the default, which is
                         this process's uid and root: list 0 too to keep root)
+  -q, --quiet           no line per request
   -h, --help            show this help`,
-    options: { socket: { type: 'string', short: 's' }, 'allow-uid': { type: 'string', multiple: true } },
+    options: {
+      socket: { type: 'string', short: 's' },
+      'allow-uid': { type: 'string', multiple: true },
+      quiet: { type: 'boolean', short: 'q' },
+    },
     async run(values) {
-      if (typeof values.socket !== 'string') throw new UsageError('serve', 'missing --socket PATH');
+      const activated = socketActivation();
+      if (typeof values.socket !== 'string' && activated === undefined) {
+        throw new UsageError('serve', 'missing --socket PATH (and not started by socket activation)');
+      }
       const raw = (values['allow-uid'] as string[] | undefined) ?? [];
       const allowUids = raw.map((u) => {
         if (!/^\d+$/.test(u)) throw new UsageError('serve', `invalid --allow-uid '${u}'`);
@@ -256,10 +275,12 @@ Options:
       });
       // Loaded on demand: the other commands do not pay for the remote module.
       const { serve } = await import('./remote/serve.js');
+      const where = typeof values.socket === 'string' ? { socketPath: values.socket } : { fd: activated! };
       const stoppedBy = await serve({
-        socketPath: values.socket,
+        ...where,
         ...(allowUids.length ? { allowUids } : {}),
-        onListening: () => process.stderr.write(`loopdev serve: listening on ${String(values.socket)}\n`),
+        log: !values.quiet,
+        onListening: (server) => process.stderr.write(`loopdev serve: listening on ${server.socketPath}\n`),
       });
       process.stderr.write(`loopdev serve: stopped (${stoppedBy}); devices released\n`);
       return 0;

@@ -4,6 +4,7 @@
  * configure waiting on the kernel never stalls the event loop, and a peer's file that never answers stalls
  * only that peer's request.
  */
+import * as fs from 'node:fs';
 import { native, type Handle } from '../binding.js';
 import { closedError, LoopError } from '../errors.js';
 
@@ -29,13 +30,23 @@ export interface LoopServerQuotas {
 }
 
 export interface LoopServerOptions extends LoopServerQuotas {
-  /** Where to bind the AF_UNIX SOCK_SEQPACKET socket. Must not exist; removed again by `close()`. */
-  socketPath: string;
+  /**
+   * Where to bind the AF_UNIX SOCK_SEQPACKET socket, removed again by `close()`. A stale socket there (its
+   * server was killed) is replaced; a live one, or any other file, is EADDRINUSE. Not needed with `fd`.
+   */
+  socketPath?: string;
+  /**
+   * A listening SOCK_SEQPACKET socket to serve on instead of binding one (systemd socket activation: fd 3
+   * with `LISTEN_FDS=1`). It stays the caller's, and its name is left alone by `close()`.
+   */
+  fd?: number;
   /**
    * Peer uids (checked with SO_PEERCRED at connect) that may request devices. Others get one exception
    * reply and are disconnected. Default: this process's effective uid and root.
    */
   allowUids?: readonly number[];
+  /** One line per request on stderr: peer pid and uid, file, device or refusal, milliseconds (default false). */
+  log?: boolean;
 }
 
 export interface LoopServerStats {
@@ -53,13 +64,26 @@ export interface LoopServerStats {
   refused: number;
 }
 
+/** The path a unix socket fd is bound to, from /proc/net/unix by its inode ('' when it has none). */
+function boundName(fd: number): string {
+  const inode = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`))?.[1];
+  const line = fs
+    .readFileSync('/proc/net/unix', 'utf8')
+    .split('\n')
+    .find((l) => l.trim().split(/\s+/)[6] === inode);
+  return line?.trim().split(/\s+/)[7] ?? '';
+}
+
 /** Never fires; keeps the process alive while the server listens, like a listening `net.Server`. */
 const FOREVER_MS = 2 ** 31 - 1;
 
 export class LoopServer implements AsyncDisposable {
-  readonly socketPath: string;
+  /** The socket's path (for `fd`, the name it is bound to, known once listening). */
+  socketPath: string;
+  readonly fd: number | undefined;
   readonly allowUids: readonly number[] | undefined;
   readonly quotas: Readonly<LoopServerQuotas>;
+  readonly log: boolean;
 
   #handle: Handle | null = null;
   #closed: Promise<void> | null = null;
@@ -67,13 +91,16 @@ export class LoopServer implements AsyncDisposable {
   #ref = true;
 
   constructor(options: LoopServerOptions) {
-    if (typeof options?.socketPath !== 'string' || options.socketPath === '') {
-      throw new TypeError('LoopServer: socketPath must be a non-empty string');
+    const { fd } = options ?? {};
+    if (fd !== undefined ? !Number.isInteger(fd) || fd < 0 : typeof options?.socketPath !== 'string' || options.socketPath === '') {
+      throw new TypeError('LoopServer: socketPath must be a non-empty string (or fd a listening socket)');
     }
-    this.socketPath = options.socketPath;
+    this.socketPath = options.socketPath ?? '';
+    this.fd = fd;
     this.allowUids = options.allowUids === undefined ? undefined : Object.freeze([...options.allowUids]);
     const { maxConnectionsPerUid, maxDevices, maxDevicesPerUid, idleTimeoutMs } = options;
     const { workers, maxRequestsPerUid, requestTimeoutMs } = options;
+    this.log = options.log ?? false;
     this.quotas = Object.freeze({
       maxConnectionsPerUid,
       maxDevices,
@@ -98,7 +125,13 @@ export class LoopServer implements AsyncDisposable {
         path: this.socketPath,
       });
     }
-    this.#handle = native.remoteServerListen(this.socketPath, this.allowUids, this.quotas);
+    const quotas = { ...this.quotas, log: this.log };
+    if (this.fd === undefined) {
+      this.#handle = native.remoteServerListen(this.socketPath, this.allowUids, quotas);
+    } else {
+      this.#handle = native.remoteServerAdopt(this.fd, this.allowUids, quotas);
+      this.socketPath ||= boundName(this.fd);
+    }
     // The callback holds `this`: a listening server is never garbage-collected (which would stop it).
     this.#keepAlive = setInterval(() => void this, FOREVER_MS);
     if (!this.#ref) this.#keepAlive.unref();

@@ -47,6 +47,7 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("loopMknod", device::mknod),
     ("removeNode", device::remove_node),
     ("remoteServerListen", remote::server_listen),
+    ("remoteServerAdopt", remote::server_adopt),
     ("remoteServerClose", remote::server_close),
     ("remoteServerStats", remote::server_stats),
     ("remoteClientConnect", remote::client_connect),

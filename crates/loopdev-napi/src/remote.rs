@@ -110,7 +110,7 @@ fn allow_uids(env: Env, v: Value) -> JsResult<Option<Vec<u32>>> {
 }
 
 /// `{ maxConnectionsPerUid?, maxDevices?, maxDevicesPerUid?, idleTimeoutMs?, workers?, maxRequestsPerUid?,
-/// requestTimeoutMs? }` (nullish: the defaults; a timeout of 0 is none).
+/// requestTimeoutMs?, log? }` (nullish: the defaults; a timeout of 0 is none).
 fn quotas(env: Env, v: Value, options: &mut ServerOptions) -> JsResult<()> {
     if env.is_nullish(v)? {
         return Ok(());
@@ -143,6 +143,9 @@ fn quotas(env: Env, v: Value, options: &mut ServerOptions) -> JsResult<()> {
     if let Some(ms) = field("requestTimeoutMs", 0, i64::from(u32::MAX))? {
         options.request_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
     }
+    if let Some(log) = env.opt_bool(v, "log")? {
+        options.log = log;
+    }
     Ok(())
 }
 
@@ -155,13 +158,29 @@ pub fn server_listen(env: Env, args: &[Value]) -> JsResult<Value> {
         options.allow_uids = uids;
     }
     quotas(env, arg(env, args, 2)?, &mut options)?;
-    let server = Server::bind(Path::new(&path), options)?;
+    server_handle(env, Server::bind(Path::new(&path), options)?)
+}
+
+/// The handle JS holds for a running server (stopped at environment exit too: see `ServerSlot::hook`).
+fn server_handle(env: Env, server: Server) -> JsResult<Value> {
     let handle =
         env.external(Remote::Server(ServerSlot { server: Mutex::new(Some(server)), hooked: Cell::new(None) }))?;
     if let Remote::Server(slot) = env.external_ref::<Remote>(handle, "LoopServer")? {
         slot.hook(env)?;
     }
     Ok(handle)
+}
+
+/// remoteServerAdopt(fd, allowUids?, quotas?) → handle. Serves on a listening socket someone else made
+/// (systemd socket activation); a duplicate is taken, so `fd` stays the caller's.
+pub fn server_adopt(env: Env, args: &[Value]) -> JsResult<Value> {
+    let listener = convert::owned_fd(env, arg(env, args, 0)?, "fd")?;
+    let mut options = ServerOptions::default();
+    if let Some(uids) = allow_uids(env, arg(env, args, 1)?)? {
+        options.allow_uids = uids;
+    }
+    quotas(env, arg(env, args, 2)?, &mut options)?;
+    server_handle(env, Server::adopt(listener, options)?)
 }
 
 /// remoteServerClose(h) → Promise<void>: stops the thread, closes every device, removes the socket.

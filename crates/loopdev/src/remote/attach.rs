@@ -128,10 +128,24 @@ impl Attacher {
 
     /// Serves one well-formed message: the reply to send and, on success, the device waiting for it.
     pub fn handle(&self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> Outgoing {
-        match self.attach(payload, fds, peer) {
-            Ok(held) => Outgoing { bytes: Reply::Device(held.lo.devname()).encode(), device: Some(held) },
-            Err(f) => failure(&self.counters, f, peer),
+        let started = std::time::Instant::now();
+        let file = if self.options.log { Some(backing_name(payload, &fds)) } else { None };
+        let (out, result) = match self.attach(payload, fds, peer) {
+            Ok(held) => {
+                let name = held.lo.devname();
+                (Outgoing { bytes: Reply::Device(name.clone()).encode(), device: Some(held) }, name)
+            }
+            Err(f) => {
+                let why = f.to_string();
+                (failure(&self.counters, f, peer), format!("refused: {why}"))
+            }
+        };
+        if let Some(file) = file {
+            // One line per request, written at once (stderr is unbuffered; a line this short is atomic).
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            eprintln!("loopdev serve: pid {} uid {}: {file} -> {result} ({ms:.1} ms)", peer.pid, peer.uid);
         }
+        out
     }
 
     fn attach(&self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> std::result::Result<Held, Failure> {
@@ -159,6 +173,15 @@ impl Attacher {
         drop(fds);
         Ok(Held { lo, dir, node: Some(node), _quota: quota })
     }
+}
+
+/// The backing file of a request, for the log: its path as the kernel names the fd ("?" when unknown).
+fn backing_name(payload: &[u8], fds: &[OwnedFd]) -> String {
+    Request::parse(payload)
+        .ok()
+        .and_then(|r| fds.get(r.fd))
+        .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{}", std::os::unix::io::AsRawFd::as_raw_fd(fd))).ok())
+        .map_or_else(|| "?".into(), |p| p.display().to_string())
 }
 
 /// The exception reply for `why`, counted as a failure.

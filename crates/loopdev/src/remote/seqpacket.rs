@@ -106,6 +106,24 @@ pub fn accept(fd: BorrowedFd) -> Result<OwnedFd> {
         .map_err(|e| Error::os(e, "accept"))
 }
 
+/// Checks that `fd` is an AF_UNIX SOCK_SEQPACKET socket in listening state, makes it non-blocking, and returns
+/// the path it is bound to (for messages; empty for an abstract or unnamed socket).
+pub fn listening_seqpacket(fd: BorrowedFd) -> Result<PathBuf> {
+    let invalid = |detail: &str| Error::os(Errno::EINVAL, "getsockopt").with_detail(detail);
+    let kind = socket::getsockopt(fd.as_raw_fd(), socket::sockopt::SockType).map_err(|e| Error::os(e, "getsockopt"))?;
+    let listening =
+        socket::getsockopt(fd.as_raw_fd(), socket::sockopt::AcceptConn).map_err(|e| Error::os(e, "getsockopt"))?;
+    if kind != socket::SockType::SeqPacket || !listening {
+        return Err(invalid("the socket passed in is not a listening SOCK_SEQPACKET socket"));
+    }
+    let addr: UnixAddr =
+        socket::getsockname(fd.as_raw_fd()).map_err(|_| invalid("the socket passed in is not AF_UNIX"))?;
+    let flags = status_flags(fd)?;
+    nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(|e| Error::os(e, "fcntl"))?;
+    Ok(addr.path().map(Path::to_path_buf).unwrap_or_default())
+}
+
 /// getsockopt(SO_PEERCRED).
 pub fn peer_cred(fd: BorrowedFd) -> Result<PeerCred> {
     let cred =

@@ -74,6 +74,8 @@ pub struct ServerOptions {
     pub request_timeout: Option<Duration>,
     /// Permissions of the device node made in the client's directory (osbuild: 0o600).
     pub node_mode: u32,
+    /// One line per request on stderr: peer pid and uid, file, device or refusal, milliseconds.
+    pub log: bool,
 }
 
 impl Default for ServerOptions {
@@ -92,6 +94,7 @@ impl Default for ServerOptions {
             max_requests_per_uid: 2,
             request_timeout: Some(Duration::from_secs(30)),
             node_mode: 0o600,
+            log: false,
         }
     }
 }
@@ -128,6 +131,18 @@ impl Server {
         let listener = seqpacket::socket(true)?;
         let file = SocketFile::bind(listener.as_fd(), path)?;
         seqpacket::listen(listener.as_fd(), BACKLOG).map_err(|e| e.with_path(path))?;
+        Server::start(listener, Some(file), path, options)
+    }
+
+    /// Serves on a socket someone else bound and listens on (systemd socket activation: `LISTEN_FDS`). It
+    /// must be an AF_UNIX SOCK_SEQPACKET socket in listening state (EINVAL otherwise); its name is its
+    /// owner's and stays when the server stops.
+    pub fn adopt(listener: OwnedFd, options: ServerOptions) -> Result<Server> {
+        let path = seqpacket::listening_seqpacket(listener.as_fd())?;
+        Server::start(listener, None, &path, options)
+    }
+
+    fn start(listener: OwnedFd, file: Option<SocketFile>, path: &Path, options: ServerOptions) -> Result<Server> {
         let wake = Arc::new(seqpacket::eventfd()?);
         let counters = Arc::new(Counters::default());
         counters.running.store(true, Ordering::SeqCst);
@@ -347,7 +362,8 @@ struct InFlight {
 }
 
 struct Serve {
-    socket_file: SocketFile,
+    /// The name we bound (None for an adopted socket, whose name is not ours to remove).
+    socket_file: Option<SocketFile>,
     listener: OwnedFd,
     spare: Option<OwnedFd>,
     wake: Arc<OwnedFd>,
