@@ -510,6 +510,15 @@ req = b'{"fd": 0, "dir_fd": 1, "lock": false, "partscan": false, "read_only": fa
 s.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 `;
 
+loopTest("the client's default devDir /dev against a server in this mount namespace: EEXIST with a hint", async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const err = await t.throwsAsync(client.device(img.path), { instanceOf: RemoteLoopError, code: 'EEXIST' });
+  t.regex(err!.message, /a server in this mount namespace sees the host's \/dev; pass a directory of your own as devDir\)$/);
+  t.deepEqual(await boundAfterSettling(img.path), [], 'nothing bound for the failed request');
+});
+
 loopTest('LoopServer: listen errors, double listen, close before listen', async (t) => {
   const img = image(t);
   const taken = path.join(img.dir, 'taken');

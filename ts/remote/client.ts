@@ -4,7 +4,7 @@
  */
 import * as fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { native, type Handle } from '../binding.js';
 import { closedError, LoopError } from '../errors.js';
@@ -69,9 +69,11 @@ export class RemoteLoopError extends LoopError {
   constructor(
     socketPath: string,
     exception: { type: string; value: string; traceback: string; errno?: number | undefined },
+    hint?: string,
   ) {
     const code = exception.errno === undefined ? undefined : errnoName(exception.errno);
-    super(`${code ?? 'ERR_LOOP_REMOTE'}: loop server '${socketPath}': ${exception.type}: ${exception.value}`, {
+    const message = `${code ?? 'ERR_LOOP_REMOTE'}: loop server '${socketPath}': ${exception.type}: ${exception.value}`;
+    super(hint ? `${message} (${hint})` : message, {
       code: code ?? 'ERR_LOOP_REMOTE',
       ...(code === undefined || exception.errno === undefined ? {} : { errno: -exception.errno }),
       syscall: 'remoteloop',
@@ -81,6 +83,14 @@ export class RemoteLoopError extends LoopError {
     this.remoteValue = exception.value;
     this.remoteTraceback = exception.traceback;
   }
+}
+
+/** What a known failure usually means, for the error message. */
+function hintFor(exception: { errno?: number | undefined }, devDir: string): string | undefined {
+  if (exception.errno === osConstants.errno.EEXIST && resolve(devDir) === '/dev') {
+    return "devDir '/dev' has that node already: a server in this mount namespace sees the host's /dev; pass a directory of your own as devDir";
+  }
+  return undefined;
 }
 
 function errnoName(errno: number): string | undefined {
@@ -237,7 +247,7 @@ export class LoopClient implements Disposable {
       const reply = await pending.catch((e: unknown) => {
         throw (e as { code?: string }).code === 'ECANCELED' && signal?.aborted ? abortError(signal) : e;
       });
-      if (reply.exception) throw new RemoteLoopError(this.socketPath, reply.exception);
+      if (reply.exception) throw new RemoteLoopError(this.socketPath, reply.exception, hintFor(reply.exception, devDir));
       return new RemoteDevice(devDir, reply.devname);
     } finally {
       signal?.removeEventListener('abort', cancel);
