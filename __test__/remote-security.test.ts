@@ -15,7 +15,7 @@ const NOBODY = 65534;
 
 /** Wire helpers for the attacker: osbuild's request format over SOCK_SEQPACKET with SCM_RIGHTS. */
 const PEER_LIB = String.raw`
-import array, ctypes, json, os, socket, sys, threading
+import array, ctypes, json, os, socket, sys, threading, time
 def connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.bind("")
@@ -66,7 +66,11 @@ function attacker(t: ExecutionContext, code: string, args: string[], options: { 
 }
 
 /** A server reachable by uid 65534 (socket 0666 in a 0711 dir), closed at teardown. */
-async function openServer(t: ExecutionContext, dir: string, quotas: LoopServerQuotas = {}): Promise<LoopServer> {
+async function openServer(
+  t: ExecutionContext,
+  dir: string,
+  quotas: LoopServerQuotas & { allowUids?: readonly number[] } = {},
+): Promise<LoopServer> {
   fs.chmodSync(dir, 0o711);
   const srv = new LoopServer({ socketPath: path.join(dir, 'remoteloop'), allowUids: [0, NOBODY], ...quotas });
   await srv.listen();
@@ -464,3 +468,61 @@ loopTest.serial('a peer can open the node made for it, cannot hard-link it, and 
   t.deepEqual(fs.readdirSync(devDir), [], 'the node went with the connection');
   t.deepEqual(await boundAfterSettling(backing), []);
 });
+
+// A TCP socket whose close blocks for as long as its owner likes: SO_LINGER with unsent data to a receiver
+// (the peer's own) that never reads. The peer sends it to the server and closes its own copy, so the
+// server's close is the last one; `how` picks where the server closes it: in a message it refuses (3 fds),
+// in a message still queued when the connection is dropped, or as a refused uid's first message.
+const LINGER = String.raw`
+import struct
+sock, backing, dev_dir, how = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+L.bind(("127.0.0.1", 0)); L.listen(1)
+c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+c.connect(L.getsockname()); a, _ = L.accept()
+c.setblocking(False)
+for _ in range(2):
+    try:
+        while True: c.send(b"x" * 65536)
+    except BlockingIOError: pass
+    time.sleep(0.2)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1000000))
+def sendfds(s, payload, fds):
+    s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+s = connect(sock)
+if how == "refused-message":
+    sendfds(s, b"{}", [c.fileno()] * 3)
+elif how == "queued-at-hangup":
+    send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+    sendfds(s, b"{}", [c.fileno()])
+elif how == "refused-uid":
+    sendfds(s, b"{}", [c.fileno()])
+c.close()
+if how == "queued-at-hangup":
+    s.close()
+emit({"sent": how})
+sys.stdin.readline()
+`;
+
+for (const how of ['refused-message', 'queued-at-hangup', 'refused-uid'] as const) {
+  loopTest.serial(`a peer's socket whose close blocks (SO_LINGER) is closed off the serving thread: ${how}`, async (t) => {
+    t.timeout(30_000);
+    const img = image(t);
+    const { devDir, backing } = peerFiles(img.dir);
+    const srv = await openServer(t, img.dir, how === 'refused-uid' ? { allowUids: [0] } : {});
+    const peer = attacker(t, LINGER, [srv.socketPath, backing, devDir, how]);
+    t.like(await peer.next(), { sent: how });
+    // Root is still served, and close() still returns, while the peer's socket blocks whoever closes it.
+    {
+      using client = new LoopClient(srv.socketPath);
+      const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 5000 });
+      t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
+      await dev.remove();
+    }
+    await srv.close();
+    t.false(fs.existsSync(srv.socketPath), 'the socket file went with close()');
+    t.is(await peer.finish(), 0); // its exit resets the TCP connection: the blocked close returns
+    t.deepEqual(await boundAfterSettling(backing), []);
+    t.deepEqual(await boundAfterSettling(img.path), []);
+  });
+}

@@ -37,9 +37,13 @@ pub enum Incoming {
     /// End of stream (an empty packet means the same, as in osbuild).
     Closed,
     Message(Message),
-    /// A packet that broke the framing or the limits. Its fds are already closed.
-    Invalid(WireError),
+    /// A packet that broke the framing or the limits, and the fds it carried: closing a peer's fd can block
+    /// (a socket with SO_LINGER), so the caller decides where they are closed.
+    Invalid(WireError, Vec<OwnedFd>),
 }
+
+/// The most fds one SCM_RIGHTS message can carry (the kernel's SCM_MAX_FD).
+pub const SCM_MAX_FD: usize = 253;
 
 /// Sends `payload` with `fds`: in one packet when it fits, else through a memfd like osbuild (chosen up
 /// front above `wmem_max`, or after the kernel said EMSGSIZE).
@@ -68,48 +72,49 @@ pub fn send_via_fd(sock: BorrowedFd, payload: &[u8], fds: &[BorrowedFd]) -> Resu
 /// reset peer); a packet we refuse is `Ok(Incoming::Invalid)` so the caller can answer it.
 pub fn recv_message(sock: BorrowedFd, limits: &Limits) -> Result<Incoming> {
     let mut buf = vec![0u8; limits.max_packet];
-    let Packet { len, mut fds, truncated, fds_truncated } = seqpacket::recv(sock, &mut buf, limits.max_fds + 1)?;
+    // Room for every fd a packet can carry: fds the kernel could not deliver it closes itself, on this thread.
+    let Packet { len, mut fds, truncated, fds_truncated } = seqpacket::recv(sock, &mut buf, SCM_MAX_FD)?;
     if len == 0 && !truncated {
         return Ok(Incoming::Closed);
     }
-    let too_many = || {
-        Incoming::Invalid(WireError::new(
-            Errno::E2BIG,
-            format!("too many file descriptors in one message (at most {})", limits.max_fds),
-        ))
-    };
+    let too_many =
+        WireError::new(Errno::E2BIG, format!("too many file descriptors in one message (at most {})", limits.max_fds));
     if fds_truncated || fds.len() > limits.max_fds + 1 {
-        return Ok(too_many());
+        return Ok(Incoming::Invalid(too_many, fds));
     }
     if truncated {
-        return Ok(Incoming::Invalid(WireError::new(
-            Errno::EMSGSIZE,
-            format!("message larger than {} bytes (use <args-via-fd>)", limits.max_packet),
-        )));
+        let why = format!("message larger than {} bytes (use <args-via-fd>)", limits.max_packet);
+        return Ok(Incoming::Invalid(WireError::new(Errno::EMSGSIZE, why), fds));
     }
     if &buf[..len] != ARGS_VIA_FD {
         if fds.len() > limits.max_fds {
-            return Ok(too_many());
+            return Ok(Incoming::Invalid(too_many, fds));
         }
         buf.truncate(len);
         return Ok(Incoming::Message(Message { payload: buf, fds, via_fd: false }));
     }
     if fds.is_empty() {
-        return Ok(Incoming::Invalid(WireError::invalid("<args-via-fd> without a payload file descriptor")));
+        return Ok(Incoming::Invalid(WireError::invalid("<args-via-fd> without a payload file descriptor"), fds));
     }
-    let memfd = fds.remove(0);
-    Ok(match read_payload(memfd.as_fd(), limits.max_payload) {
-        Ok(payload) => Incoming::Message(Message { payload, fds, via_fd: true }),
-        Err(e) => Incoming::Invalid(e),
-    })
+    match read_payload(fds[0].as_fd(), limits.max_payload) {
+        Ok(payload) => {
+            fds.remove(0); // a memfd: closing it cannot block
+            Ok(Incoming::Message(Message { payload, fds, via_fd: true }))
+        }
+        Err(e) => Ok(Incoming::Invalid(e, fds)),
+    }
 }
 
 /// The JSON in an `<args-via-fd>` memfd, from offset 0 to EOF. Only shmem files (memfd, tmpfs) are read:
 /// they cannot block, while a FUSE or FIFO fd could stall the reader forever.
 fn read_payload(fd: BorrowedFd, max: usize) -> std::result::Result<Vec<u8>, WireError> {
     let not_memfd = || WireError::invalid("<args-via-fd> payload is not a memfd");
+    // Seals first: F_GET_SEALS asks no filesystem, where fstat of a FUSE file would ask its daemon.
+    if seqpacket::seals(fd).is_err() {
+        return Err(not_memfd());
+    }
     let st = crate::device::stat_fd(fd).map_err(|e| WireError::new(e.errno, e.to_string()))?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG || seqpacket::seals(fd).is_err() {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(not_memfd());
     }
     let too_big = || WireError::new(Errno::EMSGSIZE, format!("<args-via-fd> payload larger than {max} bytes"));
@@ -157,7 +162,7 @@ mod tests {
 
     fn invalid(i: Incoming) -> WireError {
         match i {
-            Incoming::Invalid(e) => e,
+            Incoming::Invalid(e, _) => e,
             other => panic!("expected a refusal, got {other:?}"),
         }
     }

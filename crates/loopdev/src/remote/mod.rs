@@ -6,6 +6,7 @@
 
 mod attach;
 pub mod client;
+mod closer;
 pub mod jsoncomm;
 pub mod seqpacket;
 pub mod server;

@@ -14,6 +14,7 @@
 //! does not pin one device per request.
 
 use super::attach::{self, Counters, Held, Outgoing};
+use super::closer::{Closer, ANY_UID};
 use super::jsoncomm::{self, Incoming, Limits};
 use super::seqpacket::{self, PeerCred};
 use super::wire::WireError;
@@ -160,6 +161,7 @@ impl Server {
             next_id: 1,
             options,
             counters: Arc::clone(&counters),
+            closer: Closer::default(),
         };
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
@@ -377,6 +379,8 @@ struct Serve {
     next_id: u64,
     options: Arc<ServerOptions>,
     counters: Arc<Counters>,
+    /// Where peers' fds and connections are closed: never on this thread (see `closer`).
+    closer: Closer,
 }
 
 impl Serve {
@@ -386,7 +390,7 @@ impl Serve {
         let result = self.serve();
         drop(self.listener);
         drop(self.socket_file);
-        let released = release_all(&mut self.workers, &mut self.in_flight, self.conns);
+        let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, &mut self.closer);
         self.counters.running.store(false, Ordering::SeqCst);
         result.and(released)
     }
@@ -524,7 +528,11 @@ impl Serve {
             let held = conn.take_devices();
             self.workers.release(held);
         }
-        self.conns.retain(|c| !c.dead);
+        let (dead, alive) = std::mem::take(&mut self.conns).into_iter().partition(|c| c.dead);
+        self.conns = alive;
+        for conn in dead {
+            self.closer.close(conn.peer.uid, conn);
+        }
     }
 
     /// Handles one readiness event of a connection: send queued replies, or read one message and hand it to
@@ -548,15 +556,23 @@ impl Serve {
             Ok(msg) => msg,
         };
         conn.last_active = Instant::now();
+        let uid = conn.peer.uid;
         let reply = match msg {
-            // A refused peer's first message, whatever it is (its fds are closed already): refuse and hang up.
-            _ if conn.refused_until.is_some() => {
+            // A refused peer's first message, whatever it is: refuse and hang up.
+            Incoming::Message(msg) if conn.refused_until.is_some() => {
                 conn.last_reply = true;
+                self.closer.close(uid, msg.fds);
+                refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
+            }
+            Incoming::Invalid(_, fds) if conn.refused_until.is_some() => {
+                conn.last_reply = true;
+                self.closer.close(uid, fds);
                 refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
             }
             Incoming::Closed => unreachable!("handled above"),
-            Incoming::Invalid(why) => {
+            Incoming::Invalid(why, fds) => {
                 self.counters.requests.fetch_add(1, Ordering::SeqCst);
+                self.closer.close(uid, fds);
                 refusal(&self.counters, &conn.peer, why)
             }
             Incoming::Message(msg) => {
@@ -582,6 +598,7 @@ impl Serve {
                 Errno::EAGAIN,
                 format!("uid {} has {busy} requests being served, the most one uid may have", peer.uid),
             );
+            self.closer.close(peer.uid, msg.fds);
             return Some(refusal(&self.counters, &peer, why));
         }
         let id = self.next_id;
@@ -589,7 +606,9 @@ impl Serve {
         let cancelled = Arc::new(AtomicBool::new(false));
         let request =
             workers::Request { id, peer, payload: msg.payload, fds: msg.fds, cancelled: Arc::clone(&cancelled) };
-        if let Err(e) = self.workers.attach(request) {
+        if let Err(failed) = self.workers.attach(request) {
+            let (e, request) = *failed;
+            self.closer.close(peer.uid, request);
             return Some(attach::failure(&self.counters, e, &peer));
         }
         let deadline = self.options.request_timeout.map(|t| Instant::now() + t);
@@ -607,7 +626,9 @@ impl Serve {
                     // Out of fds: take the oldest waiting client off the queue (it sees a hang-up) rather
                     // than wake up for it again at once, forever.
                     self.spare = None;
-                    drop(seqpacket::accept(self.listener.as_fd()));
+                    if let Ok(sock) = seqpacket::accept(self.listener.as_fd()) {
+                        self.closer.close(ANY_UID, sock);
+                    }
                     self.spare = spare_fd();
                     return;
                 }
@@ -616,7 +637,10 @@ impl Serve {
             };
             let peer = match seqpacket::peer_cred(sock.as_fd()) {
                 Ok(p) => p,
-                Err(_) => continue,
+                Err(_) => {
+                    self.closer.close(ANY_UID, sock);
+                    continue;
+                }
             };
             let id = self.next_id;
             self.next_id += 1;
@@ -624,7 +648,7 @@ impl Serve {
             if !self.options.allow_uids.contains(&peer.uid) {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 if self.conns.iter().filter(|c| c.refused_until.is_some()).count() >= MAX_REFUSING {
-                    refuse_now(counters, sock, &peer, not_allowed(&peer));
+                    refuse_now(counters, &mut self.closer, sock, &peer, not_allowed(&peer));
                 } else {
                     self.conns.push(Conn::new(id, sock, peer, Some(Instant::now() + REFUSAL_GRACE), counters));
                 }
@@ -637,7 +661,7 @@ impl Serve {
                     Errno::EAGAIN,
                     format!("uid {} has {same_uid} connections open, the most one uid may have", peer.uid),
                 );
-                refuse_now(counters, sock, &peer, why);
+                refuse_now(counters, &mut self.closer, sock, &peer, why);
                 continue;
             }
             counters.connections.fetch_add(1, Ordering::SeqCst);
@@ -648,7 +672,12 @@ impl Serve {
 
 /// At shutdown: abandons the requests being served, has the workers release every connection's devices,
 /// and waits for that up to SHUTDOWN_WAIT. Results of abandoned requests are released by their workers.
-fn release_all(workers: &mut Workers, in_flight: &mut HashMap<u64, InFlight>, conns: Vec<Conn>) -> Result<()> {
+fn release_all(
+    workers: &mut Workers,
+    in_flight: &mut HashMap<u64, InFlight>,
+    conns: Vec<Conn>,
+    closer: &mut Closer,
+) -> Result<()> {
     for r in in_flight.values() {
         r.cancelled.store(true, Ordering::SeqCst);
     }
@@ -657,6 +686,7 @@ fn release_all(workers: &mut Workers, in_flight: &mut HashMap<u64, InFlight>, co
         let held = conn.take_devices();
         pending += usize::from(!held.is_empty());
         workers.release(held);
+        closer.close(conn.peer.uid, conn);
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while pending > 0 {
@@ -679,17 +709,19 @@ fn release_all(workers: &mut Workers, in_flight: &mut HashMap<u64, InFlight>, co
     Ok(())
 }
 
-/// This peer gets its refusal at once and is disconnected. What it already sent is read and dropped first
-/// (closing any fds in it), so it reads our reply, not a reset.
-fn refuse_now(counters: &Counters, sock: OwnedFd, peer: &PeerCred, why: WireError) {
+/// This peer gets its refusal at once and is disconnected. What it already sent is read first (a socket
+/// closed with unread data makes the peer's read fail with ECONNRESET instead of showing our reply); the
+/// fds in it, and the socket, are closed by the closer.
+fn refuse_now(counters: &Counters, closer: &mut Closer, sock: OwnedFd, peer: &PeerCred, why: WireError) {
     let _ = seqpacket::send(sock.as_fd(), &refusal(counters, peer, why).bytes, &[]);
     let mut buf = [0u8; 64];
     for _ in 0..16 {
-        match seqpacket::recv(sock.as_fd(), &mut buf, 4) {
-            Ok(p) if p.len > 0 || !p.fds.is_empty() => {}
+        match seqpacket::recv(sock.as_fd(), &mut buf, jsoncomm::SCM_MAX_FD) {
+            Ok(p) if p.len > 0 || !p.fds.is_empty() => closer.close(peer.uid, p.fds),
             _ => break,
         }
     }
+    closer.close(peer.uid, sock);
 }
 
 /// What a peer whose uid is not allowed is told: that, and nothing about who is allowed.

@@ -86,10 +86,15 @@ impl Workers {
         self.wake.as_fd()
     }
 
-    /// Err: no worker could be started (EAGAIN from clone); the request's fds are closed.
-    pub fn attach(&mut self, request: Request) -> Result<()> {
-        self.send(Work::Attach(request)).map_err(|_| {
-            Error::os(Errno::EAGAIN, "clone").with_detail("the loop server could not start a worker thread")
+    /// Err: no worker could be started (EAGAIN from clone); the request comes back (its fds are the
+    /// caller's to close, off the poll thread).
+    pub fn attach(&mut self, request: Request) -> std::result::Result<(), Box<(Error, Request)>> {
+        self.send(Work::Attach(request)).map_err(|work| {
+            let e = Error::os(Errno::EAGAIN, "clone").with_detail("the loop server could not start a worker thread");
+            match work {
+                Work::Attach(request) => Box::new((e, request)),
+                Work::Release(_) => unreachable!("an attach was sent"),
+            }
         })
     }
 
