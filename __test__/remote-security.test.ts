@@ -432,40 +432,65 @@ loopTest.serial('a peer whose directory never answers (stalled FUSE) stalls only
   t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
-const OWN_NODE = String.raw`
+// What a non-root peer holds of its device: an fd the server sent (want_fd), which is all it can use; the
+// node (the host's, root's 0600) it can neither open nor hard-link, and an O_PATH fd of it kept past the
+// release opens nothing later. Devices it keeps bound with that fd after hanging up count against its quota.
+const HOLDINGS = String.raw`
 sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+def ask_fd(s):
+    send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY), want_fd=True)
+    msg, fds, _, _ = socket.recv_fds(s, 1 << 20, 4)
+    return json.loads(msg), fds
+def errno_of(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return __import__("errno").errorcode[e.errno]
 s = connect(sock)
-r = ask(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+r, fds = ask_fd(s)
 node = os.path.join(dev_dir, r["devname"])
-out = {"reply": r}
-fd = os.open(node, os.O_RDONLY)
-out["read"] = os.read(fd, 21).decode()
-try:
-    os.link(node, os.path.join(dev_dir, "kept"))
-    out["link"] = "linked"
-except OSError as e:
-    out["link"] = __import__("errno").errorcode[e.errno]
+out = {"reply": r, "fds": len(fds)}
+out["read"] = os.pread(fds[0], 21, 0).decode()
+out["open_node"] = errno_of(lambda: os.open(node, os.O_RDONLY))
+out["link"] = errno_of(lambda: os.link(node, os.path.join(dev_dir, "kept")))
+opath = os.open(node, os.O_PATH)
+r2, fds2 = ask_fd(s)
+s.close()  # the server releases both devices; this peer still holds their fds
 emit(out)
 sys.stdin.readline()
-os.close(fd)
+s = connect(sock)
+emit({"over_quota": ask(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY)),
+      "reopen": errno_of(lambda: os.open("/proc/self/fd/%d" % opath, os.O_RDWR))})
+for fd in fds + fds2:
+    os.close(fd)
+sys.stdin.readline()
+emit({"after_closing": ask(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))})
+sys.stdin.readline()
 `;
 
-loopTest.serial('a peer can open the node made for it, cannot hard-link it, and nothing is left in /dev', async (t) => {
+loopTest.serial("a non-root peer uses its device through the fd it was sent; the node and what it kept of it give nothing", async (t) => {
   const img = image(t);
-  const srv = await openServer(t, img.dir);
+  const srv = await openServer(t, img.dir, { maxDevicesPerUid: 2 });
   const { devDir, backing } = peerFiles(img.dir);
-  const privateNames = () => fs.readdirSync('/dev').filter((n) => n.startsWith(`.loopdev-peer-${process.pid}-`));
-  const peer = attacker(t, OWN_NODE, [srv.socketPath, backing, devDir]);
+  const peer = attacker(t, HOLDINGS, [srv.socketPath, backing, devDir]);
   const out = await peer.next();
   t.truthy(out.reply.devname, JSON.stringify(out.reply));
-  t.is(out.read, 'PEER CONTROLLED BYTES', 'the peer reads its own file through its node (uid 65534)');
-  t.is(out.link, 'EXDEV', 'a bind-mounted node cannot be linked: no capability outlives the device');
-  t.deepEqual(privateNames(), [], 'the private name in /dev went once mounted');
-  t.deepEqual(fs.readdirSync(devDir), [out.reply.devname]);
-  t.is(await peer.finish(), 0);
+  t.is(out.fds, 1, 'the reply carried one fd');
+  t.is(out.read, 'PEER CONTROLLED BYTES', 'the peer reads its own file through the fd (uid 65534)');
+  t.is(out.open_node, 'EACCES', "the node is the host's, root's 0600");
+  t.is(out.link, 'EXDEV', 'a bind-mounted node cannot be hard-linked');
   await until('the server to release the connection', () => srv.stats().devices === 0);
   t.deepEqual(mountsUnder(devDir), []);
-  t.deepEqual(fs.readdirSync(devDir), [], 'the node went with the connection');
+  t.is(devicesBoundUnder(backing).length, 2, 'still bound: the peer holds their fds');
+  peer.send();
+  const later = await peer.next();
+  t.regex(later.over_quota.exception?.value ?? '', /^\[Errno 122\] EDQUOT/, 'devices the peer keeps bound count');
+  t.is(later.reopen, 'EACCES', 'an O_PATH fd of the node opens nothing: the inode is root\'s');
+  peer.send();
+  const freed = await peer.next();
+  t.truthy(freed.after_closing.devname, 'once the peer lets go, its quota is free again');
+  t.is(await peer.finish(), 0);
   t.deepEqual(await boundAfterSettling(backing), []);
 });
 

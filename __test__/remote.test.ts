@@ -510,6 +510,25 @@ req = b'{"fd": 0, "dir_fd": 1, "lock": false, "partscan": false, "read_only": fa
 s.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 `;
 
+loopTest('open: true gets an fd of the device with the reply; remove() closes it', async (t) => {
+  const img = image(t);
+  fs.writeFileSync(img.path, 'first bytes');
+  fs.truncateSync(img.path, 8 << 20);
+  const srv = await server(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const dev = await client.device(img.path, { devDir: img.dir, open: true, readOnly: true });
+  t.true(dev.fd >= 0);
+  const buf = Buffer.alloc(11);
+  t.is(fs.readSync(dev.fd, buf, 0, 11, 0), 11);
+  t.is(buf.toString(), 'first bytes');
+  t.throws(() => fs.writeSync(dev.fd, 'x', 0), { code: 'EBADF' }, 'read-only binding: an O_RDONLY fd');
+  await dev.remove();
+  t.is(dev.fd, -1);
+  const plain = await client.device(img.path, { devDir: img.dir });
+  t.is(plain.fd, -1, 'no fd unless asked for');
+  await plain.remove();
+});
+
 loopTest("the client's default devDir /dev against a server in this mount namespace: EEXIST with a hint", async (t) => {
   const img = image(t);
   const srv = await server(t, img.dir);

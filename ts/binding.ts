@@ -125,11 +125,19 @@ export interface Native {
     h: Handle,
     fd: number,
     dirFd: number,
-    o: { offset?: Size; sizeLimit?: Size; lock?: boolean; partscan?: boolean; readOnly?: boolean; sectorSize?: Size },
+    o: {
+      offset?: Size;
+      sizeLimit?: Size;
+      lock?: boolean;
+      partscan?: boolean;
+      readOnly?: boolean;
+      sectorSize?: Size;
+      open?: boolean;
+    },
     timeoutMs?: number,
   ): Promise<
-    | { devname: string; exception?: undefined }
-    | { devname?: undefined; exception: { type: string; value: string; traceback: string; errno?: number } }
+    | { devname: string; fd?: number; exception?: undefined }
+    | { devname?: undefined; fd?: number; exception: { type: string; value: string; traceback: string; errno?: number } }
   >;
   remoteClientCancel(h: Handle): void;
   remoteClientClose(h: Handle): void;

@@ -31,6 +31,12 @@ export interface RemoteDeviceOptions {
   /** Directory the server creates the `loopN` node in (default `/dev`). */
   devDir?: string;
   /**
+   * Also get an open fd of the device (`RemoteDevice.fd`, O_RDWR unless the binding is read-only), from our
+   * server (osbuild's ignores this). A non-root client needs it: the node is root's, 0600. While the fd is
+   * open the device stays bound to the file, even after the connection closes.
+   */
+  open?: boolean;
+  /**
    * Gives up after this long (default 60000; 0: never), counted from the call, including the wait behind
    * this client's earlier requests: rejects with ETIMEDOUT.
    */
@@ -107,11 +113,18 @@ export class RemoteDevice implements AsyncDisposable {
   /** `<devDir>/loopN`. */
   readonly path: string;
   #removed = false;
+  #fd: number;
 
-  constructor(devDir: string, devname: string) {
+  constructor(devDir: string, devname: string, fd = -1) {
     this.devDir = devDir;
     this.devname = devname;
     this.path = join(devDir, devname);
+    this.#fd = fd;
+  }
+
+  /** The open fd of the device the server sent (option `open`); -1 without one, or once removed. */
+  get fd(): number {
+    return this.#fd;
   }
 
   get removed(): boolean {
@@ -119,17 +132,26 @@ export class RemoteDevice implements AsyncDisposable {
   }
 
   /**
-   * Removes the node (unmounting it first when the server bind-mounted the host's node), like osbuild's
-   * context manager. Idempotent; a node already gone is fine. The device itself is released by the server
-   * when it closes.
+   * Closes the fd (option `open`) and removes the node (unmounting it first when the server bind-mounted the
+   * host's node), like osbuild's context manager. Idempotent; a node already gone is fine. The device itself
+   * is released by the server when the connection closes. A non-root client cannot remove a bind-mounted
+   * node (EPERM/EBUSY): the server does, with the connection.
    */
   removeSync(): void {
+    if (this.#fd >= 0) {
+      const fd = this.#fd;
+      this.#fd = -1;
+      fs.closeSync(fd);
+    }
     if (this.#removed) return;
     const dirFd = fs.openSync(this.devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
     try {
       removeNode(dirFd, this.devname);
     } catch (e) {
-      if ((e as { code?: string }).code !== 'ENOENT') throw e;
+      const code = (e as { code?: string }).code;
+      // A non-root client cannot undo the server's bind mount: the server does, when the connection closes.
+      const leftToServer = (code === 'EPERM' || code === 'EBUSY') && process.getuid?.() !== 0;
+      if (code !== 'ENOENT' && !leftToServer) throw e;
     } finally {
       fs.closeSync(dirFd);
     }
@@ -240,6 +262,7 @@ export class LoopClient implements Disposable {
           partscan: o.partscan,
           readOnly: o.readOnly,
           sectorSize: o.sectorSize,
+          open: o.open,
         },
         left,
       );
@@ -248,7 +271,7 @@ export class LoopClient implements Disposable {
         throw (e as { code?: string }).code === 'ECANCELED' && signal?.aborted ? abortError(signal) : e;
       });
       if (reply.exception) throw new RemoteLoopError(this.socketPath, reply.exception, hintFor(reply.exception, devDir));
-      return new RemoteDevice(devDir, reply.devname);
+      return new RemoteDevice(devDir, reply.devname, reply.fd);
     } finally {
       signal?.removeEventListener('abort', cancel);
       await Promise.all(opened.map((n) => close(n)));

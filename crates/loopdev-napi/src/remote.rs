@@ -10,7 +10,7 @@ use crate::sys::*;
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::os::unix::io::AsFd;
+use std::os::unix::io::{AsFd, IntoRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -221,12 +221,13 @@ pub fn client_connect(env: Env, args: &[Value]) -> JsResult<Value> {
     env.external(Remote::Client(Mutex::new(Some(Arc::new(client)))))
 }
 
-/// `{ offset?, sizeLimit?, lock?, partscan?, readOnly?, sectorSize? }` → the wire request.
+/// `{ offset?, sizeLimit?, lock?, partscan?, readOnly?, sectorSize?, open? }` → the wire request.
 fn request(env: Env, o: Value) -> JsResult<Request> {
     Ok(Request {
         offset: env.opt_u64(o, "offset")?,
         sizelimit: env.opt_u64(o, "sizeLimit")?,
         lock: env.opt_bool(o, "lock")?.unwrap_or(false),
+        want_fd: env.opt_bool(o, "open")?.unwrap_or(false),
         partscan: env.opt_bool(o, "partscan")?.unwrap_or(false),
         read_only: env.opt_bool(o, "readOnly")?.unwrap_or(false),
         sector_size: match env.opt(o, "sectorSize")? {
@@ -238,8 +239,12 @@ fn request(env: Env, o: Value) -> JsResult<Request> {
 }
 
 /// `{ devname }` or `{ exception: { type, value, traceback } }`; the TS layer turns the latter into an error.
-fn reply(env: Env, r: Reply) -> JsResult<Value> {
+/// …plus `fd` when the server sent an open fd of the device (JS owns it from here).
+fn reply(env: Env, (r, fd): (Reply, Option<OwnedFd>)) -> JsResult<Value> {
     let o = env.object()?;
+    if let Some(fd) = fd {
+        env.set(o, "fd", env.int(i64::from(fd.into_raw_fd()))?)?;
+    }
     match r {
         Reply::Device(name) => env.set(o, "devname", env.string(&name)?)?,
         Reply::Exception(e) => {

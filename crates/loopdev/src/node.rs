@@ -52,10 +52,11 @@ fn fd_path(fd: BorrowedFd) -> PathBuf {
 ///
 /// For a `peer` (the uid the directory belongs to, when that is not us) the placeholder is the peer's: if it
 /// moves it elsewhere, what stays there is an empty file of its own, not a root-owned one at a name it chose.
-/// What is mounted on it is a node the peer owns (`PeerNode`), so the peer can open its device, where the
-/// host's `/dev/loopN` is root's and 0600. And no mknod fallback: a node in the peer's directory could be
-/// hard-linked (a mount point cannot: EXDEV) and the link would outlive the device, reaching whatever file
-/// is bound to that minor next.
+/// What is mounted on it is the host's node (root's, 0600): the peer cannot open it (the server hands it an
+/// fd instead, when asked), so nothing it keeps (an O_PATH fd, a copy of the mount in its own namespace, a
+/// node left by a server that crashed) reaches whatever file is bound to that minor next. A node owned by
+/// the peer would. And no mknod fallback: a node in the peer's directory could be hard-linked (a mount
+/// point cannot: EXDEV), and the link would outlive the device in the same way.
 pub(crate) fn make(
     dir: BorrowedFd,
     name: &str,
@@ -74,10 +75,7 @@ pub(crate) fn make(
     let given = peer.map_or(Ok(()), |uid| {
         fchown(placeholder.as_raw_fd(), Some(Uid::from_raw(uid)), None).map_err(|e| Error::os(e, "fchown"))
     });
-    let bound = given.and_then(|()| match peer {
-        None => bind(device, placeholder.as_fd()),
-        Some(uid) => PeerNode::make(name, rdev, uid, perm).and_then(|own| bind(own.fd.as_fd(), placeholder.as_fd())),
-    });
+    let bound = given.and_then(|()| bind(device, placeholder.as_fd()));
     let failure = match bound {
         Ok(mount) => {
             return Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some((st.st_dev, st.st_ino)) })
@@ -93,49 +91,6 @@ pub(crate) fn make(
     }
     mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path))?;
     Ok(Node { name: name.to_string(), rdev, mount: None, placeholder: None })
-}
-
-/// A node of the device owned by a peer, made under a private name in the host's `/dev` (root's devtmpfs:
-/// no peer can touch the name, and device nodes work there) only to be bind-mounted; the name goes when this
-/// drops, the mount keeps the inode.
-struct PeerNode {
-    fd: OwnedFd,
-    _name: PrivateName,
-}
-
-struct PrivateName {
-    dir: OwnedFd,
-    name: String,
-}
-
-impl Drop for PrivateName {
-    fn drop(&mut self) {
-        let _ = unlinkat(Some(self.dir.as_raw_fd()), self.name.as_str(), UnlinkatFlags::NoRemoveDir);
-    }
-}
-
-impl PeerNode {
-    fn make(devname: &str, rdev: u64, uid: u32, perm: Mode) -> Result<PeerNode> {
-        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = open_in(None, "/dev", OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        let name = format!(".loopdev-peer-{}-{serial}-{devname}", std::process::id());
-        let path = PathBuf::from("/dev").join(&name);
-        mknodat(dir.as_raw_fd(), name.as_str(), SFlag::S_IFBLK, Mode::empty(), rdev)
-            .map_err(|e| Error::os(e, "mknod").with_path(&path))?;
-        let private = PrivateName { dir, name };
-        let (dir, name) = (private.dir.as_raw_fd(), private.name.as_str());
-        // By name: /dev is root's, so the name cannot have been swapped. chmod after mknod: the umask cuts mknod's.
-        let nofollow = nix::unistd::FchownatFlags::NoFollowSymlink;
-        nix::unistd::fchownat(Some(dir), name, Some(Uid::from_raw(uid)), None, nofollow)
-            .map_err(|e| Error::os(e, "fchownat").with_path(&path))?;
-        stat::fchmodat(Some(dir), name, perm, stat::FchmodatFlags::FollowSymlink)
-            .map_err(|e| Error::os(e, "chmod").with_path(&path))?;
-        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let raw = openat(dir, name, flags, Mode::empty()).map_err(|e| Error::os(e, "open").with_path(&path))?;
-        // SAFETY: openat returned a fresh fd that nothing else owns.
-        Ok(PeerNode { fd: unsafe { OwnedFd::from_raw_fd(raw) }, _name: private })
-    }
 }
 
 /// Bind-mounts `source` onto `target`, both by fd. With open_tree + move_mount (Linux ≥ 5.2) the mount is

@@ -6,11 +6,13 @@ use super::seqpacket::PeerCred;
 use super::untrusted;
 use super::wire::{Exception, Reply, Request, WireError};
 use crate::control::LoopControl;
-use crate::device::Loop;
+use crate::device::{open_in, Loop};
 use crate::error::{Error, Result};
 use crate::node::Node;
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
 use std::os::unix::io::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,9 @@ pub(super) struct Counters {
     pub refused: AtomicU64,
     /// Devices (held, or being attached) per peer uid, for the per-uid quota.
     by_uid: Mutex<HashMap<u32, usize>>,
+    /// Devices released but still bound, because a peer keeps the fd it was given open: counted against
+    /// its quota until the binding goes (uid, `loopN`, the binding's diskseq).
+    lingering: Mutex<Vec<(u32, String, u64)>>,
 }
 
 impl Counters {
@@ -38,6 +43,11 @@ impl Counters {
     /// Counts a device for `uid` before the kernel is asked, if the quotas allow one more: several
     /// workers attach at once, so checking and counting are one step.
     fn reserve(self: &Arc<Self>, uid: u32, options: &ServerOptions) -> std::result::Result<Reservation, WireError> {
+        let lingering = {
+            let mut list = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|(_, name, seq)| binding_seq(name) == Some(*seq));
+            list.iter().filter(|(owner, _, _)| *owner == uid).count()
+        };
         let mut map = self.by_uid();
         if self.devices.load(Ordering::SeqCst) >= options.max_devices {
             return Err(WireError::new(
@@ -46,7 +56,7 @@ impl Counters {
             ));
         }
         let mine = map.entry(uid).or_insert(0);
-        if *mine >= options.max_devices_per_uid {
+        if *mine + lingering >= options.max_devices_per_uid {
             return Err(WireError::new(
                 Errno::EDQUOT,
                 format!(
@@ -89,8 +99,8 @@ impl Drop for Reservation {
 /// (no one would ever know its name) or when the connection that asked for it closes.
 #[derive(Debug)]
 pub(super) struct Held {
-    /// Kept open for the client; closing it (after the node is gone) is the release.
-    lo: Loop,
+    /// Kept open for the client; closing it (after the node is gone) is the release. Taken by `drop`.
+    lo: Option<Loop>,
     dir: OwnedFd,
     /// Taken by `drop`.
     node: Option<Node>,
@@ -104,6 +114,28 @@ impl Drop for Held {
         if let Some(node) = self.node.take() {
             let _ = node.remove(self.dir.as_fd());
         }
+        if let Some(lo) = self.lo.take() {
+            let name = lo.devname();
+            let seq = binding_seq(&name);
+            drop(lo);
+            // Still bound after our last fd: the peer holds the fd it was given (or another opener does).
+            if let Some(seq) = seq.filter(|&seq| binding_seq(&name) == Some(seq)) {
+                let counters = &self._quota.counters;
+                counters.lingering.lock().unwrap_or_else(|e| e.into_inner()).push((self._quota.uid, name, seq));
+            }
+        }
+    }
+}
+
+/// The diskseq of `loopN`'s current binding (it changes with every bind); None when unbound.
+fn binding_seq(name: &str) -> Option<u64> {
+    std::fs::metadata(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    std::fs::read_to_string(format!("/sys/block/{name}/diskseq")).ok()?.trim().parse().ok()
+}
+
+impl Held {
+    fn devname(&self) -> String {
+        self.lo.as_ref().map_or_else(String::new, Loop::devname)
     }
 }
 
@@ -111,6 +143,8 @@ impl Drop for Held {
 #[derive(Debug)]
 pub(super) struct Outgoing {
     pub bytes: Vec<u8>,
+    /// Sent with the reply (an open fd of the device, when the request asked for it).
+    pub fds: Vec<OwnedFd>,
     pub device: Option<Held>,
 }
 
@@ -131,9 +165,10 @@ impl Attacher {
         let started = std::time::Instant::now();
         let file = if self.options.log { Some(backing_name(payload, &fds)) } else { None };
         let (out, result) = match self.attach(payload, fds, peer) {
-            Ok(held) => {
-                let name = held.lo.devname();
-                (Outgoing { bytes: Reply::Device(name.clone()).encode(), device: Some(held) }, name)
+            Ok((held, fd)) => {
+                let name = held.devname();
+                let bytes = Reply::Device(name.clone()).encode();
+                (Outgoing { bytes, fds: fd.into_iter().collect(), device: Some(held) }, name)
             }
             Err(f) => {
                 let why = f.to_string();
@@ -141,14 +176,21 @@ impl Attacher {
             }
         };
         if let Some(file) = file {
-            // One line per request, written at once (stderr is unbuffered; a line this short is atomic).
+            // One write per line (eprintln! may write in pieces, which other writers to stderr split).
             let ms = started.elapsed().as_secs_f64() * 1000.0;
-            eprintln!("loopdev serve: pid {} uid {}: {file} -> {result} ({ms:.1} ms)", peer.pid, peer.uid);
+            let line = format!("loopdev serve: pid {} uid {}: {file} -> {result} ({ms:.1} ms)\n", peer.pid, peer.uid);
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
         out
     }
 
-    fn attach(&self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> std::result::Result<Held, Failure> {
+    /// The device held for the peer, and an fd of it for the peer when the request asked for one.
+    fn attach(
+        &self,
+        payload: &[u8],
+        fds: Vec<OwnedFd>,
+        peer: &PeerCred,
+    ) -> std::result::Result<(Held, Option<OwnedFd>), Failure> {
         let req = Request::parse(payload)?;
         let pick = |i: usize, key: &str| {
             fds.get(i).map(|f| f.as_fd()).ok_or_else(|| {
@@ -171,7 +213,14 @@ impl Attacher {
         let dir = fds.swap_remove(req.dir_fd);
         // Every other fd of the message (the backing file: the device holds its own reference) closes here.
         drop(fds);
-        Ok(Held { lo, dir, node: Some(node), _quota: quota })
+        // A fresh open, not a dup: the peer's fd shares no file status flags or locks with ours.
+        let fd = if req.want_fd {
+            let mode = if options.read_only { OFlag::O_RDONLY } else { OFlag::O_RDWR };
+            Some(open_in(None, &format!("/proc/self/fd/{}", lo.as_fd().as_raw_fd()), mode)?)
+        } else {
+            None
+        };
+        Ok((Held { lo: Some(lo), dir, node: Some(node), _quota: quota }, fd))
     }
 }
 
@@ -193,7 +242,7 @@ pub(super) fn failure(counters: &Counters, why: impl Into<Failure>, peer: &PeerC
         peer.pid, peer.uid
     );
     let e = Exception::os_error(why.errno(), &why.to_string(), traceback);
-    Outgoing { bytes: Reply::Exception(e).encode(), device: None }
+    Outgoing { bytes: Reply::Exception(e).encode(), fds: Vec::new(), device: None }
 }
 
 /// Why a request failed: refused before the kernel was asked, or the kernel said no.

@@ -56,10 +56,17 @@ impl Client {
     }
 
     /// Asks for a device bound to `file` with its node in `dir`, and waits for the reply: an exception reply
-    /// is `Ok`, a transport or protocol failure is `Err`. `req.fd`/`req.dir_fd` are set to 0 and 1. Gives up
+    /// is `Ok`, a transport or protocol failure is `Err`. With `req.want_fd`, a server that supports it
+    /// also sends an open fd of the device, returned with the reply. `req.fd`/`req.dir_fd` are set to 0 and 1. Gives up
     /// with ETIMEDOUT after `timeout`, or ECANCELED when `cancel` is called meanwhile; the late reply is
     /// then discarded by a later request (and its node removed from `dir`).
-    pub fn request(&self, file: BorrowedFd, dir: OwnedFd, req: &Request, timeout: Option<Duration>) -> Result<Reply> {
+    pub fn request(
+        &self,
+        file: BorrowedFd,
+        dir: OwnedFd,
+        req: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<(Reply, Option<OwnedFd>)> {
         let mut abandoned = lock(&self.abandoned);
         let deadline = timeout.map(|t| Instant::now() + t);
         let cancel = Arc::new(seqpacket::eventfd()?);
@@ -84,14 +91,14 @@ impl Client {
         req: &Request,
         deadline: Option<Instant>,
         cancel: BorrowedFd,
-    ) -> Result<Reply> {
+    ) -> Result<(Reply, Option<OwnedFd>)> {
         let req = Request { fd: 0, dir_fd: 1, ..req.clone() };
         if let Err(e) = jsoncomm::send_message(self.sock.as_fd(), &req.encode(), &[file, dir.as_fd()]) {
             // A server that turned us away replies and hangs up, possibly before our request arrived:
             // prefer its explanation to the bare EPIPE.
             if e.is(Errno::EPIPE) || e.is(Errno::ECONNRESET) {
-                if let Ok(reply) = self.recv_reply(false) {
-                    return Ok(reply);
+                if let Ok(answer) = self.recv_reply(false) {
+                    return Ok(answer);
                 }
             }
             return Err(e.with_path(&self.path));
@@ -101,10 +108,10 @@ impl Client {
                 abandoned.push_back(dir);
                 return Err(e);
             }
-            let reply = self.recv_reply(true)?;
+            let (reply, fd) = self.recv_reply(true)?;
             match abandoned.pop_front() {
-                None => return Ok(reply),
-                Some(old_dir) => discard(reply, old_dir.as_fd()),
+                None => return Ok((reply, fd)),
+                Some(old_dir) => discard(reply, old_dir.as_fd()), // and its fd closes
             }
         }
     }
@@ -139,7 +146,7 @@ impl Client {
         }
     }
 
-    fn recv_reply(&self, wait: bool) -> Result<Reply> {
+    fn recv_reply(&self, wait: bool) -> Result<(Reply, Option<OwnedFd>)> {
         let err = |e: Errno, detail: String| Error::os(e, "recvmsg").with_path(&self.path).with_detail(detail);
         let len = loop {
             match seqpacket::peek_len(self.sock.as_fd(), wait) {
@@ -151,11 +158,14 @@ impl Client {
         if len == 0 {
             return Err(closed());
         }
-        let limits = Limits { max_packet: len.min(MAX_REPLY), max_payload: MAX_REPLY, max_fds: 0 };
+        let limits = Limits { max_packet: len.min(MAX_REPLY), max_payload: MAX_REPLY, max_fds: 1 };
         match jsoncomm::recv_message(self.sock.as_fd(), &limits).map_err(|e| e.with_path(&self.path))? {
             Incoming::Closed => Err(closed()),
             Incoming::Invalid(w, _) => Err(err(w.errno, w.message)),
-            Incoming::Message(m) => Reply::parse(&m.payload).map_err(|w| err(w.errno, w.message)),
+            Incoming::Message(m) => {
+                let reply = Reply::parse(&m.payload).map_err(|w| err(w.errno, w.message))?;
+                Ok((reply, m.fds.into_iter().next()))
+            }
         }
     }
 
@@ -202,7 +212,7 @@ mod tests {
         let dir = File::open("/").unwrap();
         let req = Request { offset: Some(4096), read_only: true, ..Request::default() };
         let sent = dir.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(client.request(file.as_fd(), sent, &req, None).unwrap(), Reply::Device("loop7".into()));
+        assert_eq!(client.request(file.as_fd(), sent, &req, None).unwrap().0, Reply::Device("loop7".into()));
         let (m, _sock) = server.join().unwrap();
         assert_eq!(m.payload, req.encode());
         assert_eq!(m.fds.len(), 2);
@@ -219,7 +229,7 @@ mod tests {
         let server = serve_once(b, Reply::Exception(e.clone()).encode());
         let f = File::open("/dev/null").unwrap();
         let own = || f.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(client.request(f.as_fd(), own(), &Request::default(), None).unwrap(), Reply::Exception(e));
+        assert_eq!(client.request(f.as_fd(), own(), &Request::default(), None).unwrap().0, Reply::Exception(e));
         drop(server.join().unwrap());
         let err = client.request(f.as_fd(), own(), &Request::default(), None).unwrap_err();
         assert!(err.is(Errno::EPIPE) || err.is(Errno::ECONNRESET), "{err}");
@@ -236,7 +246,7 @@ mod tests {
         });
         let f = File::open("/dev/null").unwrap();
         let own = f.as_fd().try_clone_to_owned().unwrap();
-        assert_eq!(client.request(f.as_fd(), own, &Request::default(), None).unwrap(), Reply::Device("loop9".into()));
+        assert_eq!(client.request(f.as_fd(), own, &Request::default(), None).unwrap().0, Reply::Device("loop9".into()));
         drop(server.join().unwrap());
     }
 
@@ -269,7 +279,10 @@ mod tests {
             }
             b
         });
-        assert_eq!(client.request(f.as_fd(), own(), &Request::default(), None).unwrap(), Reply::Device("loop3".into()));
+        assert_eq!(
+            client.request(f.as_fd(), own(), &Request::default(), None).unwrap().0,
+            Reply::Device("loop3".into())
+        );
         drop(server.join().unwrap());
     }
 }

@@ -308,6 +308,8 @@ struct Conn {
     /// Close once the outbox is sent.
     last_reply: bool,
     dead: bool,
+    /// Counted in `counters.connections` (allowed peers, until `uncount`).
+    counted: bool,
     counters: Arc<Counters>,
 }
 
@@ -324,6 +326,7 @@ impl Conn {
             last_active: Instant::now(),
             last_reply: false,
             dead: false,
+            counted: refused_until.is_none(),
             counters: Arc::clone(counters),
         }
     }
@@ -333,6 +336,13 @@ impl Conn {
         let idle =
             self.refused_until.is_none() && self.outbox.is_empty() && self.waiting.is_none() && self.devices.is_empty();
         timeout.filter(|_| idle).map(|t| self.last_active + t)
+    }
+
+    /// No longer counted as open (before it goes to the closer, which may take a while to drop it).
+    fn uncount(&mut self) {
+        if std::mem::replace(&mut self.counted, false) {
+            self.counters.connections.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Every device this connection holds, replied or not: to be released on a worker.
@@ -348,9 +358,7 @@ impl Drop for Conn {
         // Normally empty by now (`take_devices`); if not, Held's own Drop releases them here.
         self.outbox.clear();
         self.devices.clear();
-        if self.refused_until.is_none() {
-            self.counters.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.uncount();
     }
 }
 
@@ -530,7 +538,8 @@ impl Serve {
         }
         let (dead, alive) = std::mem::take(&mut self.conns).into_iter().partition(|c| c.dead);
         self.conns = alive;
-        for conn in dead {
+        for mut conn in dead {
+            conn.uncount();
             self.closer.close(conn.peer.uid, conn);
         }
     }
@@ -686,6 +695,7 @@ fn release_all(
         let held = conn.take_devices();
         pending += usize::from(!held.is_empty());
         workers.release(held);
+        conn.uncount();
         closer.close(conn.peer.uid, conn);
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
@@ -736,7 +746,8 @@ fn refusal(counters: &Counters, peer: &PeerCred, why: WireError) -> Outgoing {
 /// Sends queued replies until the socket is full. A device whose reply went out stays with the connection.
 fn flush(conn: &mut Conn) {
     while let Some(out) = conn.outbox.front() {
-        match seqpacket::send(conn.sock.as_fd(), &out.bytes, &[]) {
+        let fds: Vec<BorrowedFd> = out.fds.iter().map(|f| f.as_fd()).collect();
+        match seqpacket::send(conn.sock.as_fd(), &out.bytes, &fds) {
             Ok(_) => {
                 if let Some(held) = conn.outbox.pop_front().and_then(|o| o.device) {
                     conn.devices.push(held);
@@ -769,7 +780,7 @@ mod tests {
         dir
     }
 
-    fn exception(r: Reply) -> Exception {
+    fn exception((r, _fd): (Reply, Option<OwnedFd>)) -> Exception {
         match r {
             Reply::Exception(e) => e,
             other => panic!("expected an exception, got {other:?}"),
@@ -810,7 +821,7 @@ mod tests {
             jsoncomm::send_message(raw.as_fd(), payload, fds).unwrap();
             let mut buf = vec![0u8; 4096];
             let p = seqpacket::recv(raw.as_fd(), &mut buf, 1).unwrap();
-            exception(Reply::parse(&buf[..p.len]).unwrap())
+            exception((Reply::parse(&buf[..p.len]).unwrap(), None))
         };
         let wrong_index = Request { dir_fd: 2, ..Request::default() }.encode();
         assert!(ask(&wrong_index, &[f.as_fd(), d.as_fd()]).value.contains("index 2"));
@@ -821,7 +832,7 @@ mod tests {
         jsoncomm::send_via_fd(raw.as_fd(), br#"{"fd": 1, "dir_fd": 0}"#, &[f.as_fd(), d.as_fd()]).unwrap();
         let mut buf = vec![0u8; 4096];
         let p = seqpacket::recv(raw.as_fd(), &mut buf, 1).unwrap();
-        let e = exception(Reply::parse(&buf[..p.len]).unwrap());
+        let e = exception((Reply::parse(&buf[..p.len]).unwrap(), None));
         assert!(e.value.contains("backing file"), "the memfd is not counted in the indices: {}", e.value);
 
         let stats = server.stats();
@@ -864,7 +875,7 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let p = seqpacket::recv(raw.as_fd(), &mut buf, 1).unwrap();
         assert!(started.elapsed() >= REFUSAL_GRACE - Duration::from_millis(100));
-        assert_eq!(exception(Reply::parse(&buf[..p.len]).unwrap()).errno(), Some(libc::EPERM));
+        assert_eq!(exception((Reply::parse(&buf[..p.len]).unwrap(), None)).errno(), Some(libc::EPERM));
         assert_eq!(seqpacket::recv(raw.as_fd(), &mut buf, 1).map(|p| p.len).unwrap_or(0), 0, "then EOF");
         assert_eq!(server.stats().refused, 1);
         drop(server);

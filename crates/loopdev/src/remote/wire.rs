@@ -51,6 +51,9 @@ pub struct Request {
     pub partscan: bool,
     pub read_only: bool,
     pub sector_size: u32,
+    /// Our extension (osbuild's server ignores it): the reply also carries an open fd of the device, with
+    /// the access the binding allows. A non-root client cannot open the node (root's, 0600).
+    pub want_fd: bool,
 }
 
 impl Default for Request {
@@ -65,6 +68,7 @@ impl Default for Request {
             partscan: false,
             read_only: false,
             sector_size: DEFAULT_SECTOR_SIZE,
+            want_fd: false,
         }
     }
 }
@@ -81,12 +85,17 @@ impl Request {
             out.push_str(&format!(r#", "sizelimit": {limit}"#));
         }
         out.push_str(&format!(
-            r#", "lock": {}, "partscan": {}, "read_only": {}, "sector_size": {}}}"#,
+            r#", "lock": {}, "partscan": {}, "read_only": {}, "sector_size": {}"#,
             py_bool(self.lock),
             py_bool(self.partscan),
             py_bool(self.read_only),
             self.sector_size
         ));
+        // Only when asked for: without it the bytes are osbuild's own.
+        if self.want_fd {
+            out.push_str(r#", "want_fd": true"#);
+        }
+        out.push('}');
         out.into_bytes()
     }
 
@@ -120,6 +129,7 @@ impl Request {
                     u32::try_from(n).map_err(|_| WireError::invalid(format!("'sector_size' {n} is out of range")))?
                 }
             },
+            want_fd: opt_bool(&map, "want_fd")?,
         })
     }
 
