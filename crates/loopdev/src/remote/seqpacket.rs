@@ -137,13 +137,18 @@ pub fn shutdown(fd: BorrowedFd) -> Result<()> {
 }
 
 /// sendmsg(2) of one packet, `fds` in one `SCM_RIGHTS` message (none when empty). `MSG_NOSIGNAL`: a peer
-/// that went away is EPIPE, never SIGPIPE. On a non-blocking socket a full peer is EAGAIN.
+/// that went away is EPIPE, never SIGPIPE. On a non-blocking socket a full peer is EAGAIN. A signal that
+/// interrupts a blocking send (nothing was sent) is retried.
 pub fn send(fd: BorrowedFd, bytes: &[u8], fds: &[BorrowedFd]) -> Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
-    socket::sendmsg::<()>(fd.as_raw_fd(), &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)
-        .map_err(|e| Error::os(e, "sendmsg"))
+    loop {
+        match socket::sendmsg::<()>(fd.as_raw_fd(), &[IoSlice::new(bytes)], cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map_err(|e| Error::os(e, "sendmsg")),
+        }
+    }
 }
 
 /// One received packet. `fds` holds every descriptor that arrived, already owned (close-on-exec).
@@ -164,9 +169,14 @@ pub struct Packet {
 pub fn recv(fd: BorrowedFd, buf: &mut [u8], max_fds: usize) -> Result<Packet> {
     let mut cmsg = Vec::with_capacity(cmsg_space(max_fds));
     let mut iov = [IoSliceMut::new(buf)];
-    let control = if max_fds == 0 { None } else { Some(&mut cmsg) };
-    let msg = socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, control, MsgFlags::MSG_CMSG_CLOEXEC)
-        .map_err(|e| Error::os(e, "recvmsg"))?;
+    let mut control = if max_fds == 0 { None } else { Some(&mut cmsg) };
+    // A signal before anything arrived takes nothing from the socket: try again.
+    let msg = loop {
+        match socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, control.as_deref_mut(), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(Errno::EINTR) => continue,
+            other => break other.map_err(|e| Error::os(e, "recvmsg"))?,
+        }
+    };
     let mut fds = Vec::new();
     for c in msg.cmsgs() {
         if let ControlMessageOwned::ScmRights(raw) = c {
@@ -255,6 +265,35 @@ pub fn wmem_max() -> usize {
 mod tests {
     use super::*;
     use std::os::unix::io::AsFd;
+
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    #[test]
+    fn a_blocking_recv_survives_a_signal_without_sa_restart() {
+        // A handler without SA_RESTART makes the kernel fail a blocked recvmsg with EINTR.
+        // SAFETY: installs a handler that does nothing; SIGURG is otherwise unused by the test process.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore as *const () as usize;
+            assert_eq!(libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut()), 0);
+        }
+        let (a, b) = socketpair().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let receiver = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tid_tx.send(unsafe { libc::pthread_self() }).unwrap();
+            let mut buf = [0u8; 16];
+            recv(b.as_fd(), &mut buf, 0).map(|p| buf[..p.len].to_vec())
+        });
+        let tid = tid_rx.recv().unwrap();
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            // SAFETY: the thread is alive until joined below (it is blocked in recvmsg).
+            unsafe { libc::pthread_kill(tid, libc::SIGURG) };
+        }
+        send(a.as_fd(), b"late", &[]).unwrap();
+        assert_eq!(receiver.join().unwrap().unwrap(), b"late".to_vec());
+    }
 
     #[test]
     fn fds_cross_a_socketpair_and_extras_are_refused_by_size() {
