@@ -198,7 +198,7 @@ loopTest.serial('loopdev serve under socket activation (systemd-socket-activate)
   };
   for (const quiet of [false, true]) {
     const server = serve(quiet);
-    while (!fs.existsSync(socketPath)) await new Promise((r) => setTimeout(r, 10));
+    while (!server.stderr().includes('Listening on')) await new Promise((r) => setTimeout(r, 10));
     {
       // The first connection starts the server, which finds the socket as fd 3 (LISTEN_FDS=1).
       using client = new LoopClient(socketPath);

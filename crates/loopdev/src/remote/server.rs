@@ -158,6 +158,7 @@ impl Server {
             workers,
             in_flight: HashMap::new(),
             busy_by_uid: HashMap::new(),
+            queued: HashMap::new(),
             next_id: 1,
             options,
             counters: Arc::clone(&counters),
@@ -381,8 +382,10 @@ struct Serve {
     workers: Workers,
     /// Requests sent to a worker and not done yet, answered or not (timed out, peer gone).
     in_flight: HashMap<u64, InFlight>,
-    /// `in_flight` per uid, for `max_requests_per_uid`.
+    /// Requests at a worker per uid (stuck ones included), for `max_requests_per_uid`.
     busy_by_uid: HashMap<u32, usize>,
+    /// Requests waiting for one of their uid's places, oldest first (also in `in_flight`, with a deadline).
+    queued: HashMap<u32, VecDeque<workers::Request>>,
     /// Ids of connections and requests.
     next_id: u64,
     options: Arc<ServerOptions>,
@@ -398,6 +401,9 @@ impl Serve {
         let result = self.serve();
         drop(self.listener);
         drop(self.socket_file);
+        for (uid, queue) in self.queued.drain() {
+            self.closer.close(uid, queue);
+        }
         let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, &mut self.closer);
         self.counters.running.store(false, Ordering::SeqCst);
         result.and(released)
@@ -488,6 +494,7 @@ impl Serve {
                 self.busy_by_uid.remove(&r.uid);
             }
         }
+        self.start_queued(r.uid);
         let conn = self.conns.iter_mut().find(|c| c.id == r.conn && c.waiting == Some(id) && !c.dead);
         match (conn, out) {
             (Some(conn), Some(out)) => {
@@ -506,14 +513,73 @@ impl Serve {
         }
     }
 
-    /// Answers ETIMEDOUT for every request past its deadline; its worker's result will be released.
-    fn time_out(&mut self, now: Instant) {
-        for (&id, r) in self.in_flight.iter() {
-            if r.deadline.map_or(true, |t| t > now) || r.cancelled.load(Ordering::SeqCst) {
-                continue;
+    /// Sends `uid`'s oldest queued requests to workers while it has places.
+    fn start_queued(&mut self, uid: u32) {
+        while self.busy_by_uid.get(&uid).copied().unwrap_or(0) < self.options.max_requests_per_uid {
+            let request = match self.queued.get_mut(&uid).and_then(VecDeque::pop_front) {
+                Some(r) => r,
+                None => break,
+            };
+            self.start(request);
+        }
+        if self.queued.get(&uid).map_or(false, VecDeque::is_empty) {
+            self.queued.remove(&uid);
+        }
+    }
+
+    /// Hands a request to a worker; if none can start, it is answered at once.
+    fn start(&mut self, request: workers::Request) {
+        let (id, peer) = (request.id, request.peer);
+        match self.workers.attach(request) {
+            Ok(()) => *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1,
+            Err(failed) => {
+                let (e, request) = *failed;
+                self.closer.close(peer.uid, request);
+                let r = self.in_flight.remove(&id);
+                if let Some(conn) = self.conns.iter_mut().find(|c| Some(c.id) == r.as_ref().map(|r| r.conn)) {
+                    conn.waiting = None;
+                    conn.outbox.push_back(attach::failure(&self.counters, e, &peer));
+                    flush(conn);
+                }
             }
+        }
+    }
+
+    /// Takes a request off its uid's queue (it was never started): its fds go to the closer.
+    fn unqueue(&mut self, uid: u32, id: u64) -> bool {
+        let queue = match self.queued.get_mut(&uid) {
+            Some(q) => q,
+            None => return false,
+        };
+        match queue.iter().position(|r| r.id == id) {
+            Some(at) => {
+                let request = queue.remove(at).expect("found above");
+                self.in_flight.remove(&id);
+                self.closer.close(uid, request);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Answers ETIMEDOUT for every request past its deadline; a queued one is dropped, a started one's
+    /// result will be released.
+    fn time_out(&mut self, now: Instant) {
+        let expired: Vec<(u64, u32)> = self
+            .in_flight
+            .iter()
+            .filter(|(_, r)| r.deadline.map_or(false, |t| t <= now) && !r.cancelled.load(Ordering::SeqCst))
+            .map(|(&id, r)| (id, r.uid))
+            .collect();
+        for (id, uid) in expired {
+            let r = match self.in_flight.get(&id) {
+                Some(r) => r,
+                None => continue,
+            };
             r.cancelled.store(true, Ordering::SeqCst);
-            if let Some(conn) = self.conns.iter_mut().find(|c| c.id == r.conn && c.waiting == Some(id)) {
+            let conn_id = r.conn;
+            self.unqueue(uid, id);
+            if let Some(conn) = self.conns.iter_mut().find(|c| c.id == conn_id && c.waiting == Some(id)) {
                 conn.waiting = None;
                 let why = WireError::new(
                     Errno::ETIMEDOUT,
@@ -527,14 +593,19 @@ impl Serve {
 
     /// Closes dead connections; their devices are released on a worker.
     fn reap(&mut self) {
+        let mut gave_up = Vec::new();
         for conn in self.conns.iter_mut().filter(|c| c.dead) {
             if let Some(id) = conn.waiting.take() {
                 if let Some(r) = self.in_flight.get(&id) {
                     r.cancelled.store(true, Ordering::SeqCst);
+                    gave_up.push((conn.peer.uid, id));
                 }
             }
             let held = conn.take_devices();
             self.workers.release(held);
+        }
+        for (uid, id) in gave_up {
+            self.unqueue(uid, id);
         }
         let (dead, alive) = std::mem::take(&mut self.conns).into_iter().partition(|c| c.dead);
         self.conns = alive;
@@ -586,10 +657,8 @@ impl Serve {
             }
             Incoming::Message(msg) => {
                 self.counters.requests.fetch_add(1, Ordering::SeqCst);
-                match self.dispatch(i, msg) {
-                    None => return,
-                    Some(refused) => refused,
-                }
+                self.dispatch(i, msg);
+                return;
             }
         };
         let conn = &mut self.conns[i];
@@ -597,34 +666,21 @@ impl Serve {
         flush(conn);
     }
 
-    /// Hands a request to a worker, unless its uid already has as many being served as it may: then the
-    /// refusal to send instead.
-    fn dispatch(&mut self, i: usize, msg: jsoncomm::Message) -> Option<Outgoing> {
+    /// Hands a request to a worker, or queues it while its uid has as many being served as it may (one
+    /// request per connection at most, so the queue is bounded by the uid's connections). It is answered
+    /// when done, or with ETIMEDOUT at its deadline.
+    fn dispatch(&mut self, i: usize, msg: jsoncomm::Message) {
         let peer = self.conns[i].peer;
-        let busy = self.busy_by_uid.get(&peer.uid).copied().unwrap_or(0);
-        if busy >= self.options.max_requests_per_uid {
-            let why = WireError::new(
-                Errno::EAGAIN,
-                format!("uid {} has {busy} requests being served, the most one uid may have", peer.uid),
-            );
-            self.closer.close(peer.uid, msg.fds);
-            return Some(refusal(&self.counters, &peer, why));
-        }
         let id = self.next_id;
         self.next_id += 1;
         let cancelled = Arc::new(AtomicBool::new(false));
         let request =
             workers::Request { id, peer, payload: msg.payload, fds: msg.fds, cancelled: Arc::clone(&cancelled) };
-        if let Err(failed) = self.workers.attach(request) {
-            let (e, request) = *failed;
-            self.closer.close(peer.uid, request);
-            return Some(attach::failure(&self.counters, e, &peer));
-        }
         let deadline = self.options.request_timeout.map(|t| Instant::now() + t);
         self.in_flight.insert(id, InFlight { conn: self.conns[i].id, uid: peer.uid, deadline, cancelled });
-        *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1;
         self.conns[i].waiting = Some(id);
-        None
+        self.queued.entry(peer.uid).or_default().push_back(request);
+        self.start_queued(peer.uid);
     }
 
     fn accept_all(&mut self) {
