@@ -32,8 +32,9 @@ export interface RemoteDeviceOptions {
   devDir?: string;
   /**
    * Also get an open fd of the device (`RemoteDevice.fd`, O_RDWR unless the binding is read-only), from our
-   * server (osbuild's ignores this). A non-root client needs it: the node is root's, 0600. While the fd is
-   * open the device stays bound to the file, even after the connection closes.
+   * server (osbuild's ignores this), for root clients only: any fd of a loop device lets its holder rebind
+   * it (LOOP_CHANGE_FD), so a non-root client gets EPERM. While the fd is open the device stays bound to the
+   * file, even after the connection closes.
    */
   open?: boolean;
   /**

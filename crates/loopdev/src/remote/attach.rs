@@ -198,6 +198,16 @@ impl Attacher {
             })
         };
         let (backing, dir) = (pick(req.fd, "fd")?, pick(req.dir_fd, "dir_fd")?);
+        if req.want_fd && peer.uid != 0 {
+            // The kernel checks nothing but the fd for LOOP_CHANGE_FD, LOOP_CLR_FD and (writable) for
+            // LOOP_SET_STATUS64: with it a peer could rebind its device to a file it may only write, or keep
+            // it bound forever.
+            return Err(WireError::new(
+                Errno::EPERM,
+                "an open fd of a loop device lets its holder rebind it (LOOP_CHANGE_FD): it is given to root only",
+            )
+            .into());
+        }
         let access = untrusted::backing(backing)?;
         untrusted::node_dir(dir, peer.uid)?;
         let quota = self.counters.reserve(peer.uid, &self.options)?;

@@ -52,7 +52,7 @@ pub struct Request {
     pub read_only: bool,
     pub sector_size: u32,
     /// Our extension (osbuild's server ignores it): the reply also carries an open fd of the device, with
-    /// the access the binding allows. A non-root client cannot open the node (root's, 0600).
+    /// the access the binding allows. Root peers only: any fd of a loop device lets its holder rebind it.
     pub want_fd: bool,
 }
 
