@@ -248,12 +248,14 @@ export class LoopDevice extends Loop {
       }
       if (lazy) return;
       while (!this.released) {
-        if (Date.now() >= nextLook) {
+        const lookedAt = Date.now();
+        if (lookedAt >= nextLook && lookedAt < deadline) {
           // Mounts and holders do not go away by themselves; a process may (udev's probe holds it briefly).
-          nextLook = Date.now() + LOOK_EVERY_MS;
+          // Times are taken before the scan of /proc, which can be slow: it must not decide the outcome.
+          nextLook = lookedAt + LOOK_EVERY_MS;
           const held = this.heldBy();
           const lasting = held.filter((h) => !h.startsWith('open in process'));
-          if (lasting.length > 0 || (held.length > 0 && Date.now() - start >= PROCESS_GRACE_MS)) {
+          if (lasting.length > 0 || (held.length > 0 && lookedAt - start >= PROCESS_GRACE_MS)) {
             throw Object.assign(
               sysError('EBUSY', {
                 syscall: 'ioctl',
