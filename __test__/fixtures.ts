@@ -130,17 +130,6 @@ export function losetupList(all?: { devices: string[] }): Map<string, LosetupEnt
   return new Map(entries);
 }
 
-/** Whether this kernel parses partition tables itself (else partitions come from `partx -a`). */
-export function kernelParsesPartitions(): boolean {
-  try {
-    const config = execFileSync('sh', ['-c', 'zcat /proc/config.gz 2>/dev/null || cat /boot/config-$(uname -r)'])
-      .toString();
-    return /^CONFIG_(MSDOS|EFI)_PARTITION=y/m.test(config);
-  } catch {
-    return true;
-  }
-}
-
 /** An MBR table with two Linux partitions (1 MiB at 1 MiB, the rest after it) written by sfdisk. */
 export function partitionImage(file: string): void {
   const input = 'label: dos\nstart=2048, size=2048, type=83\nstart=4096, type=83\n';

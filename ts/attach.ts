@@ -332,7 +332,10 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
       diffs = verify(got, want);
       const dioRefused = dio && got !== null && !got.applied.directIo;
       if (diffs.length === 0 && !(dioRefused && odirect && backing.owned)) {
-        return new LoopDevice(raw, backing, got!.applied);
+        const dev = new LoopDevice(raw, backing, got!.applied);
+        // Kernels without table parsers create no partitions: register them from the table we read.
+        if (o.partscan) dev.addPartitions();
+        return dev;
       }
       // Give the device back before trying again; it carries our binding, so clearing it is ours to do.
       yield* call(releaseOp(new LoopDevice(raw, { ...backing, owned: false }, got?.applied ?? placeholder(raw))));

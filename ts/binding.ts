@@ -5,6 +5,7 @@
 import { loadNative } from './load.js';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
 import { readLoop } from './sysfs.js';
+import type { NativeTable } from './partitions.js';
 import type { LoopServerQuotas, LoopServerStats } from './remote/server.js';
 
 /** Opaque native object; only the functions below understand it. */
@@ -116,6 +117,10 @@ export interface Native {
   loopSetCapacity(h: Handle): void;
   loopMknod(h: Handle, dirFd: number, mode: number): void;
   removeNode(dirFd: number, name: string): void;
+  loopPartitionTable(h: Handle): NativeTable | null;
+  /** BLKPG_ADD_PARTITION for each partition of the table the kernel lacks; `added` are ours to remove. */
+  loopAddPartitions(h: Handle): { table: NativeTable | null; added: number[]; warnings: string[] };
+  loopRemovePartition(h: Handle, number: number): void;
   remoteServerListen(socketPath: string, allowUids?: readonly number[], quotas?: LoopServerQuotas & { log?: boolean }): Handle;
   remoteServerAdopt(fd: number, allowUids?: readonly number[], quotas?: LoopServerQuotas & { log?: boolean }): Handle;
   remoteServerClose(h: Handle): Promise<void>;

@@ -10,8 +10,9 @@ import * as path from 'node:path';
 import { attach } from './attach.js';
 import { LoopDevice } from './device.js';
 import { find } from './list.js';
+import type { Partition } from './partitions.js';
 import { formatBytes } from './size.js';
-import { loopNames, readAttr, readLoop } from './sysfs.js';
+import { loopNames, readLoop } from './sysfs.js';
 
 export interface DemoOptions {
   /** Where the report lines go (default: console.log). */
@@ -161,20 +162,15 @@ export async function demo(options: DemoOptions = {}): Promise<void> {
     const hold = Number(process.env.LOOPDEV_DEMO_HOLD_MS ?? 0); // lets tests interrupt an attached demo
     if (hold > 0) await new Promise((resolve) => setTimeout(resolve, hold));
 
-    // 3. Partitions: the kernel adds them asynchronously (devtmpfs nodes, no udev needed).
-    let parts: string[] = [];
+    // 3. Partitions: read from the table by the library and registered with the kernel (BLKPG) even where
+    //    the kernel parses no tables; devtmpfs creates the nodes (no udev needed).
+    let parts: Partition[] = [];
     if (sfdisk) {
-      parts = await dev.waitForPartitions(250);
-      const partx = findTool('partx');
-      if (parts.length === 0 && partx) {
-        // Kernels built without partition table parsers find nothing; partx reads the table in user space.
-        run(partx, ['-a', dev.path]);
-        parts = await dev.waitForPartitions(2000);
-        if (parts.length) row('note', 'this kernel parses no partition tables; partitions added with partx -a');
-      }
+      parts = await dev.waitForPartitions(2000);
       const described = parts.map((p) => {
-        const sectors = readAttr(dev!.devname, `${path.basename(p)}/size`);
-        return sectors ? `${p} (${formatBytes(BigInt(sectors) * 512n)})` : p;
+        const what = [p.typeName ?? (p.scheme === 'gpt' ? p.typeGuid : `type 0x${p.typeByte.toString(16)}`)];
+        if (p.scheme === 'gpt' && p.label) what.push(`"${p.label}"`);
+        return `${p.node} (${formatBytes(p.size)} at ${formatBytes(p.start)}, ${what.join(', ')})`;
       });
       row('partitions', described.length ? described.join(', ') : 'none found');
     }
@@ -187,7 +183,7 @@ export async function demo(options: DemoOptions = {}): Promise<void> {
       row('read', `${dev.path} @0: ${mbr}, @512: "${gpt}"${gpt === 'EFI PART' ? ' (GPT header)' : ''}`);
     }
     if (mkfs) {
-      const [source, base] = parts.length ? [parts[0]!, 0] : [dev.path, fsOffset];
+      const [source, base] = parts.length ? [parts[0]!.node, 0] : [dev.path, fsOffset];
       const sb = ext4Superblock(readAt(source, base + 1024, 1024));
       row(
         'read',

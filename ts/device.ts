@@ -1,12 +1,12 @@
 /** `LoopDevice`: what `attach()` returns — a bound loop device that owns its cleanup. */
 import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { native, type NativeLoop } from './binding.js';
 import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
 import { LoopInfo } from './info.js';
 import { loopName } from './list.js';
 import { DETACH_TIMEOUT_MS, Loop } from './loop.js';
-import { bindingGone, holdersOf, loopNumber, partitionNames, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
+import { findPartition, fromNative, type Partition, type PartitionQuery, type PartitionTable } from './partitions.js';
+import { bindingGone, holdersOf, loopNumber, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 const POLL_MS = 5;
@@ -81,6 +81,8 @@ export class LoopDevice extends Loop {
   readonly sectorSize: number;
 
   #backingFd: number;
+  /** Partitions this object registered (BLKPG): removed again by detach. */
+  #addedPartitions: number[] = [];
   readonly #sysfsBacking: string;
   readonly #diskseq: bigint | null;
 
@@ -172,33 +174,84 @@ export class LoopDevice extends Loop {
     return bindingGone(this.devname, this.#diskseq, this.#sysfsBacking);
   }
 
-  /** Partition nodes from sysfs (`/dev/loop3p1`, …), for partscan devices; may be ahead of devtmpfs. */
-  partitions(): string[] {
-    const dir = path.dirname(this.path);
-    return partitionNames(this.devname).map((p) => path.join(dir, p));
+  /**
+   * The partition table read from the device (GPT or MBR) at its logical sector size; null when it has none.
+   * A table that cannot be trusted (CRC mismatch, misplaced structures, truncated image) throws a LoopError
+   * with `code: 'ERR_LOOP_PARTITION_TABLE'`; a bad entry is left out and named in `warnings`.
+   */
+  partitionTable(): PartitionTable | null {
+    const t = native.loopPartitionTable(this.nativeHandle);
+    return t === null ? null : fromNative(t, this.path);
   }
 
   /**
-   * The partition nodes, once they exist. The kernel scans the table inside the configure (or the
-   * status change) that set partscan, so sysfs already lists every partition that will appear: with none
-   * listed, or without partscan, this returns `[]` at once. Otherwise it waits (up to `timeoutMs`) only for
-   * devtmpfs to create the nodes and for the list to be stable (a rescan by udev removes and re-adds them),
-   * and returns the nodes that exist by then.
+   * The partitions of the table, in table order, with their nodes (`/dev/loop3p1`, which exist only on a
+   * partscan device, once the kernel has them: see `waitForPartitions`). `[]` without a table.
    */
-  async waitForPartitions(timeoutMs = 2000): Promise<string[]> {
+  partitions(): Partition[] {
+    return this.partitionTable()?.partitions ?? [];
+  }
+
+  /** The first partition matching `query` (`{ type: 'esp' }`, `{ label: 'root' }`, `{ number: 2 }`), or null. */
+  partition(query: PartitionQuery): Partition | null {
+    return findPartition(this.partitions(), query);
+  }
+
+  /**
+   * Registers (BLKPG_ADD_PARTITION, as `partx -a` does) every partition of the table that the kernel has not
+   * created: kernels built without partition-table parsers create none. `attach({ partscan: true })` does
+   * this; call it on a device taken over with `LoopDevice.open()`. What it adds, detach removes. Never throws
+   * for the table: what could not be done is a process warning (`code: 'LOOPDEV_PARTITIONS'`). Returns the
+   * numbers it added.
+   */
+  addPartitions(): number[] {
+    let r: ReturnType<typeof native.loopAddPartitions>;
+    try {
+      r = native.loopAddPartitions(this.nativeHandle);
+    } catch (e) {
+      warnPartitions(`${this.path}: no partitions registered: ${(e as Error).message}`);
+      return [];
+    }
+    for (const w of r.warnings) warnPartitions(`${this.path}: ${w}`);
+    this.#addedPartitions = [...new Set([...this.#addedPartitions, ...r.added])];
+    return r.added;
+  }
+
+  /**
+   * The partitions, once their nodes exist. The table says how many to expect: without partscan, or with no
+   * partition in the table, this returns `[]` at once. Otherwise it waits (up to `timeoutMs`) for devtmpfs to
+   * create the nodes and for sysfs to be stable (a rescan by udev removes and re-adds them), and returns the
+   * partitions whose nodes exist by then. A table that cannot be trusted throws, as `partitions()` does.
+   */
+  async waitForPartitions(timeoutMs = 2000): Promise<Partition[]> {
     const deadline = Date.now() + timeoutMs;
+    if (readAttr(this.devname, 'loop/partscan') !== '1') return [];
+    const parts = this.partitions();
+    if (parts.length === 0) return [];
     let previous = '';
     for (;;) {
-      if (readAttr(this.devname, 'loop/partscan') !== '1') return [];
-      const parts = this.partitions();
-      if (parts.length === 0) return [];
-      const ready = parts.every((p) => fs.existsSync(p));
-      const key = parts.join('\0');
-      if (ready && key === previous) return parts;
-      previous = ready ? key : '';
-      if (Date.now() >= deadline) return parts.filter((p) => fs.existsSync(p));
-      await new Promise((resolve) => setTimeout(resolve, ready ? 2 : 10));
+      const present = parts.filter((p) => fs.existsSync(p.node) && readAttr(this.devname, `${nodeName(p)}/dev`) !== null);
+      const key = present.map((p) => `${p.number}:${readAttr(this.devname, `${nodeName(p)}/dev`)}`).join(' ');
+      if (present.length === parts.length && key === previous) return parts;
+      if (Date.now() >= deadline) return present;
+      previous = present.length === parts.length ? key : '';
+      await new Promise((resolve) => setTimeout(resolve, previous ? 2 : 10));
     }
+  }
+
+  /** BLKPG_DEL_PARTITION for what `addPartitions` added; one that is in use (mounted) stays for a retry. */
+  #removeAddedPartitions(): void {
+    const left: number[] = [];
+    for (const n of this.#addedPartitions) {
+      try {
+        native.loopRemovePartition(this.nativeHandle, n);
+      } catch (e) {
+        // Mounted or open: the detach that follows names what holds it; a later detach tries again.
+        if (errnoCode(e) !== 'EBUSY') throw e;
+        left.push(n);
+      }
+    }
+    this.#addedPartitions = left;
   }
 
   /**
@@ -228,6 +281,7 @@ export class LoopDevice extends Loop {
     let nextLook = start;
     try {
       if (!this.closed) {
+        this.#removeAddedPartitions();
         this.#clearIfOurs(this);
         this.close();
       } else if (!this.released) {
@@ -327,6 +381,14 @@ const PROCESS_GRACE_MS = 250;
 function detachOptions(o: number | DetachOptions): Required<DetachOptions> {
   const { timeoutMs = DETACH_TIMEOUT_MS, lazy = false } = typeof o === 'number' ? { timeoutMs: o } : o;
   return { timeoutMs, lazy };
+}
+
+function nodeName(p: Partition): string {
+  return p.node.slice(p.node.lastIndexOf('/') + 1);
+}
+
+function warnPartitions(message: string): void {
+  process.emitWarning(message, { code: 'LOOPDEV_PARTITIONS' });
 }
 
 function notAttached(path: string) {

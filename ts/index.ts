@@ -5,5 +5,13 @@ export { LoopError, UnexpectedDeviceError, type LoopErrorFields, type Unexpected
 export * from './constants.js';
 export { attach, attachSync, type AttachOptions } from './attach.js';
 export { LoopDevice, detach, detachSync, type DetachOptions } from './device.js';
+export type {
+  Partition,
+  GptPartition,
+  MbrPartition,
+  PartitionQuery,
+  PartitionTable,
+  PartitionTypeName,
+} from './partitions.js';
 export { list, listSync, find, findSync, deviceInfo, deviceInfoSync, type LoopDeviceInfo } from './list.js';
 export { LoopServer, LoopClient, RemoteDevice, RemoteLoopError, serve, type LoopServerOptions, type LoopServerQuotas, type LoopServerStats, type RemoteDeviceOptions, type ServeOptions } from './remote/index.js';

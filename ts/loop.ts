@@ -85,6 +85,11 @@ export class Loop implements Disposable, AsyncDisposable {
     return this.#handle;
   }
 
+  /** For subclasses: the native handle (ERR_LOOP_CLOSED once closed). */
+  protected get nativeHandle(): Handle {
+    return this.#h();
+  }
+
   /** Closes the device fd (idempotent). An autoclear device is detached by the kernel at its last close. */
   close(): void {
     if (this.#handle === null) return;

@@ -73,6 +73,19 @@ impl Env {
     pub fn string(self, s: &str) -> JsResult<Value> {
         Ok(out!(self, napi_create_string_utf8(s.as_ptr().cast(), s.len())))
     }
+    pub fn null(self) -> JsResult<Value> {
+        Ok(out!(self, napi_get_null()))
+    }
+    /// A JS array of `items`, each converted by `f`.
+    pub fn array<T>(self, items: &[T], f: impl Fn(&T) -> JsResult<Value>) -> JsResult<Value> {
+        let arr = out!(self, napi_create_array_with_length(items.len()));
+        for (i, item) in items.iter().enumerate() {
+            let v = f(item)?;
+            // SAFETY: both values belong to this env's current scope.
+            check(unsafe { napi_set_element(self.0, arr, i as u32, v) })?;
+        }
+        Ok(arr)
+    }
     pub fn object(self) -> JsResult<Value> {
         Ok(out!(self, napi_create_object()))
     }

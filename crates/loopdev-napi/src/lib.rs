@@ -10,6 +10,7 @@ mod device;
 mod errors;
 mod handle;
 mod js;
+mod partitions;
 mod remote;
 mod sys;
 mod task;
@@ -46,6 +47,9 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("loopSetCapacity", device::set_capacity),
     ("loopMknod", device::mknod),
     ("removeNode", device::remove_node),
+    ("loopPartitionTable", partitions::table),
+    ("loopAddPartitions", partitions::add),
+    ("loopRemovePartition", partitions::remove),
     ("remoteServerListen", remote::server_listen),
     ("remoteServerAdopt", remote::server_adopt),
     ("remoteServerClose", remote::server_close),

@@ -4,6 +4,7 @@ use crate::error::{Error, Kind, Result};
 use crate::info::LoopInfo;
 use crate::ioctl;
 use crate::node::{self, Node};
+use crate::partition;
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, openat, FcntlArg, OFlag};
@@ -430,6 +431,23 @@ impl Loop {
     }
 
     /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
+    /// The partition table on the device (GPT or MBR), read through this fd at the device's logical sector
+    /// size; `None` when there is none, `Kind::PartitionTable` when it cannot be trusted.
+    pub fn partition_table(&self) -> Result<Option<partition::Table>> {
+        let disk = partition::FdDisk::new(self.fd.as_fd()).map_err(|e| e.with_path(&self.path))?;
+        partition::read(&disk).map_err(|e| e.with_path(&self.path))
+    }
+
+    /// BLKPG_ADD_PARTITION for every partition of the table that the kernel has not created (`partx -a`).
+    pub fn add_partitions(&self) -> Result<partition::register::Registration> {
+        partition::register::add(self.fd.as_fd()).map_err(|e| e.with_path(&self.path))
+    }
+
+    /// BLKPG_DEL_PARTITION of partition `number`; Ok when it is already gone.
+    pub fn remove_partition(&self, number: u32) -> Result<()> {
+        partition::register::remove(self.fd.as_fd(), number).map_err(|e| e.with_path(&self.path))
+    }
+
     pub fn try_clone(&self) -> Result<Loop> {
         let fd = self.fd.try_clone().map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(0)), "dup"))?;
         Ok(Loop { fd, minor: self.minor, rdev: self.rdev, path: self.path.clone() })

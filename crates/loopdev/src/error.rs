@@ -13,6 +13,9 @@ pub enum Kind {
     UnexpectedDevice { expected_minor: u32, rdev: u64, mode: u32 },
     /// clearFdWait gave up: the device is still bound to the same file.
     Timeout,
+    /// A partition table that cannot be trusted (CRC mismatch, misplaced structures, truncated image);
+    /// `detail` says what is wrong with it.
+    PartitionTable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +40,12 @@ impl Error {
         Error { ioctl: Some(ioctl), ..Error::os(errno, "ioctl") }
     }
 
+    /// A partition table we refuse to use. EUCLEAN ("structure needs cleaning") is what file systems
+    /// report for on-disk corruption; the code is our own so callers need not guess from the errno.
+    pub fn partition_table(detail: impl Into<String>) -> Self {
+        Error { kind: Kind::PartitionTable, ..Error::os(Errno::EUCLEAN, "read") }.with_detail(detail)
+    }
+
     pub fn with_path(mut self, path: &Path) -> Self {
         if self.path.is_none() {
             self.path = Some(path.to_path_buf());
@@ -53,6 +62,7 @@ impl Error {
     pub fn code(&self) -> String {
         match self.kind {
             Kind::UnexpectedDevice { .. } => "ERR_LOOP_UNEXPECTED_DEVICE".to_string(),
+            Kind::PartitionTable => "ERR_LOOP_PARTITION_TABLE".to_string(),
             Kind::Os | Kind::Timeout => errno_name(self.errno),
         }
     }

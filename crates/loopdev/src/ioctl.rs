@@ -1,7 +1,7 @@
 //! One safe function per loop(4) ioctl, built on nix's "bad" ioctl macros (the loop ioctls have fixed
 //! numbers rather than `_IOW`-encoded ones). Each returns the bare errno; callers add path and context.
 
-use crate::uapi::{self, LoopConfig, LoopInfo64};
+use crate::uapi::{self, BlkpgIoctlArg, BlkpgPartition, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
 use std::os::raw::{c_int, c_long, c_ulong};
 use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -34,6 +34,9 @@ mod raw {
     ioctl_write_ulong_bad!(loop_ctl_remove, uapi::LOOP_CTL_REMOVE);
     nix::ioctl_none_bad!(loop_ctl_get_free, uapi::LOOP_CTL_GET_FREE);
     nix::ioctl_none_bad!(blkflsbuf, uapi::BLKFLSBUF);
+    nix::ioctl_read_bad!(blksszget, uapi::BLKSSZGET, c_int);
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_write_ptr_bad!(blkpg, uapi::BLKPG, BlkpgIoctlArg);
     // FS_IOC_GETFLAGS is declared `_IOR('f', 1, long)` but the kernel reads and writes an int.
     nix::ioctl_read_bad!(fs_ioc_getflags, nix::request_code_read!(b'f', 1, std::mem::size_of::<libc::c_long>()), c_int);
 }
@@ -128,6 +131,54 @@ pub fn ctl_get_free(control: BorrowedFd) -> Result<u32> {
 pub fn flush_buf(dev: BorrowedFd) -> Result<()> {
     // SAFETY: the fd is valid for the borrow; no argument.
     unsafe { raw::blkflsbuf(dev.as_raw_fd()) }.map(drop)
+}
+
+/// BLKSSZGET: the logical sector size of a block device.
+pub fn blk_sector_size(dev: BorrowedFd) -> Result<u32> {
+    let mut size: c_int = 0;
+    // SAFETY: `size` is a writable int, what the kernel writes for this ioctl.
+    unsafe { raw::blksszget(dev.as_raw_fd(), &mut size) }?;
+    Ok(size as u32)
+}
+
+/// BLKGETSIZE64: the size of a block device in bytes.
+pub fn blk_size(dev: BorrowedFd) -> Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: `size` is a writable u64, what the kernel writes for this ioctl.
+    unsafe { raw::blkgetsize64(dev.as_raw_fd(), &mut size) }?;
+    Ok(size)
+}
+
+fn blkpg(dev: BorrowedFd, op: i32, part: &BlkpgPartition) -> Result<()> {
+    let mut part = *part;
+    let arg = BlkpgIoctlArg { op, flags: 0, datalen: std::mem::size_of::<BlkpgPartition>() as i32, data: &mut part };
+    // SAFETY: `arg` points at a valid blkpg_partition of `datalen` bytes, alive for the call.
+    unsafe { raw::blkpg(dev.as_raw_fd(), &arg) }.map(drop)
+}
+
+/// BLKPG_ADD_PARTITION: partition `number` of the disk at `start` for `length` bytes (what `partx -a`
+/// does). EBUSY when the number is taken or the range overlaps an existing partition.
+pub fn blkpg_add_partition(dev: BorrowedFd, number: u32, start: u64, length: u64) -> Result<()> {
+    let part = BlkpgPartition {
+        start: i64::try_from(start).map_err(|_| Errno::EOVERFLOW)?,
+        length: i64::try_from(length).map_err(|_| Errno::EOVERFLOW)?,
+        pno: i32::try_from(number).map_err(|_| Errno::EINVAL)?,
+        devname: [0; uapi::BLKPG_DEVNAMELTH],
+        volname: [0; uapi::BLKPG_VOLNAMELTH],
+    };
+    blkpg(dev, uapi::BLKPG_ADD_PARTITION, &part)
+}
+
+/// BLKPG_DEL_PARTITION: remove partition `number` (EBUSY while it is open, ENXIO when there is none).
+pub fn blkpg_del_partition(dev: BorrowedFd, number: u32) -> Result<()> {
+    let part = BlkpgPartition {
+        start: 0,
+        length: 0,
+        pno: i32::try_from(number).map_err(|_| Errno::EINVAL)?,
+        devname: [0; uapi::BLKPG_DEVNAMELTH],
+        volname: [0; uapi::BLKPG_VOLNAMELTH],
+    };
+    blkpg(dev, uapi::BLKPG_DEL_PARTITION, &part)
 }
 
 /// FS_IOC_GETFLAGS: the inode's `FS_*_FL` attributes (`chattr`); ENOTTY where the filesystem has none.

@@ -7,6 +7,7 @@ pub mod error;
 pub mod info;
 pub mod ioctl;
 pub mod node;
+pub mod partition;
 pub mod remote;
 pub mod uapi;
 

@@ -28,6 +28,15 @@ pub const LOOP_CTL_GET_FREE: u32 = 0x4C82;
 /// `_IO(0x12, 97)` from `<linux/fs.h>`.
 pub const BLKFLSBUF: u32 = 0x1261;
 
+/// `_IO(0x12, 104)`: logical sector size (an int).
+pub const BLKSSZGET: u32 = 0x1268;
+/// `_IO(0x12, 105)` from `<linux/blkpg.h>`: add or delete one partition of a disk.
+pub const BLKPG: u32 = 0x1269;
+pub const BLKPG_ADD_PARTITION: i32 = 1;
+pub const BLKPG_DEL_PARTITION: i32 = 2;
+pub const BLKPG_DEVNAMELTH: usize = 64;
+pub const BLKPG_VOLNAMELTH: usize = 64;
+
 /// Inode flags of `<linux/fs.h>` (FS_IOC_GETFLAGS): writes through a loop device must not bypass them.
 pub const FS_IMMUTABLE_FL: u32 = 0x10;
 pub const FS_APPEND_FL: u32 = 0x20;
@@ -61,6 +70,28 @@ pub struct LoopConfig {
     pub reserved: [u64; 8],
 }
 
+/// `struct blkpg_ioctl_arg`: `data` points at a `BlkpgPartition` of `datalen` bytes.
+#[repr(C)]
+pub struct BlkpgIoctlArg {
+    pub op: i32,
+    pub flags: i32,
+    pub datalen: i32,
+    pub data: *mut BlkpgPartition,
+}
+
+/// `struct blkpg_partition`: start and length in bytes; the names are unused by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlkpgPartition {
+    pub start: i64,
+    pub length: i64,
+    pub pno: i32,
+    pub devname: [u8; BLKPG_DEVNAMELTH],
+    pub volname: [u8; BLKPG_VOLNAMELTH],
+}
+
+const _: () = assert!(size_of::<BlkpgPartition>() == 152);
+const _: () = assert!(size_of::<BlkpgIoctlArg>() == 8 + 4 + 4 + size_of::<usize>());
 const _: () = assert!(size_of::<LoopInfo64>() == 232);
 const _: () = assert!(size_of::<LoopConfig>() == 304);
 
@@ -100,5 +131,8 @@ mod tests {
         assert_eq!(offset_of!(LoopInfo64, lo_init), 216);
         assert_eq!(offset_of!(LoopConfig, info), 8);
         assert_eq!(offset_of!(LoopConfig, reserved), 240);
+        assert_eq!(offset_of!(BlkpgPartition, pno), 16);
+        assert_eq!(offset_of!(BlkpgPartition, devname), 20);
+        assert_eq!(offset_of!(BlkpgIoctlArg, data), if cfg!(target_pointer_width = "64") { 16 } else { 12 });
     }
 }
