@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
 import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs } from './helpers.js';
-import { CLI, ROOT } from './fixtures.js';
+import { CLI, partitionImage, ROOT } from './fixtures.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
 // osbuild's client and server in Python, passed inline (python3 -c): a child running as another uid then
@@ -509,6 +509,22 @@ fds = [os.open(sys.argv[2], os.O_RDWR), os.open(sys.argv[3], os.O_DIRECTORY)]
 req = b'{"fd": 0, "dir_fd": 1, "lock": false, "partscan": false, "read_only": false, "sector_size": 512}'
 s.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 `;
+
+loopTest('partscan through the server: the partitions appear (registered where the kernel parses no table)', async (t) => {
+  const img = image(t);
+  partitionImage(img.path);
+  const srv = await server(t, img.dir);
+  {
+    using client = new LoopClient(srv.socketPath);
+    const dev = await client.device(img.path, { devDir: img.dir, partscan: true });
+    const minor = minorOf(dev.devname);
+    t.is(sysfs(minor, `${dev.devname}p1/start`), '2048');
+    t.is(sysfs(minor, `${dev.devname}p2/start`), '4096');
+    await dev.remove();
+  }
+  await until('the device of the closed connection to be released', () => srv.stats().devices === 0);
+  t.deepEqual(await boundAfterSettling(img.path), []);
+});
 
 loopTest('open: true gets an fd of the device with the reply; remove() closes it', async (t) => {
   const img = image(t);

@@ -430,7 +430,6 @@ impl Loop {
         node::make(dir, &self.devname(), self.fd.as_fd(), self.rdev, mode, None)
     }
 
-    /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
     /// The partition table on the device (GPT or MBR), read through this fd at the device's logical sector
     /// size; `None` when there is none, `Kind::PartitionTable` when it cannot be trusted.
     pub fn partition_table(&self) -> Result<Option<partition::Table>> {
@@ -448,6 +447,7 @@ impl Loop {
         partition::register::remove(self.fd.as_fd(), number).map_err(|e| e.with_path(&self.path))
     }
 
+    /// A second `Loop` on the same open file description (same flock), for handing out temporarily.
     pub fn try_clone(&self) -> Result<Loop> {
         let fd = self.fd.try_clone().map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(0)), "dup"))?;
         Ok(Loop { fd, minor: self.minor, rdev: self.rdev, path: self.path.clone() })

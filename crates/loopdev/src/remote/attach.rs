@@ -217,6 +217,11 @@ impl Attacher {
         let mut options = req.configure_options();
         options.read_only |= !access.writable;
         let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
+        if req.partscan {
+            // Where the kernel has no parser for the table, register the partitions as it would (BLKPG);
+            // clearing the device drops them. A table we cannot trust just gives none.
+            let _ = lo.add_partitions();
+        }
         let peer_uid = Some(peer.uid).filter(|&uid| uid != 0);
         let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.rdev(), self.options.node_mode, peer_uid)?;
         let mut fds = fds;
