@@ -552,3 +552,86 @@ for (const how of ['refused-message', 'queued-at-hangup', 'refused-uid'] as cons
     t.deepEqual(await boundAfterSettling(img.path), []);
   });
 }
+
+// The peer wedges its own closing lane (a lingering socket whose close is the server's last, as above),
+// then floods: messages of 253 fds each, which the server refuses (E2BIG) and must close, on that lane.
+const FLOOD = String.raw`
+import signal, struct
+sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+def sendfds(s, payload, fds):
+    s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+L.bind(("127.0.0.1", 0)); L.listen(1)
+c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+c.connect(L.getsockname()); a, _ = L.accept()
+c.setblocking(False)
+for _ in range(2):
+    try:
+        while True: c.send(b"x" * 65536)
+    except BlockingIOError: pass
+    time.sleep(0.2)
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1000000))
+s = connect(sock)
+send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+sendfds(s, b"{}", [c.fileno()])
+def late(*_):
+    raise TimeoutError()
+signal.signal(signal.SIGALRM, late)
+signal.setitimer(signal.ITIMER_REAL, 0.5)
+try:
+    c.close()
+    wedged = True
+except TimeoutError:
+    wedged = False  # ours was the last close after all: the server's lane is not wedged
+signal.setitimer(signal.ITIMER_REAL, 0)
+s.close()
+time.sleep(0.5)
+spare = os.open("/dev/null", os.O_RDONLY)
+sent, deadline = 0, time.time() + 3
+conns = []
+while time.time() < deadline and len(conns) < 16:
+    try:
+        f = connect(sock)
+    except OSError:
+        break
+    f.setblocking(False)
+    conns.append(f)
+    try:
+        while time.time() < deadline:
+            sendfds(f, b"{}", [spare] * 253)
+            sent += 253
+    except (BlockingIOError, OSError):
+        pass
+emit({"sent_fds": sent, "wedged": wedged})
+sys.stdin.readline()
+`;
+
+loopTest.serial("a peer whose closes are wedged cannot fill the server's fd table, and root is still served", async (t) => {
+  t.timeout(60_000);
+  const img = image(t);
+  const { devDir, backing } = peerFiles(img.dir);
+  const srv = await openServer(t, img.dir);
+  const fds = () => fs.readdirSync('/proc/self/fd').length;
+  const before = fds();
+  let peer = attacker(t, FLOOD, [srv.socketPath, backing, devDir]);
+  let report = await peer.next();
+  for (let tries = 1; !report.wedged; tries++) {
+    t.true(tries < 10, "the peer wedged the server's closing lane (else this proves nothing)");
+    peer = attacker(t, FLOOD, [srv.socketPath, backing, devDir]);
+    report = await peer.next();
+  }
+  const { sent_fds } = report;
+  t.true(sent_fds > 2000, `the peer sent ${sent_fds} fds`);
+  const held = fds() - before;
+  t.log(`the peer sent ${sent_fds} fds; the server holds ${held} more fds than before`);
+  t.true(held < 1000, `the server's fd table is bounded (${held} more fds)`);
+  {
+    using client = new LoopClient(srv.socketPath);
+    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
+    t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
+    await dev.remove();
+  }
+  await srv.close();
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(backing), []);
+});

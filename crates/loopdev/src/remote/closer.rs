@@ -1,11 +1,15 @@
 //! Closing what peers sent, off the poll thread. The last close of a peer's socket can block for as long as
-//! the peer likes (SO_LINGER with unsent data to a receiver that never reads), and closing a connection
-//! also closes every fd still queued on it. So the poll thread never drops a peer's fd or a connection
-//! itself: it hands them here. Each uid has a lane (a thread) of its own, so a peer can only hold up its
-//! own closes; uids beyond `MAX_LANES` share one.
+//! the peer likes (SO_LINGER with unsent data to a receiver that never reads; a FUSE file's flush), and
+//! closing a connection also closes every fd still queued on it. So the poll thread never drops a peer's fd
+//! or a connection itself: it hands them here. Each uid has a lane (a thread) of its own, so a peer can only
+//! hold up its own closes; uids beyond `MAX_LANES` share one.
+//!
+//! A wedged lane keeps what is queued on it open, in our fd table: the server asks `backlog` and stops
+//! reading from a uid whose lane holds too much, and stops accepting while all lanes together do.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 
 const MAX_LANES: usize = 64;
 /// The shared lane, for uids beyond `MAX_LANES` and for sockets whose peer is unknown.
@@ -13,36 +17,72 @@ pub(super) const ANY_UID: u32 = u32::MAX;
 
 type Droppable = Box<dyn Send>;
 
+struct Lane {
+    tx: mpsc::Sender<(Droppable, usize)>,
+    /// Fds queued on this lane and not closed yet.
+    pending: Arc<AtomicUsize>,
+}
+
 #[derive(Default)]
 pub(super) struct Closer {
-    lanes: HashMap<u32, mpsc::Sender<Droppable>>,
+    lanes: HashMap<u32, Lane>,
+    /// Fds queued on all lanes and not closed yet.
+    total: Arc<AtomicUsize>,
 }
 
 impl Closer {
-    /// Drops `what` on `uid`'s lane. Should no thread start (the system is out of them), it is dropped
-    /// here: there is no better place left.
-    pub fn close(&mut self, uid: u32, what: impl Send + 'static) {
+    /// Drops `what` (holding `fds` descriptors) on `uid`'s lane. Should no thread start (the system is out
+    /// of them), it is dropped here: there is no better place left.
+    pub fn close(&mut self, uid: u32, what: impl Send + 'static, fds: usize) {
         let uid = if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES { uid } else { ANY_UID };
         let what: Droppable = Box::new(what);
+        let total = Arc::clone(&self.total);
         let what = match self.lane(uid) {
-            Some(lane) => match lane.send(what) {
-                Ok(()) => return,
-                Err(mpsc::SendError(what)) => what,
-            },
+            Some(lane) => {
+                lane.pending.fetch_add(fds, Ordering::SeqCst);
+                total.fetch_add(fds, Ordering::SeqCst);
+                match lane.tx.send((what, fds)) {
+                    Ok(()) => return,
+                    Err(mpsc::SendError((what, _))) => {
+                        lane.pending.fetch_sub(fds, Ordering::SeqCst);
+                        total.fetch_sub(fds, Ordering::SeqCst);
+                        what
+                    }
+                }
+            }
             None => what,
         };
         self.lanes.remove(&uid);
         drop(what);
     }
 
-    fn lane(&mut self, uid: u32) -> Option<&mpsc::Sender<Droppable>> {
+    /// Fds still waiting to be closed for `uid` (its lane's backlog).
+    pub fn backlog(&self, uid: u32) -> usize {
+        let uid = if self.lanes.contains_key(&uid) { uid } else { ANY_UID };
+        self.lanes.get(&uid).map_or(0, |l| l.pending.load(Ordering::SeqCst))
+    }
+
+    /// Fds still waiting to be closed on all lanes.
+    pub fn total_backlog(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+
+    fn lane(&mut self, uid: u32) -> Option<&Lane> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.lanes.entry(uid) {
-            let (tx, rx) = mpsc::channel::<Droppable>();
+            let (tx, rx) = mpsc::channel::<(Droppable, usize)>();
+            let pending = Arc::new(AtomicUsize::new(0));
+            let (mine, total) = (Arc::clone(&pending), Arc::clone(&self.total));
             std::thread::Builder::new()
                 .name(format!("loopdev-close-{uid}"))
-                .spawn(move || rx.into_iter().for_each(drop))
+                .spawn(move || {
+                    for (what, fds) in rx {
+                        drop(what);
+                        mine.fetch_sub(fds, Ordering::SeqCst);
+                        total.fetch_sub(fds, Ordering::SeqCst);
+                    }
+                })
                 .ok()?;
-            slot.insert(tx);
+            slot.insert(Lane { tx, pending });
         }
         self.lanes.get(&uid)
     }
@@ -50,6 +90,6 @@ impl Closer {
 
 impl std::fmt::Debug for Closer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Closer").field("lanes", &self.lanes.len()).finish()
+        f.debug_struct("Closer").field("lanes", &self.lanes.len()).field("backlog", &self.total_backlog()).finish()
     }
 }

@@ -51,6 +51,11 @@ const MAX_REFUSING: usize = 16;
 /// a peer's directory, which a peer's FUSE daemon can stall. Stuck requests are not waited for at all.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
+/// Fds of one uid waiting to be closed (see `closer`) beyond which its connections are not read.
+const UID_BACKLOG: usize = 256;
+/// How often the poll loop looks at backed-up lanes again.
+const CONGESTION_POLL_MS: i32 = 50;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOptions {
     /// Peers (by `SO_PEERCRED` uid, taken at connect) allowed to ask for devices. Default: our effective
@@ -163,6 +168,7 @@ impl Server {
             options,
             counters: Arc::clone(&counters),
             closer: Closer::default(),
+            global_backlog: fd_limit() / 4,
         };
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
@@ -223,6 +229,16 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.stop();
     }
+}
+
+/// RLIMIT_NOFILE's soft limit (1024 when it cannot be read).
+fn fd_limit() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX).min(1 << 20)
 }
 
 /// An fd kept in reserve: when accept(2) fails for want of fds (EMFILE), it is closed so the pending
@@ -392,6 +408,8 @@ struct Serve {
     counters: Arc<Counters>,
     /// Where peers' fds and connections are closed: never on this thread (see `closer`).
     closer: Closer,
+    /// Fds waiting to be closed on all lanes beyond which no connection is accepted: a share of the fd limit.
+    global_backlog: usize,
 }
 
 impl Serve {
@@ -402,7 +420,8 @@ impl Serve {
         drop(self.listener);
         drop(self.socket_file);
         for (uid, queue) in self.queued.drain() {
-            self.closer.close(uid, queue);
+            let fds = queue.iter().map(|r| r.fds.len()).sum();
+            self.closer.close(uid, queue, fds);
         }
         let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, &mut self.closer);
         self.counters.running.store(false, Ordering::SeqCst);
@@ -416,13 +435,20 @@ impl Serve {
             pfds.clear();
             pfds.push(seqpacket::pollfd(self.wake.as_fd(), libc::POLLIN));
             pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
-            let accepting = self.conns.len() < self.options.max_connections;
+            // Peers' fds still waiting to be closed are in our fd table: past the bounds, stop taking more
+            // (from that uid; from anyone while all lanes together hold too many) until they drain.
+            let flooded = self.closer.total_backlog() >= self.global_backlog;
+            let accepting = self.conns.len() < self.options.max_connections && !flooded;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
+            let mut congested = flooded;
             for c in &self.conns {
                 let events = if !c.outbox.is_empty() {
                     libc::POLLOUT
                 } else if c.waiting.is_some() {
                     0 // hang-ups are reported anyway
+                } else if self.closer.backlog(c.peer.uid) >= UID_BACKLOG {
+                    congested = true;
+                    0
                 } else {
                     libc::POLLIN
                 };
@@ -438,6 +464,9 @@ impl Serve {
                 None => -1,
                 Some(t) => t.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32 + 1,
             };
+            // Nothing signals a lane draining: look again soon.
+            let timeout =
+                if congested && !(0..=CONGESTION_POLL_MS).contains(&timeout) { CONGESTION_POLL_MS } else { timeout };
             match seqpacket::poll(&mut pfds, timeout) {
                 Err(e) if e.is(Errno::EINTR) => continue,
                 other => other?,
@@ -534,7 +563,8 @@ impl Serve {
             Ok(()) => *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1,
             Err(failed) => {
                 let (e, request) = *failed;
-                self.closer.close(peer.uid, request);
+                let fds = request.fds.len();
+                self.closer.close(peer.uid, request, fds);
                 let r = self.in_flight.remove(&id);
                 if let Some(conn) = self.conns.iter_mut().find(|c| Some(c.id) == r.as_ref().map(|r| r.conn)) {
                     conn.waiting = None;
@@ -555,7 +585,8 @@ impl Serve {
             Some(at) => {
                 let request = queue.remove(at).expect("found above");
                 self.in_flight.remove(&id);
-                self.closer.close(uid, request);
+                let fds = request.fds.len();
+                self.closer.close(uid, request, fds);
                 true
             }
             None => false,
@@ -611,7 +642,7 @@ impl Serve {
         self.conns = alive;
         for mut conn in dead {
             conn.uncount();
-            self.closer.close(conn.peer.uid, conn);
+            self.closer.close(conn.peer.uid, conn, 1);
         }
     }
 
@@ -641,18 +672,21 @@ impl Serve {
             // A refused peer's first message, whatever it is: refuse and hang up.
             Incoming::Message(msg) if conn.refused_until.is_some() => {
                 conn.last_reply = true;
-                self.closer.close(uid, msg.fds);
+                let n = msg.fds.len();
+                self.closer.close(uid, msg.fds, n);
                 refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
             }
             Incoming::Invalid(_, fds) if conn.refused_until.is_some() => {
                 conn.last_reply = true;
-                self.closer.close(uid, fds);
+                let n = fds.len();
+                self.closer.close(uid, fds, n);
                 refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
             }
             Incoming::Closed => unreachable!("handled above"),
             Incoming::Invalid(why, fds) => {
                 self.counters.requests.fetch_add(1, Ordering::SeqCst);
-                self.closer.close(uid, fds);
+                let n = fds.len();
+                self.closer.close(uid, fds, n);
                 refusal(&self.counters, &conn.peer, why)
             }
             Incoming::Message(msg) => {
@@ -692,7 +726,7 @@ impl Serve {
                     // than wake up for it again at once, forever.
                     self.spare = None;
                     if let Ok(sock) = seqpacket::accept(self.listener.as_fd()) {
-                        self.closer.close(ANY_UID, sock);
+                        self.closer.close(ANY_UID, sock, 1);
                     }
                     self.spare = spare_fd();
                     return;
@@ -703,7 +737,7 @@ impl Serve {
             let peer = match seqpacket::peer_cred(sock.as_fd()) {
                 Ok(p) => p,
                 Err(_) => {
-                    self.closer.close(ANY_UID, sock);
+                    self.closer.close(ANY_UID, sock, 1);
                     continue;
                 }
             };
@@ -752,7 +786,7 @@ fn release_all(
         pending += usize::from(!held.is_empty());
         workers.release(held);
         conn.uncount();
-        closer.close(conn.peer.uid, conn);
+        closer.close(conn.peer.uid, conn, 1);
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while pending > 0 {
@@ -781,13 +815,18 @@ fn release_all(
 fn refuse_now(counters: &Counters, closer: &mut Closer, sock: OwnedFd, peer: &PeerCred, why: WireError) {
     let _ = seqpacket::send(sock.as_fd(), &refusal(counters, peer, why).bytes, &[]);
     let mut buf = [0u8; 64];
-    for _ in 0..16 {
+    // A uid whose closes are backed up gets its socket closed as it is: we take no more of its fds.
+    let reads = if closer.backlog(peer.uid) >= UID_BACKLOG { 0 } else { 16 };
+    for _ in 0..reads {
         match seqpacket::recv(sock.as_fd(), &mut buf, jsoncomm::SCM_MAX_FD) {
-            Ok(p) if p.len > 0 || !p.fds.is_empty() => closer.close(peer.uid, p.fds),
+            Ok(p) if p.len > 0 || !p.fds.is_empty() => {
+                let n = p.fds.len();
+                closer.close(peer.uid, p.fds, n);
+            }
             _ => break,
         }
     }
-    closer.close(peer.uid, sock);
+    closer.close(peer.uid, sock, 1);
 }
 
 /// What a peer whose uid is not allowed is told: that, and nothing about who is allowed.
