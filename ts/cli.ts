@@ -3,31 +3,23 @@
  * `loopdev`: losetup-like CLI on top of the library. Exit 0 on success, 1 with one line on stderr otherwise.
  */
 import * as fs from 'node:fs';
-import { parseArgs, type ParseArgsConfig } from 'node:util';
 // Only modules that never load the native addon are imported up front (list is read from sysfs): --help,
 // --version, usage errors and list then work where the binary is missing, and commands that need it fail
 // with the loader's one-line error instead of a stack trace at startup.
-import {
-  deviceInfo,
-  list,
-  LOSETUP_ALL_COLUMNS,
-  LOSETUP_COLUMNS,
-  stringifyJson,
-  toLosetup,
-  type LoopDeviceInfo,
-  type LosetupValue,
-} from './list.js';
-import { formatBytes, parseSize } from './size.js';
+import { getopt, UsageError, type OptionSpec } from './getopt.js';
+import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup, type LoopDeviceInfo } from './list.js';
+import { formatBytes, parseSectorSize, parseSize } from './size.js';
 
-type Options = NonNullable<ParseArgsConfig['options']>;
-type Values = Record<string, string | boolean | (string | boolean)[] | undefined>;
+type Options = Record<string, OptionSpec & { multiple?: boolean }>;
+type Values = Record<string, string | boolean | string[] | undefined>;
 
 interface Command {
   usage: string;
   summary: string;
   help: string;
   options: Options;
-  run(values: Values, positionals: string[]): Promise<number>;
+  /** `args` is the command line after the command's name, for commands that hand it on. */
+  run(values: Values, positionals: string[], args: string[]): Promise<number>;
 }
 
 /** The listening socket systemd passed (sd_listen_fds: fd 3 when LISTEN_PID is us and LISTEN_FDS is 1). */
@@ -38,31 +30,7 @@ function socketActivation(): number | undefined {
   return 3;
 }
 
-/** A mistake in the command line: printed with a pointer to `--help`. */
-class UsageError extends Error {
-  constructor(
-    readonly command: string | null,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
 const out = (s: string) => process.stdout.write(s.endsWith('\n') ? s : `${s}\n`);
-
-function table(rows: Record<string, LosetupValue>[], columns: string[]): string {
-  const cell = (v: LosetupValue) => (v === null ? '' : typeof v === 'boolean' ? (v ? '1' : '0') : String(v));
-  const numeric = (c: string) => !['name', 'back-file', 'back-maj:min', 'maj:min'].includes(c);
-  const cells = rows.map((r) => columns.map((c) => cell(r[c] ?? null)));
-  const head = columns.map((c) => c.toUpperCase());
-  const widths = columns.map((_, i) => Math.max(head[i]!.length, ...cells.map((r) => r[i]!.length)));
-  const line = (r: string[]) =>
-    r
-      .map((v, i) => (numeric(columns[i]!) ? v.padStart(widths[i]!) : v.padEnd(widths[i]!)))
-      .join(' ')
-      .trimEnd();
-  return [line(head), ...cells.map(line)].join('\n');
-}
 
 function flagsOf(d: { readOnly: boolean; partscan: boolean; directIo: boolean; autoclear: boolean }): string {
   const flags = [
@@ -102,34 +70,49 @@ function size(values: Values, key: string): bigint | undefined {
   return typeof v === 'string' ? parseSize(v, `--${key}`) : undefined;
 }
 
+/** `--direct-io[=on|off]` (losetup's spelling); `--no-direct-io` arrives as `off` (see parseCommand). */
+function directIo(values: Values): boolean {
+  const dio = values['direct-io'];
+  if (dio !== undefined && dio !== true && dio !== 'on' && dio !== 'off') {
+    throw new UsageError('attach', `invalid --direct-io '${String(dio)}' (on or off)`);
+  }
+  return dio !== 'off';
+}
+
 const COMMANDS: Record<string, Command> = {
   attach: {
     usage:
       'loopdev attach FILE [--offset N] [--sizelimit N] [--sector-size N] [--read-only] [--partscan] ' +
-      '[--no-direct-io] [--json]',
+      '[--direct-io[=on|off] | --no-direct-io] [--json]',
     summary: 'bind FILE to a free loop device and print its path',
     help: `Binds FILE to a free loop device and prints the device path (like losetup --find --show).
 The device stays attached after loopdev exits; remove it with "loopdev detach DEV".
 Direct I/O is used when the file system allows it, else buffered I/O (see "dio" in loopdev list).
 A file that cannot be written (no write permission, read-only mount) is attached read-only.
 
+Sizes are read as losetup reads them: 4096, 0x1000, 1.5M; K M G T P E are powers of 1024 (KiB, MiB, …
+the same), KB MB GB … powers of 1000; s = 512-byte sectors.
+
 Options:
-  -o, --offset N        start N bytes into FILE (suffixes: K, M, G, KiB, MB, …; s = 512-byte sectors)
+  -o, --offset N        start N bytes into FILE
       --sizelimit N     map at most N bytes
-  -b, --sector-size N   logical sector size (512, 1024, 2048, 4096)
+  -b, --sector-size N   logical sector size: a power of two from 512 to what the kernel allows
+                        (the page size; 64 KiB since Linux 6.15)
   -r, --read-only       open FILE read-only and create a read-only device
   -P, --partscan        let the kernel scan the partition table
-      --no-direct-io    use buffered I/O even where direct I/O works
-  -J, --json            print the device as JSON (losetup --json field names)
+      --direct-io[=on|off]  on (the default): direct I/O where it works; off: buffered I/O
+      --no-direct-io    the same as --direct-io=off
+  -J, --json            print the device as JSON (losetup --json field names, plus size and partitions)
   -h, --help            show this help`,
     options: {
-      offset: { type: 'string', short: 'o' },
-      sizelimit: { type: 'string' },
-      'sector-size': { type: 'string', short: 'b' },
-      'read-only': { type: 'boolean', short: 'r' },
-      partscan: { type: 'boolean', short: 'P' },
-      'no-direct-io': { type: 'boolean' },
-      json: { type: 'boolean', short: 'J' },
+      offset: { short: 'o', arg: 'required' },
+      sizelimit: { arg: 'required' },
+      'sector-size': { short: 'b', arg: 'required' },
+      'read-only': { short: 'r' },
+      partscan: { short: 'P' },
+      'direct-io': { arg: 'optional' },
+      'no-direct-io': {},
+      json: { short: 'J' },
     },
     async run(values, positionals) {
       if (positionals.length !== 1) {
@@ -137,7 +120,9 @@ Options:
       }
       const offset = size(values, 'offset');
       const sizeLimit = size(values, 'sizelimit');
-      const sectorSize = size(values, 'sector-size');
+      const sector = values['sector-size'];
+      const sectorSize = typeof sector === 'string' ? parseSectorSize(sector, '--sector-size') : undefined;
+      const dio = directIo(values);
       const { attach } = await import('./attach.js');
       // Never autoclear: this process closes its fds at exit and the device must outlive it.
       const dev = await attach(positionals[0]!, {
@@ -146,7 +131,7 @@ Options:
         ...(sectorSize === undefined ? {} : { sectorSize }),
         ...(values['read-only'] ? { readOnly: true } : {}),
         partscan: values.partscan === true,
-        directIo: values['no-direct-io'] !== true,
+        directIo: dio,
         autoclear: false,
       });
       try {
@@ -175,50 +160,47 @@ Options:
                         something holds the device open (a mount, a holder, a process), naming it
       --timeout MS      with --wait: how long to wait when nothing can be named (default 10000)
   -h, --help            show this help`,
-    options: { wait: { type: 'boolean' }, timeout: { type: 'string' } },
+    options: { wait: {}, timeout: { arg: 'required' } },
     async run(values, positionals) {
       if (positionals.length === 0) throw new UsageError('detach', 'missing DEV');
       const timeout = values.timeout === undefined ? undefined : Number(values.timeout);
       if (timeout !== undefined && !(Number.isInteger(timeout) && timeout >= 0)) {
         throw new UsageError('detach', `invalid --timeout '${String(values.timeout)}'`);
       }
-      const { LoopDevice } = await import('./device.js');
-      let failed = 0;
-      for (const name of positionals) {
-        try {
-          const dev = LoopDevice.open(name);
-          await dev.detach({ timeoutMs: timeout, lazy: !values.wait });
-          if (!values.wait && !dev.released) {
-            const held = dev.heldBy();
-            const why = held.length > 0 ? held.join(', ') : 'still open';
-            process.stderr.write(`loopdev: ${dev.path}: ${why}; the kernel detaches it when it is closed\n`);
-          }
-        } catch (e) {
-          if (positionals.length === 1) throw e;
-          failed++;
-          process.stderr.write(`loopdev: ${oneLine(e)}\n`);
-        }
-      }
-      return failed ? 1 : 0;
+      const { detachDevices } = await import('./losetup.js');
+      return detachDevices(positionals, { wait: values.wait === true, ...(timeout === undefined ? {} : { timeoutMs: timeout }) });
     },
   },
 
   list: {
-    usage: 'loopdev list [--json] [--output-all]',
-    summary: 'list attached loop devices (like losetup --list)',
-    help: `Lists attached loop devices from sysfs (no device is opened), with losetup's columns.
+    usage: 'loopdev list [-J] [-n] [--raw] [-O COLUMNS | --output-all] [-j FILE | DEV]',
+    summary: 'list attached loop devices (losetup --list)',
+    help: `The same as "loopdev --list …", i.e. losetup --list: a table of the attached loop devices, read from
+sysfs (a device is opened only for a BACK-INO or BACK-MAJ:MIN whose file was deleted). The output is
+losetup's, byte for byte: columns, alignment, --raw, --noheadings and --json.
 
 Options:
-  -J, --json            JSON with losetup --json field names and values
-  -O, --output-all      all of losetup's columns (back-ino, back-maj:min, maj:min, partscan)
+  -J, --json            JSON, as losetup --json prints it
+  -n, --noheadings      no header line
+      --raw             one space between columns, blanks and backslashes escaped as \\xHH
+  -O, --output COLUMNS  comma-separated columns: NAME AUTOCLEAR BACK-FILE BACK-INO BACK-MAJ:MIN MAJ:MIN
+                        OFFSET PARTSCAN RO SIZELIMIT DIO LOG-SEC (default: NAME SIZELIMIT OFFSET AUTOCLEAR
+                        RO BACK-FILE DIO LOG-SEC)
+      --output-all      all of them
+  -j, --associated FILE only devices bound to FILE
   -h, --help            show this help`,
-    options: { json: { type: 'boolean', short: 'J' }, 'output-all': { type: 'boolean', short: 'O' } },
-    async run(values) {
-      const columns = values['output-all'] ? LOSETUP_ALL_COLUMNS : LOSETUP_COLUMNS;
-      const rows = (await list()).map((d) => toLosetup(d, columns));
-      if (values.json) out(stringifyJson({ loopdevices: rows }));
-      else if (rows.length) out(table(rows, columns));
-      return 0;
+    options: {
+      json: { short: 'J' },
+      noheadings: { short: 'n' },
+      raw: {},
+      output: { short: 'O', arg: 'required' },
+      'output-all': {},
+      associated: { short: 'j', arg: 'required' },
+    },
+    async run(_values, positionals, args) {
+      if (positionals.length > 1) throw new UsageError('list', 'expected at most one DEV');
+      const { losetup } = await import('./losetup.js');
+      return losetup(['--list', ...args], mainHelp, version);
     },
   },
 
@@ -230,7 +212,7 @@ Options:
 Options:
   -J, --json            JSON (losetup --json field names, plus size and partitions)
   -h, --help            show this help`,
-    options: { json: { type: 'boolean', short: 'J' } },
+    options: { json: { short: 'J' } },
     async run(values, positionals) {
       if (positionals.length !== 1) {
         throw new UsageError('info', positionals.length ? 'expected one DEV' : 'missing DEV');
@@ -259,9 +241,9 @@ Options:
   -q, --quiet           no line per request
   -h, --help            show this help`,
     options: {
-      socket: { type: 'string', short: 's' },
-      'allow-uid': { type: 'string', multiple: true },
-      quiet: { type: 'boolean', short: 'q' },
+      socket: { short: 's', arg: 'required' },
+      'allow-uid': { arg: 'required', multiple: true },
+      quiet: { short: 'q' },
     },
     async run(values) {
       const activated = socketActivation();
@@ -311,6 +293,7 @@ function mainHelp(): string {
   return `loopdev — Linux loop devices (losetup-like)
 
 Usage: loopdev COMMAND [options]
+       loopdev LOSETUP-OPTIONS…   (losetup's own command lines, e.g. "loopdev -f --show -P disk.img")
 
 Commands:
 ${Object.entries(COMMANDS)
@@ -318,7 +301,21 @@ ${Object.entries(COMMANDS)
   .join('\n')}
 
 Run "loopdev COMMAND --help" for the options of a command.
-Exit status: 0 on success, 1 on errors (one line on stderr).`;
+
+losetup command lines (util-linux 2.38's meaning, output and exit status):
+  loopdev [-a | -l] [-n] [--raw] [-J] [-O COLUMNS | --output-all]   list attached devices
+  loopdev [-l …] DEV                    show one device
+  loopdev -j FILE [-o N] [-l …]         devices bound to FILE
+  loopdev -f                            print the next free device
+  loopdev -f [--show] [-o N] [--sizelimit N] [-b N] [-P] [-r] [-L] [--direct-io[=on|off]] FILE
+  loopdev [options] DEV FILE            bind FILE to DEV
+  loopdev -d DEV… [--wait]              detach (--wait: verified, see "loopdev detach --help")
+  loopdev -D                            detach every attached device
+  loopdev -c DEV                        re-read the backing file's size
+  loopdev DEV --direct-io[=on|off] | -b N   change a bound device
+Devices attached this way keep losetup's defaults: buffered I/O, no autoclear.
+
+Exit status: 0 on success, 1 on errors and usage errors (one line on stderr).`;
 }
 
 function version(): string {
@@ -336,12 +333,36 @@ function oneLine(e: unknown): string {
   return msg.split('\n')[0]!.trim() || 'unknown error';
 }
 
+/** getopt's result in the shape the commands read: flags as booleans, arguments as strings (or lists). */
+function parseCommand(name: string, command: Command, args: string[]): { values: Values; positionals: string[] } {
+  const specs: Options = { ...command.options, help: { short: 'h' } };
+  let parsed;
+  try {
+    parsed = getopt(args, specs);
+  } catch (e) {
+    throw new UsageError(name, oneLine(e));
+  }
+  const values: Values = {};
+  for (const { name: key, value } of parsed.options) {
+    // The later of --direct-io=… and --no-direct-io wins, as repeated options do.
+    if (key === 'no-direct-io') values['direct-io'] = 'off';
+    else if (specs[key]!.multiple) values[key] = [...((values[key] as string[] | undefined) ?? []), value ?? ''];
+    else values[key] = value ?? true;
+  }
+  return { values, positionals: parsed.operands };
+}
+
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+  if (name === undefined) {
+    // Bare losetup lists devices; bare loopdev is more likely a mistake, and says so in its exit status.
+    process.stderr.write(`${mainHelp()}\n`);
+    return 1;
+  }
+  if (name === '--help' || name === '-h' || name === 'help') {
     const topic = name === 'help' ? rest[0] : undefined;
     if (topic !== undefined) {
-      const c = COMMANDS[topic];
+      const c = Object.hasOwn(COMMANDS, topic) ? COMMANDS[topic] : undefined;
       if (!c) throw new UsageError(null, `unknown command '${topic}'`);
       out(`Usage: ${c.usage}\n\n${c.help}`);
     } else {
@@ -354,23 +375,16 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   const command = Object.hasOwn(COMMANDS, name) ? COMMANDS[name] : undefined;
-  if (!command) throw new UsageError(null, `unknown command '${name}'`);
-  let parsed: { values: Values; positionals: string[] };
-  try {
-    parsed = parseArgs({
-      args: rest,
-      options: { ...command.options, help: { type: 'boolean', short: 'h' } },
-      allowPositionals: true,
-      strict: true,
-    }) as { values: Values; positionals: string[] };
-  } catch (e) {
-    throw new UsageError(name, oneLine(e).replace(/\. To specify a positional argument.*$/, ''));
+  if (!command) {
+    const { losetup } = await import('./losetup.js');
+    return losetup(argv, mainHelp, version);
   }
+  const parsed = parseCommand(name, command, rest);
   if (parsed.values.help) {
     out(`Usage: ${command.usage}\n\n${command.help}`);
     return 0;
   }
-  return command.run(parsed.values, parsed.positionals);
+  return command.run(parsed.values, parsed.positionals, rest);
 }
 
 function report(e: unknown): void {
