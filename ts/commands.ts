@@ -1,4 +1,3 @@
-#!/usr/bin/env node
 /**
  * `loopdev`: losetup-like CLI on top of the library. Exit 0 on success, 1 with one line on stderr otherwise.
  */
