@@ -1,5 +1,21 @@
 /** Byte sizes: validation of `number | bigint` options, CLI size strings, and human formatting. */
 
+import { readFileSync } from 'node:fs';
+import { release as osRelease } from 'node:os';
+
+/** AT_PAGESZ from this process's auxiliary vector (arm64 and ppc64 kernels may use 16 or 64 KiB pages). */
+function pageSize(): number {
+  try {
+    const auxv = readFileSync('/proc/self/auxv');
+    for (let i = 0; i + 16 <= auxv.length; i += 16) {
+      if (auxv.readBigUInt64LE(i) === 6n) return Number(auxv.readBigUInt64LE(i + 8));
+    }
+  } catch {
+    /* no /proc: assume the common size; LOOP_CONFIGURE still refuses a wrong guess with EINVAL */
+  }
+  return 4096;
+}
+
 const U64_MAX = (1n << 64n) - 1n;
 
 function rangeError(message: string): RangeError {
@@ -25,30 +41,59 @@ export function toU64(value: number | bigint, name: string): bigint {
   return BigInt(value);
 }
 
-const UNITS: Record<string, bigint> = {
-  '': 1n,
-  b: 1n,
-  k: 1n << 10n,
-  kib: 1n << 10n,
-  kb: 1000n,
-  m: 1n << 20n,
-  mib: 1n << 20n,
-  mb: 1000n ** 2n,
-  g: 1n << 30n,
-  gib: 1n << 30n,
-  gb: 1000n ** 3n,
-  t: 1n << 40n,
-  tib: 1n << 40n,
-  tb: 1000n ** 4n,
-  s: 512n, // sectors
-};
+const POWERS = 'KMGTPEZY';
 
-/** `4096`, `0x1000`, `1M`, `1MiB`, `1MB`, `8s` (512-byte sectors) → bytes, like losetup's size arguments. */
+/**
+ * losetup's size arguments (util-linux parse_size), so a script's numbers mean the same here:
+ * an integer in C notation (`4096`, `0x1000`, `010` is octal 8), an optional fraction (`1.5M`), then
+ * K, M, G, T, P, E (Z, Y exist but overflow 64 bits) meaning powers of 1024, with `iB` (`MiB`) the same and
+ * `B` (`MB`) meaning powers of 1000. Also, beyond losetup: `s` for 512-byte sectors and a bare `B`.
+ * Fractions are computed exactly (util-linux 2.38 mis-rounds some: `1.25K` gives it 1279).
+ */
 export function parseSize(text: string, name: string): bigint {
-  const m = /^\s*(0x[0-9a-f]+|\d+)\s*([a-z]*)\s*$/i.exec(text);
-  const unit = m ? UNITS[m[2]!.toLowerCase()] : undefined;
-  if (!m || unit === undefined) throw rangeError(`invalid ${name} '${text}' (expected bytes, e.g. 4096, 1M, 2GiB)`);
-  return toU64(BigInt(m[1]!) * unit, name);
+  const bad = (why: string) => rangeError(`invalid ${name} '${text}': ${why}`);
+  const expected = 'expected bytes like 4096, 1M, 1.5GiB, 2MB, 1P or 1E';
+  if (/^\s*-/.test(text)) throw bad(`a size cannot be negative (${expected})`);
+  const m = /^\s*\+?(0x[0-9a-f]+|0[0-7]*|[1-9][0-9]*)(?:\.([0-9]+))?([a-z]*)$/i.exec(text);
+  if (!m) throw bad(expected);
+  const [, int, frac = '', suffix] = m as unknown as [string, string, string | undefined, string];
+  let unit: bigint | undefined;
+  const lower = suffix.toLowerCase();
+  if (lower === '') unit = frac ? undefined : 1n;
+  else if (lower === 'b') unit = frac ? undefined : 1n;
+  else if (lower === 's') unit = 512n;
+  else {
+    const pwr = POWERS.indexOf(suffix[0]!.toUpperCase()) + 1;
+    const tail = suffix.slice(1);
+    if (pwr > 0 && (tail === '' || /^i[bB]$/.test(tail))) unit = 1024n ** BigInt(pwr);
+    else if (pwr > 0 && /^[bB]$/.test(tail)) unit = 1000n ** BigInt(pwr);
+  }
+  if (unit === undefined) throw bad(expected);
+  const octal = /^0[0-7]+$/.test(int);
+  const whole = BigInt(octal ? `0o${int.slice(1)}` : int);
+  const value = whole * unit + (frac ? (BigInt(frac) * unit) / 10n ** BigInt(frac.length) : 0n);
+  if (value > U64_MAX) throw bad('out of range (at most 2^64-1 bytes, i.e. below 16E)');
+  return value;
+}
+
+/**
+ * The logical sector sizes the running kernel accepts for a loop device: a power of two from 512 to the
+ * page size, and since Linux 6.15 (large block sizes) up to 64 KiB whatever the page size.
+ */
+export function sectorSizeLimit(release = osRelease(), page = pageSize()): number {
+  const m = /^(\d+)\.(\d+)/.exec(release);
+  const atLeast615 = m !== null && (Number(m[1]) > 6 || (Number(m[1]) === 6 && Number(m[2]) >= 15));
+  return atLeast615 ? Math.max(65536, page) : page;
+}
+
+/** `--sector-size` as losetup parses it, refused unless the kernel would accept it. */
+export function parseSectorSize(text: string, name: string): number {
+  const n = parseSize(text, name);
+  const max = BigInt(sectorSizeLimit());
+  if (n < 512n || n > max || (n & (n - 1n)) !== 0n) {
+    throw rangeError(`invalid ${name} '${text}': this kernel (${osRelease()}) accepts a power of two from 512 to ${max}`);
+  }
+  return Number(n);
 }
 
 /** `67108864` → `64 MiB`; exact sizes print without decimals. */

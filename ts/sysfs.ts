@@ -63,6 +63,9 @@ export interface SysfsLoop {
 
 /** A snapshot of `loopN`'s sysfs state; null when it is not bound (or vanished while being read). */
 export function readLoop(name: string): SysfsLoop | null {
+  // Most loop devices on a host are unbound (hundreds, where loop-control created them): an existsSync is
+  // far cheaper than the failed read and the exception below, and list() walks all of them.
+  if (!fs.existsSync(`${SYS_BLOCK}/${name}/loop`)) return null;
   const diskseq = bigintAttr(name, 'diskseq');
   const backing = readAttr(name, 'loop/backing_file');
   if (backing === null) return null;
