@@ -15,7 +15,7 @@ const NOBODY = 65534;
 
 /** Wire helpers for the attacker: osbuild's request format over SOCK_SEQPACKET with SCM_RIGHTS. */
 const PEER_LIB = String.raw`
-import array, ctypes, json, os, socket, sys, threading, time
+import array, ctypes, json, os, signal, socket, struct, sys, threading, time
 def connect(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.bind("")
@@ -24,10 +24,42 @@ def connect(path):
 def send(s, fd, dir_fd, **kw):
     req = {"fd": 0, "dir_fd": 1, "lock": False, "partscan": False, "read_only": False, "sector_size": 512}
     req.update(kw)
-    s.sendmsg([json.dumps(req).encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd, dir_fd]))])
+    sendfds(s, json.dumps(req).encode(), [fd, dir_fd])
 def ask(s, fd, dir_fd, **kw):
     send(s, fd, dir_fd, **kw)
     return json.loads(s.recv(1 << 20))
+def sendfds(s, payload, fds):
+    s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+def lingering_socket():
+    # A TCP socket whose last close blocks for as long as we like: SO_LINGER with unsent data to a receiver
+    # (ours, kept in globals) that never reads.
+    global L, a
+    L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    L.bind(("127.0.0.1", 0)); L.listen(1)
+    c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c.connect(L.getsockname()); a, _ = L.accept()
+    c.setblocking(False)
+    for _ in range(2):
+        try:
+            while True: c.send(b"x" * 65536)
+        except BlockingIOError: pass
+        time.sleep(0.2)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1000000))
+    return c
+def close_first(c):
+    # Closes our copy at once; True if it was not the last close (the server's will be), else the alarm
+    # ends the blocked close and says so.
+    def late(*_):
+        raise TimeoutError()
+    signal.signal(signal.SIGALRM, late)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        c.close()
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 def emit(o):
     print(json.dumps(o), flush=True)
 libc = ctypes.CDLL(None, use_errno=True)
@@ -487,21 +519,8 @@ loopTest.serial('a non-root peer gets no fd of its device, and the node and what
 // server's close is the last one; `how` picks where the server closes it: in a message it refuses (3 fds),
 // in a message still queued when the connection is dropped, or as a refused uid's first message.
 const LINGER = String.raw`
-import struct
 sock, backing, dev_dir, how = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-L.bind(("127.0.0.1", 0)); L.listen(1)
-c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-c.connect(L.getsockname()); a, _ = L.accept()
-c.setblocking(False)
-for _ in range(2):
-    try:
-        while True: c.send(b"x" * 65536)
-    except BlockingIOError: pass
-    time.sleep(0.2)
-c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1000000))
-def sendfds(s, payload, fds):
-    s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+c = lingering_socket()
 s = connect(sock)
 # The server's close must be the last one, so ours must come first: behind a valid request (read only after
 # it is answered, long after our close below) the message waits unread; a refused uid's is read at once,
@@ -509,18 +528,7 @@ s = connect(sock)
 if how != "refused-uid":
     send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
 sendfds(s, b"{}", [c.fileno()] * (3 if how == "refused-message" else 1))
-# Closed at once: if ours is the last close after all, it blocks, and the alarm says so (and ends it).
-import signal
-def late(*_):
-    raise TimeoutError()
-signal.signal(signal.SIGALRM, late)
-signal.setitimer(signal.ITIMER_REAL, 0.5)
-try:
-    c.close()
-    ours_first = True
-except TimeoutError:
-    ours_first = False
-signal.setitimer(signal.ITIMER_REAL, 0)
+ours_first = close_first(c)
 if how == "queued-at-hangup":
     s.close()
 emit({"sent": how, "ours_first": ours_first})
@@ -556,34 +564,12 @@ for (const how of ['refused-message', 'queued-at-hangup', 'refused-uid'] as cons
 // The peer wedges its own closing lane (a lingering socket whose close is the server's last, as above),
 // then floods: messages of 253 fds each, which the server refuses (E2BIG) and must close, on that lane.
 const FLOOD = String.raw`
-import signal, struct
 sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
-def sendfds(s, payload, fds):
-    s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-L.bind(("127.0.0.1", 0)); L.listen(1)
-c = socket.socket(); c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-c.connect(L.getsockname()); a, _ = L.accept()
-c.setblocking(False)
-for _ in range(2):
-    try:
-        while True: c.send(b"x" * 65536)
-    except BlockingIOError: pass
-    time.sleep(0.2)
-c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 1000000))
+c = lingering_socket()
 s = connect(sock)
 send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
 sendfds(s, b"{}", [c.fileno()])
-def late(*_):
-    raise TimeoutError()
-signal.signal(signal.SIGALRM, late)
-signal.setitimer(signal.ITIMER_REAL, 0.5)
-try:
-    c.close()
-    wedged = True
-except TimeoutError:
-    wedged = False  # ours was the last close after all: the server's lane is not wedged
-signal.setitimer(signal.ITIMER_REAL, 0)
+wedged = close_first(c)  # else ours was the last close after all: no lane is wedged
 s.close()
 time.sleep(0.5)
 spare = os.open("/dev/null", os.O_RDONLY)
