@@ -1,7 +1,8 @@
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LoopClient, LoopDevice } from '../ts/index.js';
-import { cli, losetupList, ROOT, sparseFile, spawnCli, type CliResult } from './fixtures.js';
+import { cli, losetupList, partitionImage, ROOT, sparseFile, spawnCli, type CliResult } from './fixtures.js';
 import { devicesBoundUnder, loopTest, sysfs, tempDir } from './helpers.js';
 import test from 'ava';
 
@@ -228,4 +229,30 @@ require('module').syncBuiltinESMExports();`,
   t.regex(r.stderr, /^loopdev: EIO: i\/o error, open '\/dev\/loop\d+'\n$/);
   t.deepEqual(devicesBoundUnder(tmp), []);
   t.deepEqual(demoDirs(tmp), []);
+});
+
+loopTest('attach -P prints the partitions it made; info lists them, --json with sfdisk --json field names', async (t) => {
+  const dir = tempDir(t);
+  const file = sparseFile(dir, 8 << 20);
+  partitionImage(file);
+  const attached = await cli(['attach', '-P', file]);
+  t.is(attached.code, 0, attached.stderr);
+  const [devPath, ...lines] = attached.stdout.trimEnd().split('\n');
+  t.deepEqual(lines, [
+    `  ${devPath}p1  start 1 MiB  size 1 MiB  linux-generic`,
+    `  ${devPath}p2  start 2 MiB  size 6 MiB  linux-generic`,
+  ]);
+  const info = await cli(['info', devPath!]);
+  t.regex(info.stdout, new RegExp(`partition table  dos 0x[0-9a-f]{8}\\n  ${devPath}p1  start 1 MiB`));
+  const json = JSON.parse((await cli(['info', '--json', devPath!])).stdout);
+  const sfdisk = JSON.parse(execFileSync('sfdisk', ['--json', file], { encoding: 'utf8' })).partitiontable;
+  t.is(json.partitiontable.label, sfdisk.label);
+  t.is(json.partitiontable.id, sfdisk.id);
+  t.deepEqual(
+    json.partitiontable.partitions.map((p: { start: number; size: number; type: string }) => [p.start, p.size, p.type]),
+    sfdisk.partitions.map((p: { start: number; size: number; type: string }) => [p.start, p.size, p.type]),
+  );
+  const detached = await cli(['detach', '--wait', devPath!]);
+  t.is(detached.code, 0, detached.stderr);
+  t.false(fs.existsSync(`${devPath}p1`), 'the partitions went with the device');
 });

@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import { getopt, UsageError, type OptionSpec } from './getopt.js';
 import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup, type LoopDeviceInfo } from './list.js';
 import { formatBytes, parseSectorSize, parseSize } from './size.js';
+import type { PartitionTable } from './partitions.js';
 
 type Options = Record<string, OptionSpec & { multiple?: boolean }>;
 type Values = Record<string, string | boolean | string[] | undefined>;
@@ -60,8 +61,53 @@ function describe(d: LoopDeviceInfo): string {
   return rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join('\n');
 }
 
-function infoJson(d: LoopDeviceInfo): Record<string, unknown> {
-  return { ...toLosetup(d, LOSETUP_ALL_COLUMNS), size: d.size, partitions: d.partitions };
+function infoJson(d: LoopDeviceInfo, table?: PartitionTable | null): Record<string, unknown> {
+  const base = { ...toLosetup(d, LOSETUP_ALL_COLUMNS), size: d.size, partitions: d.partitions };
+  return table === undefined ? base : { ...base, partitiontable: table && sfdiskJson(table) };
+}
+
+/** One line per partition: `/dev/loop3p1  start 1 MiB  size 4 MiB  esp  "efi"`, then the table's warnings. */
+function partitionLines(table: PartitionTable): string[] {
+  const lines = table.partitions.map((p) => {
+    const type =
+      p.typeName ?? (p.scheme === 'gpt' ? p.typeGuid : `type 0x${p.typeByte.toString(16).padStart(2, '0')}`);
+    const extra = p.scheme === 'gpt' ? (p.label ? `"${p.label}"` : '') : p.bootable ? 'bootable' : '';
+    return [p.node, `start ${formatBytes(p.start)}`, `size ${formatBytes(p.size)}`, type, extra]
+      .filter(Boolean)
+      .join('  ');
+  });
+  return [...lines, ...table.warnings.map((w) => `note: ${w}`)];
+}
+
+/** sfdisk --json's shape where it overlaps (sizes in sectors, its field names), plus number and typeName. */
+function sfdiskJson(table: PartitionTable): Record<string, unknown> {
+  const sectors = (n: bigint) => Number(n / BigInt(table.sectorSize));
+  return {
+    label: table.scheme,
+    id: table.id,
+    sectorsize: table.sectorSize,
+    partitions: table.partitions.map((p) => ({
+      node: p.node,
+      start: sectors(p.start),
+      size: sectors(p.size),
+      type: p.scheme === 'gpt' ? p.typeGuid : p.typeByte.toString(16),
+      ...(p.scheme === 'gpt' ? { uuid: p.uuid, ...(p.label ? { name: p.label } : {}) } : {}),
+      ...(p.scheme === 'dos' && p.bootable ? { bootable: true } : {}),
+      number: p.number,
+      typeName: p.typeName,
+    })),
+  };
+}
+
+/** The partition table of an attached device, read through a fresh open (closed again, never detached). */
+async function tableOf(device: string): Promise<PartitionTable | null> {
+  const { LoopDevice } = await import('./device.js');
+  const dev = LoopDevice.open(device);
+  try {
+    return dev.partitionTable();
+  } finally {
+    dev.close();
+  }
 }
 
 function size(values: Values, key: string): bigint | undefined {
@@ -134,11 +180,14 @@ Options:
         autoclear: false,
       });
       try {
+        // With partscan, what the table holds (attach registered the partitions the kernel did not).
+        const table = values.partscan === true ? dev.partitionTable() : undefined;
         if (values.json) {
           const info = await deviceInfo(dev.devname);
-          out(info ? stringifyJson(infoJson(info)) : stringifyJson({ name: dev.path }));
+          out(info ? stringifyJson(infoJson(info, table)) : stringifyJson({ name: dev.path }));
         } else {
           out(dev.path);
+          for (const line of table ? partitionLines(table) : []) out(`  ${line}`);
         }
       } finally {
         dev.close(); // keeps the binding
@@ -218,7 +267,13 @@ Options:
       }
       const d = await deviceInfo(positionals[0]!);
       if (d === null) throw new Error(`${positionals[0]}: not attached`);
-      out(values.json ? stringifyJson(infoJson(d)) : describe(d));
+      const table = await tableOf(d.path);
+      if (values.json) {
+        out(stringifyJson(infoJson(d, table)));
+      } else {
+        out(describe(d));
+        if (table) out([`partition table  ${table.scheme} ${table.id}`, ...partitionLines(table).map((l) => `  ${l}`)].join('\n'));
+      }
       return 0;
     },
   },
