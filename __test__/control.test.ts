@@ -1,8 +1,8 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { LOCK_EX, LOCK_NB, Loop, LoopControl, LoopError } from '../ts/index.js';
-import { boundAfterSettling, image, isBound, loopTest, openFds, sysfs } from './helpers.js';
+import { boundAfterSettling, devicesBoundUnder, image, isBound, loopTest, openFds, sysfs } from './helpers.js';
 
 /** The error code getStatus gives (ENXIO = unbound), or undefined when the device is bound. */
 function statusCode(lo: Loop): string | undefined {
@@ -312,4 +312,54 @@ loopTest.serial('lock: a free device another process keeps locked is skipped for
   }
   await using lo = await ctl.loopForFdAsync(img.fd, { lock: true, autoclear: true });
   t.not(lo.minor, free);
+});
+
+loopTest.serial('loopForFd: another process taking the free device mid-way makes it retry on a fresh one', async (t) => {
+  const img = image(t);
+  const theirs = image(t);
+  using ctl = new LoopControl();
+  const taken: string[] = [];
+  // Inside setup the device is open but unbound: another process (losetup) binds it first, once.
+  const lo = ctl.loopForFd(img.fd, {
+    autoclear: true,
+    setup: (dev) => {
+      // (Another test may take it first: then this one is skipped too, and the next one is tried.)
+      if (taken.length === 0 && spawnSync('losetup', [dev.path, theirs.path]).status === 0) taken.push(dev.path);
+    },
+  });
+  t.teardown(() => lo.close());
+  t.is(taken.length, 1);
+  t.not(lo.path, taken[0], 'a fresh device');
+  t.true(lo.isBoundTo(img.fd));
+  t.deepEqual(devicesBoundUnder(theirs.path), taken, "the other process's binding is left alone");
+  execFileSync('losetup', ['-d', taken[0]!]); // ours: bound to this test's file
+  t.deepEqual(await boundAfterSettling(theirs.path), []);
+});
+
+loopTest.serial('loopForFd: when every free device it is offered is taken, it gives up with EBUSY after its attempts', async (t) => {
+  const img = image(t);
+  const theirs = image(t);
+  using ctl = new LoopControl();
+  let offered = 0;
+  let bound = 0;
+  const err = t.throws(
+    () =>
+      ctl.loopForFd(img.fd, {
+        autoclear: true,
+        setup: (dev) => {
+          offered++;
+          // Another test may have taken it already: it is taken either way.
+          if (spawnSync('losetup', [dev.path, theirs.path]).status === 0) bound++;
+        },
+      }),
+    { instanceOf: LoopError, code: 'EBUSY' },
+  );
+  t.regex(err!.message, /no free loop device after 64 attempts/);
+  t.is(offered, 64);
+  const ours = devicesBoundUnder(theirs.path);
+  t.true(bound > 32, `${bound} of the offered devices taken by the other binder`);
+  t.is(ours.length, bound, 'none of them cleared');
+  t.deepEqual(devicesBoundUnder(img.path), [], 'nothing bound to our file');
+  for (const dev of ours) execFileSync('losetup', ['-d', dev]); // bound to this test's file by the test itself
+  t.deepEqual(await boundAfterSettling(theirs.path), []);
 });
