@@ -117,7 +117,7 @@ fn load(disk: &dyn Disk, lba: u64, last_lba: u64) -> Result<std::result::Result<
     Ok(Ok((h, array)))
 }
 
-pub fn read(disk: &dyn Disk, mut warnings: Warnings) -> Result<Table> {
+pub(crate) fn read(disk: &dyn Disk, mut warnings: Warnings) -> Result<Table> {
     let ss = disk.sector_size();
     let last_lba = disk.size() / u64::from(ss) - 1;
     let (h, array) = match load(disk, 1, last_lba)? {
