@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Loop, LoopError } from '../ts/index.js';
@@ -132,12 +132,16 @@ loopTest('setDirectIo toggles direct I/O on a file that supports it', async (t) 
   t.deepEqual(await boundAfterSettling(dir), []);
 });
 
-loopTest('flushBuf and flock work on an open device', async (t) => {
+loopTest('flock(LOCK_EX) keeps a second opener from locking the device until LOCK_UN; flushBuf works', async (t) => {
   const img = image(t);
   using lo = await configuredLoop(img.fd);
   t.notThrows(() => lo.flushBuf());
-  t.notThrows(() => lo.flock(2 /* LOCK_EX */));
-  t.notThrows(() => lo.flock(8 /* LOCK_UN */));
+  const secondOpener = () => spawnSync('flock', ['--nonblock', '--shared', lo.path, 'true']).status;
+  t.is(secondOpener(), 0, 'free before');
+  lo.flock(2 /* LOCK_EX */);
+  t.is(secondOpener(), 1, 'a second opener cannot take even a shared lock');
+  lo.flock(8 /* LOCK_UN */);
+  t.is(secondOpener(), 0, 'free again');
 });
 
 loopTest('getStatus of an unbound device is ENXIO with ioctl and path', async (t) => {
