@@ -43,7 +43,7 @@ loopTest('loopForFd binds the file and using detaches it', async (t) => {
   let minor: number;
   {
     using ctl = new LoopControl();
-    using lo = ctl.loopForFd(img.fd);
+    using lo = ctl.loopForFdSync(img.fd);
     minor = lo.minor;
     t.is(lo.path, `/dev/loop${minor}`);
     t.is(lo.devname, `loop${minor}`);
@@ -57,7 +57,7 @@ loopTest('loopForFd binds the file and using detaches it', async (t) => {
 loopTest('loopForFd applies every option the kernel reports in sysfs', (t) => {
   const img = image(t, 16 << 20, { readOnly: true });
   using ctl = new LoopControl();
-  using lo = ctl.loopForFd(img.fd, {
+  using lo = ctl.loopForFdSync(img.fd, {
     offset: 1 << 20,
     sizeLimit: 4n << 20n,
     blockSize: 4096,
@@ -82,17 +82,17 @@ loopTest('loopForFd applies every option the kernel reports in sysfs', (t) => {
 loopTest('an autoclear device frees itself when its last fd closes', (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  const lo = ctl.loopForFd(img.fd, { autoclear: true });
+  const lo = ctl.loopForFdSync(img.fd, { autoclear: true });
   t.true(isBound(lo.minor));
   lo.close();
   t.false(isBound(lo.minor));
   t.is(lo.fd, -1);
 });
 
-loopTest('loopForFdAsync binds off the event loop', async (t) => {
+loopTest('loopForFd binds off the event loop', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  await using lo = await ctl.loopForFdAsync(img.fd, { blockSize: 4096 });
+  await using lo = await ctl.loopForFd(img.fd, { blockSize: 4096 });
   t.true(lo.isBoundTo(img.fd));
   t.is(sysfs(lo.minor, 'queue/logical_block_size'), '4096');
 });
@@ -102,7 +102,7 @@ loopTest('setup runs on the opened, still unbound device before configure', (t) 
   using ctl = new LoopControl();
   // setup runs once per attempt; another process may win a device after setup saw it, so look at the last.
   const seen: Array<[string, string | undefined]> = [];
-  using lo = ctl.loopForFd(img.fd, {
+  using lo = ctl.loopForFdSync(img.fd, {
     setup: (dev) => seen.push([dev.path, statusCode(dev)]),
   });
   t.deepEqual(seen.at(-1), [lo.path, 'ENXIO']);
@@ -114,7 +114,7 @@ loopTest.serial('a throwing setup propagates its error and binds nothing', async
   using ctl = new LoopControl();
   const before = openFds();
   const boom = new Error('setup refused');
-  t.is(t.throws(() => ctl.loopForFd(img.fd, { setup: () => { throw boom; } })), boom);
+  t.is(t.throws(() => ctl.loopForFdSync(img.fd, { setup: () => { throw boom; } })), boom);
   t.deepEqual(await boundAfterSettling(img.dir), []);
   t.is(openFds(), before);
 });
@@ -122,18 +122,18 @@ loopTest.serial('a throwing setup propagates its error and binds nothing', async
 loopTest('lock holds an exclusive flock on the device while it is open', (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  using lo = ctl.loopForFd(img.fd, { lock: true });
+  using lo = ctl.loopForFdSync(img.fd, { lock: true });
   using probe = new Loop(lo.minor);
   const err = t.throws(() => probe.flock(LOCK_EX | LOCK_NB), { instanceOf: LoopError });
   t.true(err?.code === 'EWOULDBLOCK' || err?.code === 'EAGAIN');
   t.is(err?.syscall, 'flock');
 });
 
-loopTest('concurrent loopForFdAsync callers in one process never share a device', async (t) => {
+loopTest('concurrent loopForFd callers in one process never share a device', async (t) => {
   const images = Array.from({ length: 12 }, () => image(t, 1 << 20));
   using a = new LoopControl();
   using b = new LoopControl();
-  const loops = await Promise.all(images.map((img, i) => (i % 2 ? a : b).loopForFdAsync(img.fd, { autoclear: true })));
+  const loops = await Promise.all(images.map((img, i) => (i % 2 ? a : b).loopForFd(img.fd, { autoclear: true })));
   try {
     t.is(new Set(loops.map((lo) => lo.minor)).size, loops.length);
     loops.forEach((lo, i) => t.true(lo.isBoundTo(images[i]!.fd)));
@@ -152,7 +152,7 @@ const ctl = new LoopControl();
 const held = [];
 for (const file of process.argv.slice(2)) {
   const fd = fs.openSync(file, 'r+');
-  const lo = ctl.loopForFd(fd, { autoclear: true });
+  const lo = ctl.loopForFdSync(fd, { autoclear: true });
   if (!lo.isBoundTo(fd)) throw new Error('bound to the wrong file');
   held.push(lo);
   fs.closeSync(fd);
@@ -195,17 +195,17 @@ loopTest('use after close is ERR_LOOP_CLOSED and close is idempotent', (t) => {
   ctl.close();
   ctl.close();
   t.true(ctl.closed);
-  for (const call of [() => ctl.add(), () => ctl.remove(0), () => ctl.getUnbound(), () => ctl.loopForFd(0)]) {
+  for (const call of [() => ctl.add(), () => ctl.remove(0), () => ctl.getUnbound(), () => ctl.loopForFdSync(0)]) {
     const err = t.throws(call, { instanceOf: LoopError });
     t.is(err?.code, 'ERR_LOOP_CLOSED');
   }
 });
 
-loopTest('loopForFdAsync runs setup on the JS thread before configuring', async (t) => {
+loopTest('loopForFd runs setup on the JS thread before configuring', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
   const seen: Array<[string, string | undefined]> = [];
-  await using lo = await ctl.loopForFdAsync(img.fd, {
+  await using lo = await ctl.loopForFd(img.fd, {
     setup: (dev) => {
       seen.push([dev.path, statusCode(dev)]);
     },
@@ -219,7 +219,7 @@ loopTest('a throwing async setup rejects with its error and binds nothing', asyn
   using ctl = new LoopControl();
   const boom = new Error('async setup refused');
   const err = await t.throwsAsync(
-    ctl.loopForFdAsync(img.fd, {
+    ctl.loopForFd(img.fd, {
       setup: () => {
         throw boom;
       },
@@ -243,7 +243,7 @@ loopTest.serial('lock takes loop-control before the device, like systemd, so the
   const started = Date.now();
   // While setup runs, loop-control is free: a systemd-like peer takes it, then (after a pause in which the old
   // code took the device lock and blocked on loop-control) blocks on the lock of the same free device.
-  await using lo = await ctl.loopForFdAsync(img.fd, {
+  await using lo = await ctl.loopForFd(img.fd, {
     lock: true,
     setup: (dev) => {
       if (helper) return;
@@ -259,13 +259,13 @@ loopTest.serial('lock takes loop-control before the device, like systemd, so the
   t.true(lo.isBoundTo(img.fd));
 });
 
-loopTest('concurrent loopForFdAsync calls sharing one LoopControl take its lock in turn', async (t) => {
+loopTest('concurrent loopForFd calls sharing one LoopControl take its lock in turn', async (t) => {
   const images = Array.from({ length: 16 }, () => image(t, 1 << 20));
   using ctl = new LoopControl();
   let timer: NodeJS.Timeout | undefined;
   const loops: Loop[] = [];
   const calls = images.map((img) =>
-    ctl.loopForFdAsync(img.fd, { lock: true, autoclear: true }).then((lo) => {
+    ctl.loopForFd(img.fd, { lock: true, autoclear: true }).then((lo) => {
       loops.push(lo);
       return lo;
     }),
@@ -305,12 +305,12 @@ loopTest.serial('lock: a free device another process keeps locked is skipped for
   for (let i = 0; i < 400 && !isLocked(); i++) await new Promise((r) => setTimeout(r, 5));
   t.true(isLocked(), `the other process holds the lock on loop${free}`);
   {
-    using lo = ctl.loopForFd(img.fd, { lock: true, autoclear: true });
+    using lo = ctl.loopForFdSync(img.fd, { lock: true, autoclear: true });
     t.not(lo.minor, free, 'a device nobody holds was taken');
     t.true(lo.isBoundTo(img.fd));
     t.is(sysfs(free, 'loop/backing_file'), null, 'the locked device was left alone');
   }
-  await using lo = await ctl.loopForFdAsync(img.fd, { lock: true, autoclear: true });
+  await using lo = await ctl.loopForFd(img.fd, { lock: true, autoclear: true });
   t.not(lo.minor, free);
 });
 
@@ -320,7 +320,7 @@ loopTest.serial('loopForFd: another process taking the free device mid-way makes
   using ctl = new LoopControl();
   const taken: string[] = [];
   // Inside setup the device is open but unbound: another process (losetup) binds it first, once.
-  const lo = ctl.loopForFd(img.fd, {
+  const lo = ctl.loopForFdSync(img.fd, {
     autoclear: true,
     setup: (dev) => {
       // (Another test may take it first: then this one is skipped too, and the next one is tried.)
@@ -344,7 +344,7 @@ loopTest.serial('loopForFd: when every free device it is offered is taken, it gi
   let bound = 0;
   const err = t.throws(
     () =>
-      ctl.loopForFd(img.fd, {
+      ctl.loopForFdSync(img.fd, {
         autoclear: true,
         setup: (dev) => {
           offered++;

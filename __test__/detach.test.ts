@@ -89,7 +89,7 @@ loopTest('dispose of a Loop that did not bind the device leaves it bound', async
 loopTest('onClose runs once and the fd becomes -1', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  const lo = ctl.loopForFd(img.fd, { autoclear: true });
+  const lo = ctl.loopForFdSync(img.fd, { autoclear: true });
   let calls = 0;
   lo.onClose = (closed) => {
     calls++;
@@ -125,8 +125,8 @@ const fd = fs.openSync(process.argv[2], 'r+');
 const kept = fs.openSync(process.argv[3], 'r+');
 (() => {
   const ctl = new LoopControl();
-  ctl.loopForFd(fd, { autoclear: true }); // never closed, and neither is ctl
-  ctl.loopForFd(kept); // nor this one, without autoclear
+  ctl.loopForFdSync(fd, { autoclear: true }); // never closed, and neither is ctl
+  ctl.loopForFdSync(kept); // nor this one, without autoclear
 })();
 globalThis.gc();
 await new Promise((r) => setTimeout(r, 100));

@@ -17,7 +17,7 @@ for (const [what, value] of BAD_SIZES) {
     const img = image(t);
     using ctl = new LoopControl();
     const before = openFds();
-    const err = t.throws(() => ctl.loopForFd(img.fd, { offset: value as number }), { instanceOf: RangeError });
+    const err = t.throws(() => ctl.loopForFdSync(img.fd, { offset: value as number }), { instanceOf: RangeError });
     t.is((err as NodeJS.ErrnoException).code, 'ERR_OUT_OF_RANGE');
     t.deepEqual(await boundAfterSettling(img.dir), []);
     t.is(openFds(), before);
@@ -27,9 +27,9 @@ for (const [what, value] of BAD_SIZES) {
 loopTest('sizes beyond 2^53 pass as bigint; the kernel caps them at 2^63-1 (EOVERFLOW)', (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  using lo = ctl.loopForFd(img.fd, { sizeLimit: 2n ** 63n - 1n, autoclear: true });
+  using lo = ctl.loopForFdSync(img.fd, { sizeLimit: 2n ** 63n - 1n, autoclear: true });
   t.is(lo.getStatus().sizeLimit, 2n ** 63n - 1n);
-  const err = t.throws(() => ctl.loopForFd(img.fd, { sizeLimit: 2n ** 64n - 1n }), { instanceOf: LoopError });
+  const err = t.throws(() => ctl.loopForFdSync(img.fd, { sizeLimit: 2n ** 64n - 1n }), { instanceOf: LoopError });
   t.is(err?.code, 'EOVERFLOW');
   t.deepEqual(devicesBoundUnder(img.dir), [lo.path]);
 });
@@ -37,13 +37,13 @@ loopTest('sizes beyond 2^53 pass as bigint; the kernel caps them at 2^63-1 (EOVE
 loopTest('a non-number offset is a TypeError', (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  const err = t.throws(() => ctl.loopForFd(img.fd, { offset: '4096' as unknown as number }), { instanceOf: TypeError });
+  const err = t.throws(() => ctl.loopForFdSync(img.fd, { offset: '4096' as unknown as number }), { instanceOf: TypeError });
   t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE');
 });
 
 loopTest('fd -1 is a RangeError', (t) => {
   using ctl = new LoopControl();
-  t.throws(() => ctl.loopForFd(-1), { instanceOf: RangeError, code: 'ERR_OUT_OF_RANGE' });
+  t.throws(() => ctl.loopForFdSync(-1), { instanceOf: RangeError, code: 'ERR_OUT_OF_RANGE' });
 });
 
 loopTest.serial('a closed fd is EBADF and binds nothing', async (t) => {
@@ -52,7 +52,7 @@ loopTest.serial('a closed fd is EBADF and binds nothing', async (t) => {
   const fd = fs.openSync(img.path, 'r');
   fs.closeSync(fd);
   const before = openFds();
-  const err = t.throws(() => ctl.loopForFd(fd), { instanceOf: LoopError });
+  const err = t.throws(() => ctl.loopForFdSync(fd), { instanceOf: LoopError });
   t.is(err?.code, 'EBADF');
   t.is(err?.errno, -9);
   t.is(openFds(), before);
@@ -65,7 +65,7 @@ loopTest.serial('a directory fd is EINVAL and binds nothing', (t) => {
   t.teardown(() => fs.closeSync(fd));
   using ctl = new LoopControl();
   const before = openFds();
-  const err = t.throws(() => ctl.loopForFd(fd), { instanceOf: LoopError });
+  const err = t.throws(() => ctl.loopForFdSync(fd), { instanceOf: LoopError });
   t.is(err?.code, 'EINVAL');
   t.regex(err!.message, /not a regular file or block device/);
   t.is(openFds(), before);
@@ -86,7 +86,7 @@ loopTest('a minor that is not an integer is a RangeError', (t) => {
 loopTest('a bad block size is EINVAL from LOOP_CONFIGURE and binds nothing', async (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  const err = t.throws(() => ctl.loopForFd(img.fd, { blockSize: 1000 }), { instanceOf: LoopError });
+  const err = t.throws(() => ctl.loopForFdSync(img.fd, { blockSize: 1000 }), { instanceOf: LoopError });
   t.is(err?.code, 'EINVAL');
   t.deepEqual(await boundAfterSettling(img.dir), []);
 });
@@ -94,7 +94,7 @@ loopTest('a bad block size is EINVAL from LOOP_CONFIGURE and binds nothing', asy
 loopTest('double close and double dispose are harmless', async (t) => {
   const img = image(t);
   const ctl = new LoopControl();
-  const lo = ctl.loopForFd(img.fd);
+  const lo = ctl.loopForFdSync(img.fd);
   lo[Symbol.dispose]();
   lo[Symbol.dispose]();
   lo.close();
@@ -106,11 +106,11 @@ loopTest('double close and double dispose are harmless', async (t) => {
 loopTest('null options mean the defaults; options of another type are a TypeError before anything is opened', (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  using lo = ctl.loopForFd(img.fd, null as never);
+  using lo = ctl.loopForFdSync(img.fd, null as never);
   t.true(lo.isBoundTo(img.fd));
   for (const bad of ['x', 42, true]) {
-    t.throws(() => ctl.loopForFd(img.fd, bad as never), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
+    t.throws(() => ctl.loopForFdSync(img.fd, bad as never), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
   }
-  t.throws(() => ctl.loopForFd(img.fd, { setup: 42 as never }), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
+  t.throws(() => ctl.loopForFdSync(img.fd, { setup: 42 as never }), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
   t.throws(() => lo.setStatus('x' as never), { instanceOf: TypeError, code: 'ERR_INVALID_ARG_TYPE' });
 });

@@ -140,12 +140,12 @@ export async function bindFresh(
   }
 }
 
-/** `new Loop(getUnbound()).configure(fd, options)`, retried on EBUSY. */
+/** `new Loop(getUnbound()).configureSync(fd, options)`, retried on EBUSY. */
 export function configuredLoop(
   fd: number,
   options: import('../ts/index.js').ConfigureOptions = {},
 ): Promise<import('../ts/index.js').Loop> {
-  return bindFresh((lo) => lo.configure(fd, options));
+  return bindFresh((lo) => lo.configureSync(fd, options));
 }
 
 /**

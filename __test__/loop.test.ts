@@ -24,9 +24,9 @@ loopTest('configure binds with offset, size limit, partscan, read-only and 4096-
   t.true(Object.isFrozen(info));
 });
 
-loopTest('configureAsync binds off the event loop', async (t) => {
+loopTest('configure binds off the event loop', async (t) => {
   const img = image(t);
-  await using lo = await bindFresh((l) => l.configureAsync(img.fd, { autoclear: true }));
+  await using lo = await bindFresh((l) => l.configure(img.fd, { autoclear: true }));
   t.true(lo.isBoundTo(img.fd));
   t.is(sysfs(lo.minor, 'loop/autoclear'), '1');
 });
@@ -192,7 +192,7 @@ loopTest('the legacy path applies every option LOOP_CONFIGURE would', (t) => {
   const seen = legacyChild(
     dir,
     `const fd = fs.openSync(dir + '/disk.img', 'r');
-const lo = ctl.loopForFd(fd, { offset: 8192, sizeLimit: 2 << 20, readOnly: true, blockSize: 4096, partscan: true,
+const lo = ctl.loopForFdSync(fd, { offset: 8192, sizeLimit: 2 << 20, readOnly: true, blockSize: 4096, partscan: true,
   directIo: true, autoclear: true });
 const attrs = ['loop/offset', 'loop/sizelimit', 'ro', 'queue/logical_block_size', 'loop/partscan', 'loop/dio',
   'loop/autoclear'];
@@ -221,12 +221,12 @@ loopTest('the legacy path treats direct I/O as best effort and names the step th
   const seen = legacyChild(
     ram,
     `const fd = fs.openSync(dir + '/disk.img', 'r+');
-const lo = ctl.loopForFd(fd, { directIo: true, autoclear: true });
+const lo = ctl.loopForFdSync(fd, { directIo: true, autoclear: true });
 const dio = sys(lo, 'loop/dio');
 lo.close();
 let error;
 try {
-  ctl.loopForFd(fd, { blockSize: 1000, autoclear: true });
+  ctl.loopForFdSync(fd, { blockSize: 1000, autoclear: true });
 } catch (e) {
   error = { code: e.code, syscall: e.syscall, ioctl: e.ioctl };
 }

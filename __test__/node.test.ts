@@ -15,7 +15,7 @@ function deviceAndDir(t: import('ava').ExecutionContext) {
   const img = image(t);
   const dir = tempDir(t);
   using ctl = new LoopControl();
-  const lo = ctl.loopForFd(img.fd, { autoclear: true });
+  const lo = ctl.loopForFdSync(img.fd, { autoclear: true });
   t.teardown(() => lo.close());
   return { lo, dir, dirFd: openDir(t, dir) };
 }
@@ -43,7 +43,7 @@ loopTest('mknod refuses to replace an existing node (EEXIST)', (t) => {
 loopTest('a Loop can be opened through a directory fd', (t) => {
   const img = image(t);
   using ctl = new LoopControl();
-  using bound = ctl.loopForFd(img.fd, { autoclear: true });
+  using bound = ctl.loopForFdSync(img.fd, { autoclear: true });
   const devFd = openDir(t, '/dev');
   using lo = new Loop(bound.minor, { dirFd: devFd });
   t.is(lo.path, `/dev/loop${bound.minor}`);

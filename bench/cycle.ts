@@ -6,8 +6,8 @@
  *
  * One cycle = get free device, open, configure, clear, close:
  *   C        LOOP_CTL_GET_FREE, open, LOOP_CONFIGURE, LOOP_CLR_FD, close (bench/cycle.c, compiled with cc)
- *   TS sync  `using lo = ctl.loopForFd(fd)`  (dispose = LOOP_CLR_FD + close)
- *   TS async `await using lo = await ctl.loopForFdAsync(fd)` (dispose = verified detach + close)
+ *   TS sync  `using lo = ctl.loopForFdSync(fd)`  (dispose = LOOP_CLR_FD + close)
+ *   TS async `await using lo = await ctl.loopForFd(fd)` (dispose = verified detach + close)
  *   Rust     LoopControl::loop_for_fd + clear_fd + drop (crates/loopdev/examples/cycle.rs)
  *   losetup  `losetup -f --show FILE` then `losetup -d DEV` (two processes per cycle)
  * The variants run interleaved, in a rotating order, for `--rounds` rounds; each ratio is the median over
@@ -85,7 +85,7 @@ async function timed(n: number, once: () => unknown): Promise<Sample> {
 const ctl = new LoopControl();
 
 function tsSyncCycle(): void {
-  using lo = ctl.loopForFd(img.fd);
+  using lo = ctl.loopForFdSync(img.fd);
   void lo;
 }
 
@@ -94,7 +94,7 @@ let asyncTimeouts = 0;
 
 async function tsAsyncCycle(): Promise<void> {
   try {
-    await using lo = await ctl.loopForFdAsync(img.fd);
+    await using lo = await ctl.loopForFd(img.fd);
     void lo;
   } catch (e) {
     if ((e as { code?: string }).code !== 'ETIMEDOUT') throw e;

@@ -8,7 +8,7 @@
  * so that other load on the machine hits all three alike:
  *   idle     nothing else running: the timer's own jitter on this machine, the floor for the others
  *   tasks    `--workers` async tasks on the main thread sharing one LoopControl, each looping
- *            `loopForFdAsync(fd)` + verified `detach()` + `close()` (what `await using` does) on its own image;
+ *            `loopForFd(fd)` + verified `detach()` + `close()` (what `await using` does) on its own image;
  *            the blocking work runs on the libuv pool
  *   threads  the same loop in `--workers` worker_threads (started before measuring; one LoopControl each)
  * Target: p99 lag < 2 ms in the `tasks` condition (`--check` exits 1 otherwise).
@@ -32,7 +32,7 @@ interface Churned {
 async function churn(ctl: LoopControl, fd: number, until: number): Promise<Churned> {
   const r: Churned = { cycles: 0, timeouts: 0 };
   while (Date.now() < until) {
-    const lo = await ctl.loopForFdAsync(fd);
+    const lo = await ctl.loopForFd(fd);
     try {
       await lo.detach(DETACH_MS);
     } catch (e) {

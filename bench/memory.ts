@@ -4,10 +4,10 @@
  *   npx tsx bench/memory.ts [CYCLES=100000] [--check]
  *
  * Cycles rotate, in blocks of 500, through the ways the API is used:
- *   sync          `using lo = ctl.loopForFd(fd)`
- *   async         `await using lo = await ctl.loopForFdAsync(fd)`
+ *   sync          `using lo = ctl.loopForFdSync(fd)`
+ *   async         `await using lo = await ctl.loopForFd(fd)`
  *   sync+setup    loopForFd with a `setup(lo)` callback (a temporary native handle per call)
- *   async+setup   loopForFdAsync with a `setup(lo)` callback (a threadsafe function per call)
+ *   async+setup   loopForFd (async) with a `setup(lo)` callback (a threadsafe function per call)
  *   error         loopForFd with sizeLimit 2^64-1 (EOVERFLOW from LOOP_CONFIGURE: the error path, device
  *                 opened and dropped, error object built)
  * The event loop gets a turn between blocks (as in any real program; N-API finalizers run there). RSS, V8
@@ -45,7 +45,7 @@ const kinds: Kind[] = [
   {
     name: 'sync',
     cycle: () => {
-      using lo = ctl.loopForFd(img.fd);
+      using lo = ctl.loopForFdSync(img.fd);
       void lo;
     },
   },
@@ -53,7 +53,7 @@ const kinds: Kind[] = [
     name: 'async',
     cycle: async () => {
       try {
-        await using lo = await ctl.loopForFdAsync(img.fd);
+        await using lo = await ctl.loopForFd(img.fd);
         void lo;
       } catch (e) {
         if ((e as { code?: string }).code !== 'ETIMEDOUT') throw e;
@@ -64,7 +64,7 @@ const kinds: Kind[] = [
   {
     name: 'sync+setup',
     cycle: () => {
-      using lo = ctl.loopForFd(img.fd, { setup: (l) => void l.minor });
+      using lo = ctl.loopForFdSync(img.fd, { setup: (l) => void l.minor });
       void lo;
     },
   },
@@ -72,7 +72,7 @@ const kinds: Kind[] = [
     name: 'async+setup',
     cycle: async () => {
       try {
-        await using lo = await ctl.loopForFdAsync(img.fd, { setup: (l) => void l.minor });
+        await using lo = await ctl.loopForFd(img.fd, { setup: (l) => void l.minor });
         void lo;
       } catch (e) {
         if ((e as { code?: string }).code !== 'ETIMEDOUT') throw e;
@@ -84,7 +84,7 @@ const kinds: Kind[] = [
     name: 'error',
     cycle: () => {
       try {
-        using lo = ctl.loopForFd(img.fd, { sizeLimit: 2n ** 64n - 1n });
+        using lo = ctl.loopForFdSync(img.fd, { sizeLimit: 2n ** 64n - 1n });
         void lo;
         throw new Error('sizeLimit 2^64-1 was accepted');
       } catch (e) {

@@ -3,7 +3,7 @@
  *
  *   npx tsx bench/remote.ts [--requests 50] [--rounds 5]
  *
- *   in-process  `ctl.loopForFd(fd, { autoclear: true })` + close (autoclear frees the device at close)
+ *   in-process  `ctl.loopForFdSync(fd, { autoclear: true })` + close (autoclear frees the device at close)
  *   + node      the same plus `lo.mknod(dirFd)` + `removeNode(dirFd, name)`: the kernel work a remote request
  *               does too, so the gap to "remote" is the protocol (socket, fd passing, thread hops, opens)
  *   remote      `await client.device(file, { devDir })` + `dev.remove()`: the client opens the file and the
@@ -27,7 +27,7 @@ const img = scratchImage();
 function inProcess(n: number): number {
   using ctl = new LoopControl();
   const t0 = process.hrtime.bigint();
-  for (let i = 0; i < n; i++) ctl.loopForFd(img.fd, { autoclear: true }).close();
+  for (let i = 0; i < n; i++) ctl.loopForFdSync(img.fd, { autoclear: true }).close();
   return Number(process.hrtime.bigint() - t0) / n;
 }
 
@@ -36,7 +36,7 @@ function inProcessWithNode(n: number): number {
   const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < n; i++) {
-    const lo = ctl.loopForFd(img.fd, { autoclear: true });
+    const lo = ctl.loopForFdSync(img.fd, { autoclear: true });
     lo.mknod(dirFd);
     removeNode(dirFd, lo.devname);
     lo.close();

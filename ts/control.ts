@@ -59,15 +59,9 @@ export class LoopControl implements Disposable {
   /**
    * Binds `fd` to a free device and returns it open. Safe against other processes taking the same device
    * (retries on a fresh one), serialised across processes with flock on loop-control and across concurrent
-   * calls on this LoopControl.
+   * calls on this LoopControl. The blocking part runs on the libuv pool; `setup` runs on the JS thread.
    */
-  loopForFd(fd: number, options: LoopForFdOptions = {}): Loop {
-    const raw = native.controlLoopForFd(this.#h(), fd, configureArgs(options), options?.lock, wrapSetup(options?.setup));
-    return Loop.fromNative(raw, true);
-  }
-
-  /** `loopForFd` off the event loop. */
-  async loopForFdAsync(fd: number, options: LoopForFdOptions = {}): Promise<Loop> {
+  async loopForFd(fd: number, options: LoopForFdOptions = {}): Promise<Loop> {
     const raw = await native.controlLoopForFdAsync(
       this.#h(),
       fd,
@@ -75,6 +69,12 @@ export class LoopControl implements Disposable {
       options?.lock,
       wrapSetup(options?.setup),
     );
+    return Loop.fromNative(raw, true);
+  }
+
+  /** `loopForFd`, blocking the thread. */
+  loopForFdSync(fd: number, options: LoopForFdOptions = {}): Loop {
+    const raw = native.controlLoopForFd(this.#h(), fd, configureArgs(options), options?.lock, wrapSetup(options?.setup));
     return Loop.fromNative(raw, true);
   }
 }

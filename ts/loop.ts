@@ -167,14 +167,18 @@ export class Loop implements Disposable, AsyncDisposable {
     return new LoopInfo(native.loopGetStatus(this.#h()));
   }
 
-  /** Binds `fd` with LOOP_CONFIGURE (falls back to LOOP_SET_FD + LOOP_SET_STATUS64 on old kernels). */
-  configure(fd: number, options: ConfigureOptions = {}): void {
-    native.loopConfigure(this.#h(), fd, configureArgs(options));
+  /**
+   * Binds `fd` with LOOP_CONFIGURE (falls back to LOOP_SET_FD + LOOP_SET_STATUS64 on old kernels), off the
+   * event loop.
+   */
+  async configure(fd: number, options: ConfigureOptions = {}): Promise<void> {
+    await native.loopConfigureAsync(this.#h(), fd, configureArgs(options));
     this.#bound = true;
   }
 
-  async configureAsync(fd: number, options: ConfigureOptions = {}): Promise<void> {
-    await native.loopConfigureAsync(this.#h(), fd, configureArgs(options));
+  /** `configure`, blocking the thread. */
+  configureSync(fd: number, options: ConfigureOptions = {}): void {
+    native.loopConfigure(this.#h(), fd, configureArgs(options));
     this.#bound = true;
   }
 

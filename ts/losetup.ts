@@ -542,7 +542,7 @@ async function bindTo(device: string, file: string, o: Parameters<import('./loop
   try {
     const lo = new Loop(minor);
     try {
-      lo.configure(fd, o);
+      lo.configureSync(fd, o);
     } finally {
       lo.close(); // keeps the binding
     }

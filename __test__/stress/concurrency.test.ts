@@ -34,16 +34,16 @@ function assertReports(t: import('ava').ExecutionContext, reports: Report[]): vo
   t.log(`${PROCESSES} processes × ${FILES} files × ${ROUNDS} rounds = ${PROCESSES * FILES * ROUNDS} attaches on ${minors.size} distinct devices`);
 }
 
-stressTest.serial(`${PROCESSES} processes × N concurrent loopForFdAsync + detach on their own files`, async (t) => {
+stressTest.serial(`${PROCESSES} processes × N concurrent loopForFd + detach on their own files`, async (t) => {
   const dir = tempDir(t);
-  const reports = await run(dir, Array<Report['api']>(PROCESSES).fill('loopForFdAsync'));
+  const reports = await run(dir, Array<Report['api']>(PROCESSES).fill('loopForFd'));
   assertReports(t, reports);
   t.deepEqual(await boundAfterSettling(dir, 5000), [], 'devices left bound');
 });
 
-stressTest.serial(`${PROCESSES} processes mixing loopForFdAsync, loopForFd, attach and attachSync`, async (t) => {
+stressTest.serial(`${PROCESSES} processes mixing loopForFd, loopForFdSync, attach and attachSync`, async (t) => {
   const dir = tempDir(t);
-  const reports = await run(dir, ['loopForFdAsync', 'loopForFd', 'attach', 'attachSync']);
+  const reports = await run(dir, ['loopForFd', 'loopForFdSync', 'attach', 'attachSync']);
   assertReports(t, reports);
   t.deepEqual(await boundAfterSettling(dir, 5000), [], 'devices left bound');
   t.is(fs.readdirSync(dir).length, PROCESSES * FILES);

@@ -46,7 +46,7 @@ stressTest.serial(`${KILLS} processes SIGKILLed at random points during attach (
     const fd = fs.openSync(file, 'r+');
     t.teardown(() => fs.closeSync(fd));
     {
-      using lo = ctl.loopForFd(fd, { autoclear: true });
+      using lo = ctl.loopForFdSync(fd, { autoclear: true });
       t.true(lo.isBoundTo(fd));
       t.deepEqual(devicesBoundUnder(file), [lo.path]);
     }

@@ -46,7 +46,7 @@ async function removeElsewhere(minor: number): Promise<string> {
 stressTest.serial('losetup -d on our open device (another process): the kernel defers it, our calls stay clean', async (t) => {
   const img = image(t, 1 << 20);
   using ctl = new LoopControl();
-  const lo = ctl.loopForFd(img.fd);
+  const lo = ctl.loopForFdSync(img.fd);
   execFileSync('losetup', ['-d', lo.path]); // someone else detaches OUR device while we hold it open
   // Linux ≥ 5.x: it only sets autoclear (we are still an opener); either way every call is clean.
   const status = await clean(t, 'getStatus', () => lo.getStatus());
@@ -66,7 +66,7 @@ stressTest.serial(`losetup -d racing in-flight async calls on our device (${RACE
   const seen = new Map<string, number>();
   const note = (k: string): void => void seen.set(k, (seen.get(k) ?? 0) + 1);
   for (let i = 0; i < RACES; i++) {
-    const lo = await ctl.loopForFdAsync(img.fd);
+    const lo = await ctl.loopForFd(img.fd);
     // Another process detaches it while we query it, try to re-bind it and detach it ourselves, each of
     // our calls starting at a random moment around the (few ms long) `losetup -d` run.
     const other = run('losetup', ['-d', lo.path]).then(
@@ -78,11 +78,11 @@ stressTest.serial(`losetup -d racing in-flight async calls on our device (${RACE
     const ours = await Promise.all([
       later(() => clean(t, 'getStatus', () => lo.getStatus())),
       later(() => clean(t, 'isBoundTo', () => lo.isBoundTo(img.fd))),
-      later(() => clean(t, 'configureAsync', () => lo.configureAsync(img.fd))),
+      later(() => clean(t, 'configure', () => lo.configure(img.fd))),
       later(() => clean(t, 'detach', () => lo.detach(1000))),
     ]);
     note(await other);
-    ours.forEach((code, k) => note(`${['getStatus', 'isBoundTo', 'configureAsync', 'detach'][k]}: ${code}`));
+    ours.forEach((code, k) => note(`${['getStatus', 'isBoundTo', 'configure', 'detach'][k]}: ${code}`));
     await lo[Symbol.asyncDispose]().catch((e: unknown) => note(`asyncDispose: ${(e as LoopError).code}`));
     lo.close();
   }
@@ -141,7 +141,7 @@ stressTest.serial('a device removed by another process: opening it is a clean EN
   {
     using lo = new Loop(held);
     t.regex(await removeElsewhere(held), /^refused/, 'the kernel refuses to remove an open device');
-    lo.configure(img.fd); // still a working device
+    lo.configureSync(img.fd); // still a working device
     t.true(lo.isBoundTo(img.fd));
   }
   t.deepEqual(await boundAfterSettling(img.dir), []);
@@ -151,7 +151,7 @@ for (const api of ['clearFdWait', 'clearFdWaitSync', 'detach'] as const) {
   stressTest.serial(`${api} while another process holds the device open: ETIMEDOUT, then cleaned up`, async (t) => {
     const img = image(t, 1 << 20);
     using ctl = new LoopControl();
-    const lo = ctl.loopForFd(img.fd);
+    const lo = ctl.loopForFdSync(img.fd);
     const holder = holdOpen(lo.path);
     t.teardown(() => holder.release());
     await holder.ready;
@@ -182,7 +182,7 @@ stressTest.serial('a verified detach completes once another process that had the
   // gone instead of waiting out its whole timeout. Repro: /tmp/research/repro/detach-after-transient-opener.mts
   const img = image(t, 1 << 20);
   using ctl = new LoopControl();
-  const lo = ctl.loopForFd(img.fd);
+  const lo = ctl.loopForFdSync(img.fd);
   t.teardown(() => lo.close());
   const holder = holdOpen(lo.path);
   await holder.ready;
@@ -212,7 +212,7 @@ stressTest.serial('a Loop keeps working (and disposes cleanly) after its device 
   {
     using lo = new Loop(minor);
     fs.unlinkSync(node);
-    lo.configure(img.fd);
+    lo.configureSync(img.fd);
     t.true(lo.isBoundTo(img.fd));
     t.is(lo.getStatus().number, minor);
   }

@@ -3,9 +3,9 @@
  * its own file, detaches them all, `rounds` times. Prints one JSON line (Report) and exits 0 even when some
  * attaches failed (the parent asserts on the report).
  *
- *   node --import tsx attacher.ts '{"files":[...],"rounds":10,"api":"loopForFdAsync"}'
+ *   node --import tsx attacher.ts '{"files":[...],"rounds":10,"api":"loopForFd"}'
  *
- * api: loopForFdAsync (N concurrent calls sharing one LoopControl), loopForFd (sequential in this process,
+ * api: loopForFd (N concurrent calls sharing one LoopControl), loopForFdSync (sequential in this process,
  * concurrent with the other processes), attach (N concurrent), attachSync (sequential).
  */
 import * as fs from 'node:fs';
@@ -14,7 +14,7 @@ import { LoopControl, attach, attachSync, type Loop } from '../../../ts/index.js
 interface Spec {
   files: string[];
   rounds: number;
-  api: 'loopForFdAsync' | 'loopForFd' | 'attach' | 'attachSync';
+  api: 'loopForFd' | 'loopForFdSync' | 'attach' | 'attachSync';
 }
 
 export interface Report {
@@ -48,12 +48,12 @@ function check(lo: Loop, i: number): void {
 async function attachOne(i: number): Promise<{ lo: Loop; detach: () => Promise<void> } | null> {
   try {
     switch (spec.api) {
-      case 'loopForFdAsync': {
-        const lo = await ctl.loopForFdAsync(fds[i]!);
+      case 'loopForFd': {
+        const lo = await ctl.loopForFd(fds[i]!);
         return { lo, detach: () => lo[Symbol.asyncDispose]() };
       }
-      case 'loopForFd': {
-        const lo = ctl.loopForFd(fds[i]!);
+      case 'loopForFdSync': {
+        const lo = ctl.loopForFdSync(fds[i]!);
         return { lo, detach: async () => lo[Symbol.dispose]() };
       }
       case 'attach': {
@@ -72,7 +72,7 @@ async function attachOne(i: number): Promise<{ lo: Loop; detach: () => Promise<v
 }
 
 for (let r = 0; r < spec.rounds; r++) {
-  const sequential = spec.api === 'loopForFd' || spec.api === 'attachSync';
+  const sequential = spec.api === 'loopForFdSync' || spec.api === 'attachSync';
   const bound: Array<{ lo: Loop; detach: () => Promise<void> } | null> = [];
   if (sequential) for (let i = 0; i < fds.length; i++) bound.push(await attachOne(i));
   else bound.push(...(await Promise.all(fds.map((_, i) => attachOne(i)))));

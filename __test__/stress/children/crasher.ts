@@ -17,7 +17,7 @@ const fd = fs.openSync(file, 'r+');
 const ctl = new LoopControl();
 
 if (mode === 'hold') {
-  const lo = ctl.loopForFd(fd);
+  const lo = ctl.loopForFdSync(fd);
   console.log(`bound ${lo.minor}`);
   setInterval(() => lo.fd, 1000); // stay alive, keep lo referenced
 } else {
@@ -28,22 +28,22 @@ if (mode === 'hold') {
   for (let n = 0; ; n++) {
     switch (n % 4) {
       case 0: {
-        using lo = ctl.loopForFd(fd, { autoclear: true });
+        using lo = ctl.loopForFdSync(fd, { autoclear: true });
         void lo;
         break;
       }
       case 1: {
-        await using lo = await ctl.loopForFdAsync(fd, { autoclear: true });
+        await using lo = await ctl.loopForFd(fd, { autoclear: true });
         void lo;
         break;
       }
       case 2: {
-        const lo = ctl.loopForFd(fd, { autoclear: true, setup });
+        const lo = ctl.loopForFdSync(fd, { autoclear: true, setup });
         lo.close(); // autoclear: the kernel detaches at this last close
         break;
       }
       case 3: {
-        const lo = await ctl.loopForFdAsync(fd, { autoclear: true, setup });
+        const lo = await ctl.loopForFd(fd, { autoclear: true, setup });
         lo.close();
         break;
       }
