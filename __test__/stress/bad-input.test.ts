@@ -226,13 +226,13 @@ const CASES: Case[] = [
 
   // ---- use after close ----
   { name: 'closed Loop: getStatus()', call: (fx) => { const lo = fx.closedLoop; return () => lo.getStatus(); }, ...CLOSED },
-  { name: 'closed Loop: configure(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.configureSync(fx.fd); }, ...CLOSED },
+  { name: 'closed Loop: configureSync(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.configureSync(fx.fd); }, ...CLOSED },
   { name: 'closed Loop: isBoundTo(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.isBoundTo(fx.fd); }, ...CLOSED },
   { name: 'closed Loop: flock(LOCK_EX)', call: (fx) => { const lo = fx.closedLoop; return () => lo.flock(LOCK_EX); }, ...CLOSED },
   { name: 'closed Loop: detach()', call: (fx) => { const lo = fx.closedLoop; return () => lo.detach(); }, ...CLOSED, async: true },
   { name: 'closed Loop: configure(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.configure(fx.fd); }, ...CLOSED, async: true },
   { name: 'closed LoopControl: getUnbound()', call: (fx) => { const ctl = fx.closedCtl; return () => ctl.getUnbound(); }, ...CLOSED },
-  { name: 'closed LoopControl: loopForFd(fd)', call: (fx) => { const ctl = fx.closedCtl; return () => ctl.loopForFdSync(fx.fd); }, ...CLOSED },
+  { name: 'closed LoopControl: loopForFdSync(fd)', call: (fx) => { const ctl = fx.closedCtl; return () => ctl.loopForFdSync(fx.fd); }, ...CLOSED },
   { name: 'closed LoopControl: loopForFd(fd)', call: (fx) => { const ctl = fx.closedCtl; return () => ctl.loopForFd(fx.fd); }, ...CLOSED, async: true },
 
   // ---- wrong state ----
