@@ -288,3 +288,13 @@ console.log(JSON.stringify({ reply, stats: native.remoteServerStats(server) }));
   t.deepEqual(mountsUnder(nodes), [], 'and unmounted');
   t.deepEqual(await boundAfterSettling(img.path), []);
 });
+
+loopTest('the TS declaration of the addon (Native in ts/binding.ts) lists exactly what the addon exports', (t) => {
+  // Parsed from the source: a drift between the hand-written interface and lib.rs's export table fails here.
+  const source = fs.readFileSync(path.resolve('ts/binding.ts'), 'utf8');
+  const body = /export interface Native \{([\s\S]*?)\n\}/.exec(source)?.[1] ?? '';
+  const declared = [...body.matchAll(/^ {2}(\w+)\(/gm)].map((m) => m[1]!).sort();
+  const exported = Object.keys(native).filter((k) => typeof (native as unknown as Record<string, unknown>)[k] === 'function');
+  t.true(declared.length > 30, `${declared.length} methods declared`);
+  t.deepEqual(exported.sort(), declared);
+});
