@@ -256,3 +256,31 @@ loopTest('attach -P prints the partitions it made; info lists them, --json with 
   t.is(detached.code, 0, detached.stderr);
   t.false(fs.existsSync(`${devPath}p1`), 'the partitions went with the device');
 });
+
+loopTest('serve --allow-uid replaces the default (our uid and root): root is refused unless listed', async (t) => {
+  const dir = tempDir(t);
+  const file = sparseFile(dir, 4 * MiB);
+  for (const [uids, rootAllowed] of [[['65534'], false], [['65534', '0'], true]] as const) {
+    const sock = path.join(dir, `loop-${uids.join('-')}.sock`);
+    const child = spawnCli(['serve', '-q', '--socket', sock, ...uids.flatMap((u) => ['--allow-uid', u])]);
+    t.teardown(() => {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    });
+    let stderr = '';
+    await new Promise<void>((resolve) =>
+      child.stderr.on('data', (d: Buffer) => {
+        stderr += d.toString();
+        if (stderr.includes('listening on')) resolve();
+      }),
+    );
+    {
+      using client = new LoopClient(sock);
+      const asked = client.device(file, { devDir: dir });
+      if (rootAllowed) await (await asked).remove();
+      else await t.throwsAsync(asked, { code: 'EPERM', message: /uid 0 is not allowed/ });
+    }
+    const exit = new Promise((resolve) => child.on('close', resolve));
+    child.kill('SIGTERM');
+    t.is(await exit, 0, stderr);
+  }
+});
