@@ -27,7 +27,6 @@ const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: nu
   loopFlushBuf: { wants: ['loop'], args: () => [] },
   loopSetFd: { wants: ['loop'], args: (fd) => [fd] },
   loopClearFd: { wants: ['loop'], args: () => [] },
-  loopClearFdAsync: { wants: ['loop'], args: () => [] },
   loopClearFdWait: { wants: ['loop'], args: (fd) => [fd, 0, 1] },
   loopClearFdWaitAsync: { wants: ['loop'], args: (fd) => [fd, 0, 1] },
   loopDetach: { wants: ['loop'], args: () => [0, 1] },

@@ -101,7 +101,6 @@ export interface Native {
   loopFlushBuf(h: Handle): void;
   loopSetFd(h: Handle, fd: number): void;
   loopClearFd(h: Handle): void;
-  loopClearFdAsync(h: Handle): Promise<void>;
   loopClearFdWait(h: Handle, fd: number, timeoutMs: number, waitMs: number): void;
   loopClearFdWaitAsync(h: Handle, fd: number, timeoutMs: number, waitMs: number): Promise<void>;
   loopDetach(h: Handle, timeoutMs: number, waitMs: number): void;

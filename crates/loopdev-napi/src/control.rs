@@ -151,9 +151,9 @@ mod setup {
             if status != NAPI_OK {
                 // SAFETY: not queued, so still ours.
                 drop(unsafe { Box::from_raw(call) });
-                return Err(Failure::Type("setup callback could not be called (environment closing)".into()));
+                return Err(Failure::Internal("setup callback could not be called (environment closing)".into()));
             }
-            answer.recv().unwrap_or_else(|_| Err(Failure::Type("setup callback was dropped".into())))
+            answer.recv().unwrap_or_else(|_| Err(Failure::Internal("setup callback was dropped".into())))
         }
     }
 
@@ -169,10 +169,10 @@ mod setup {
         let Call { lo, reply } = *unsafe { Box::from_raw(data.cast::<Call>()) };
         no_unwind(|| {
             let result = if env.is_null() {
-                Err(Failure::Type("setup callback was not run: the environment is closing".into()))
+                Err(Failure::Internal("setup callback was not run: the environment is closing".into()))
             } else {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(Env(env), func, lo)))
-                    .unwrap_or_else(|_| Err(Failure::Type("internal error (panic) in loopdev native code".into())))
+                    .unwrap_or_else(|_| Err(Failure::Internal("internal error (panic) in loopdev native code".into())))
             };
             // The worker waits for this answer: send one whatever happened.
             let _ = reply.send(result);

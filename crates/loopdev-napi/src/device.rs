@@ -54,11 +54,6 @@ pub fn clear_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     env.undefined()
 }
 
-pub fn clear_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
-    let lo = this(env, args)?;
-    crate::task::spawn(env, "loopdev.clearFd", move || Ok(lo.clear_fd()?), done)
-}
-
 fn wait_args(env: Env, args: &[Value]) -> JsResult<(std::os::unix::io::RawFd, Duration, Duration)> {
     let fd = fd_at(env, args, 1, "fd")?;
     let (timeout, wait) = detach_args(env, args.get(1..).unwrap_or(&[]))?;

@@ -66,6 +66,7 @@ pub fn to_js(env: Env, failure: &Failure) -> JsResult<Value> {
             (format!("ERR_LOOP_CLOSED: {what} is closed"), classes(env).map(|c| c.loop_error))
         }
         Failure::Type(msg) => return plain(env, napi_create_type_error, "ERR_INVALID_ARG_TYPE", msg),
+        Failure::Internal(msg) => return plain(env, napi_create_error, "ERR_LOOP_INTERNAL", msg),
         Failure::Range(msg) => return plain(env, napi_create_range_error, "ERR_OUT_OF_RANGE", msg),
         Failure::Pending => return env.undefined(),
         Failure::Thrown(t) => return env.thrown_value(t),

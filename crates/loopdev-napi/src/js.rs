@@ -13,6 +13,8 @@ pub enum Failure {
     /// A handle used after close(): `ERR_LOOP_CLOSED`.
     Closed(&'static str),
     Type(String),
+    /// Not the caller's doing: a panic, cancelled work, a callback that could not run (`ERR_LOOP_INTERNAL`).
+    Internal(String),
     Range(String),
     /// A JS exception is already pending (thrown by a callback, or by N-API itself).
     Pending,
@@ -325,7 +327,7 @@ unsafe extern "C" fn trampoline(env: napi_env, info: napi_callback_info) -> napi
             ptr::null_mut()
         }
         Err(_) => {
-            env.throw(Failure::Type("internal error (panic) in loopdev native code".into()));
+            env.throw(Failure::Internal("internal error (panic) in loopdev native code".into()));
             ptr::null_mut()
         }
     }

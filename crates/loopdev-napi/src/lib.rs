@@ -31,7 +31,6 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("loopFlushBuf", device::flush_buf),
     ("loopSetFd", device::set_fd),
     ("loopClearFd", device::clear_fd),
-    ("loopClearFdAsync", device::clear_fd_async),
     ("loopClearFdWait", device::clear_fd_wait),
     ("loopClearFdWaitAsync", device::clear_fd_wait_async),
     ("loopDetach", device::detach),

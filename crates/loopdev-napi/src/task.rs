@@ -80,7 +80,7 @@ unsafe extern "C" fn complete<T>(env: napi_env, status: napi_status, data: *mut 
         let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match output {
             Some(Ok(v)) if status == NAPI_OK => finish(env, v),
             Some(Err(f)) => Err(f),
-            _ => Err(Failure::Type("async work was cancelled".into())),
+            _ => Err(Failure::Internal("async work was cancelled".into())),
         }));
         settle(env, deferred, settled.unwrap_or_else(|_| Err(panicked())));
     });
@@ -100,7 +100,7 @@ fn new_promise(env: Env) -> JsResult<(napi_deferred, napi_value)> {
 }
 
 fn panicked() -> Failure {
-    Failure::Type("internal error (panic) in loopdev native code".into())
+    Failure::Internal("internal error (panic) in loopdev native code".into())
 }
 
 /// Resolves or rejects the promise, and never leaves it pending: whoever awaits it would wait forever.
