@@ -1,6 +1,6 @@
 //! Raw N-API declarations, hand-written from Node's `js_native_api*.h` / `node_api*.h` headers,
 //! because no `napi`/`napi-sys` crate is available offline; nothing else in the crate touches raw N-API.
-#![allow(non_camel_case_types, dead_code)]
+#![allow(non_camel_case_types)]
 
 use std::os::raw::{c_char, c_void};
 
@@ -36,10 +36,6 @@ pub struct napi_threadsafe_function__ {
 pub struct napi_callback_info__ {
     _private: [u8; 0],
 }
-#[repr(C)]
-pub struct napi_handle_scope__ {
-    _private: [u8; 0],
-}
 
 pub type napi_env = *mut napi_env__;
 /// Without NAPI_EXPERIMENTAL, `node_api_basic_env` is the same type as `napi_env`.
@@ -50,7 +46,6 @@ pub type napi_deferred = *mut napi_deferred__;
 pub type napi_async_work = *mut napi_async_work__;
 pub type napi_threadsafe_function = *mut napi_threadsafe_function__;
 pub type napi_callback_info = *mut napi_callback_info__;
-pub type napi_handle_scope = *mut napi_handle_scope__;
 
 // ---------------------------------------------------------------------------
 // Enums (C enums are `int` on the supported targets)
@@ -58,20 +53,6 @@ pub type napi_handle_scope = *mut napi_handle_scope__;
 
 pub type napi_status = i32;
 pub const NAPI_OK: napi_status = 0;
-pub const NAPI_INVALID_ARG: napi_status = 1;
-pub const NAPI_OBJECT_EXPECTED: napi_status = 2;
-pub const NAPI_STRING_EXPECTED: napi_status = 3;
-pub const NAPI_NAME_EXPECTED: napi_status = 4;
-pub const NAPI_FUNCTION_EXPECTED: napi_status = 5;
-pub const NAPI_NUMBER_EXPECTED: napi_status = 6;
-pub const NAPI_BOOLEAN_EXPECTED: napi_status = 7;
-pub const NAPI_ARRAY_EXPECTED: napi_status = 8;
-pub const NAPI_GENERIC_FAILURE: napi_status = 9;
-pub const NAPI_PENDING_EXCEPTION: napi_status = 10;
-pub const NAPI_CANCELLED: napi_status = 11;
-pub const NAPI_QUEUE_FULL: napi_status = 15;
-pub const NAPI_CLOSING: napi_status = 16;
-pub const NAPI_BIGINT_EXPECTED: napi_status = 17;
 
 pub type napi_valuetype = i32;
 pub const NAPI_UNDEFINED: napi_valuetype = 0;
@@ -79,25 +60,16 @@ pub const NAPI_NULL: napi_valuetype = 1;
 pub const NAPI_BOOLEAN: napi_valuetype = 2;
 pub const NAPI_NUMBER: napi_valuetype = 3;
 pub const NAPI_STRING: napi_valuetype = 4;
-pub const NAPI_SYMBOL: napi_valuetype = 5;
 pub const NAPI_OBJECT: napi_valuetype = 6;
 pub const NAPI_FUNCTION: napi_valuetype = 7;
 pub const NAPI_EXTERNAL: napi_valuetype = 8;
 pub const NAPI_BIGINT: napi_valuetype = 9;
 
-pub type napi_property_attributes = i32;
-pub const NAPI_DEFAULT: napi_property_attributes = 0;
-pub const NAPI_WRITABLE: napi_property_attributes = 1 << 0;
-pub const NAPI_ENUMERABLE: napi_property_attributes = 1 << 1;
-pub const NAPI_CONFIGURABLE: napi_property_attributes = 1 << 2;
-
 pub type napi_threadsafe_function_call_mode = i32;
-pub const NAPI_TSFN_NONBLOCKING: napi_threadsafe_function_call_mode = 0;
 pub const NAPI_TSFN_BLOCKING: napi_threadsafe_function_call_mode = 1;
 
 pub type napi_threadsafe_function_release_mode = i32;
 pub const NAPI_TSFN_RELEASE: napi_threadsafe_function_release_mode = 0;
-pub const NAPI_TSFN_ABORT: napi_threadsafe_function_release_mode = 1;
 
 // ---------------------------------------------------------------------------
 // Callback types
@@ -119,20 +91,6 @@ pub type napi_cleanup_hook = Option<unsafe extern "C" fn(arg: *mut c_void)>;
 // Structs
 // ---------------------------------------------------------------------------
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct napi_property_descriptor {
-    /// One of `utf8name` or `name` should be NULL.
-    pub utf8name: *const c_char,
-    pub name: napi_value,
-    pub method: napi_callback,
-    pub getter: napi_callback,
-    pub setter: napi_callback,
-    pub value: napi_value,
-    pub attributes: napi_property_attributes,
-    pub data: *mut c_void,
-}
-
 /// A 128-bit tag marking which native type an object or external holds (N-API 8; externals since Node 20).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -141,30 +99,16 @@ pub struct napi_type_tag {
     pub upper: u64,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct napi_extended_error_info {
-    pub error_message: *const c_char,
-    pub engine_reserved: *mut c_void,
-    pub engine_error_code: u32,
-    pub error_code: napi_status,
-}
-
 // ---------------------------------------------------------------------------
 // Functions (resolved from the host node process at load time)
 // ---------------------------------------------------------------------------
 
 extern "C" {
     // Errors / last error
-    pub fn napi_get_last_error_info(
-        env: node_api_basic_env,
-        result: *mut *const napi_extended_error_info,
-    ) -> napi_status;
 
     // Singletons
     pub fn napi_get_undefined(env: napi_env, result: *mut napi_value) -> napi_status;
     pub fn napi_get_null(env: napi_env, result: *mut napi_value) -> napi_status;
-    pub fn napi_get_global(env: napi_env, result: *mut napi_value) -> napi_status;
     pub fn napi_get_boolean(env: napi_env, value: bool, result: *mut napi_value) -> napi_status;
 
     // Object / array creation and access
@@ -172,15 +116,10 @@ extern "C" {
     pub fn napi_create_array_with_length(env: napi_env, length: usize, result: *mut napi_value) -> napi_status;
     pub fn napi_set_element(env: napi_env, object: napi_value, index: u32, value: napi_value) -> napi_status;
     pub fn napi_get_element(env: napi_env, object: napi_value, index: u32, result: *mut napi_value) -> napi_status;
-    pub fn napi_get_array_length(env: napi_env, value: napi_value, result: *mut u32) -> napi_status;
     pub fn napi_is_array(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
 
     // Primitive creation
-    pub fn napi_create_int32(env: napi_env, value: i32, result: *mut napi_value) -> napi_status;
-    pub fn napi_create_uint32(env: napi_env, value: u32, result: *mut napi_value) -> napi_status;
     pub fn napi_create_int64(env: napi_env, value: i64, result: *mut napi_value) -> napi_status;
-    pub fn napi_create_double(env: napi_env, value: f64, result: *mut napi_value) -> napi_status;
-    pub fn napi_create_bigint_int64(env: napi_env, value: i64, result: *mut napi_value) -> napi_status;
     pub fn napi_create_bigint_uint64(env: napi_env, value: u64, result: *mut napi_value) -> napi_status;
     pub fn napi_create_string_utf8(
         env: napi_env,
@@ -196,12 +135,6 @@ extern "C" {
         result: *mut u64,
         lossless: *mut bool,
     ) -> napi_status;
-    pub fn napi_get_value_bigint_int64(
-        env: napi_env,
-        value: napi_value,
-        result: *mut i64,
-        lossless: *mut bool,
-    ) -> napi_status;
     pub fn napi_get_value_string_utf8(
         env: napi_env,
         value: napi_value,
@@ -209,32 +142,11 @@ extern "C" {
         bufsize: usize,
         result: *mut usize,
     ) -> napi_status;
-    pub fn napi_get_value_int32(env: napi_env, value: napi_value, result: *mut i32) -> napi_status;
-    pub fn napi_get_value_uint32(env: napi_env, value: napi_value, result: *mut u32) -> napi_status;
-    pub fn napi_get_value_int64(env: napi_env, value: napi_value, result: *mut i64) -> napi_status;
     pub fn napi_get_value_double(env: napi_env, value: napi_value, result: *mut f64) -> napi_status;
     pub fn napi_get_value_bool(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
     pub fn napi_typeof(env: napi_env, value: napi_value, result: *mut napi_valuetype) -> napi_status;
 
     // Properties
-    pub fn napi_set_named_property(
-        env: napi_env,
-        object: napi_value,
-        utf8name: *const c_char,
-        value: napi_value,
-    ) -> napi_status;
-    pub fn napi_get_named_property(
-        env: napi_env,
-        object: napi_value,
-        utf8name: *const c_char,
-        result: *mut napi_value,
-    ) -> napi_status;
-    pub fn napi_has_named_property(
-        env: napi_env,
-        object: napi_value,
-        utf8name: *const c_char,
-        result: *mut bool,
-    ) -> napi_status;
     pub fn napi_get_property(
         env: napi_env,
         object: napi_value,
@@ -242,12 +154,6 @@ extern "C" {
         result: *mut napi_value,
     ) -> napi_status;
     pub fn napi_set_property(env: napi_env, object: napi_value, key: napi_value, value: napi_value) -> napi_status;
-    pub fn napi_define_properties(
-        env: napi_env,
-        object: napi_value,
-        property_count: usize,
-        properties: *const napi_property_descriptor,
-    ) -> napi_status;
 
     // Functions
     pub fn napi_create_function(
@@ -310,8 +216,6 @@ extern "C" {
     // Exceptions and errors
     pub fn napi_throw(env: napi_env, error: napi_value) -> napi_status;
     pub fn napi_throw_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
-    pub fn napi_throw_type_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
-    pub fn napi_throw_range_error(env: napi_env, code: *const c_char, msg: *const c_char) -> napi_status;
     pub fn napi_is_exception_pending(env: napi_env, result: *mut bool) -> napi_status;
     pub fn napi_get_and_clear_last_exception(env: napi_env, result: *mut napi_value) -> napi_status;
     pub fn napi_create_error(env: napi_env, code: napi_value, msg: napi_value, result: *mut napi_value) -> napi_status;
@@ -365,13 +269,10 @@ extern "C" {
         data: *mut c_void,
         is_blocking: napi_threadsafe_function_call_mode,
     ) -> napi_status;
-    pub fn napi_acquire_threadsafe_function(func: napi_threadsafe_function) -> napi_status;
     pub fn napi_release_threadsafe_function(
         func: napi_threadsafe_function,
         mode: napi_threadsafe_function_release_mode,
     ) -> napi_status;
-    pub fn napi_unref_threadsafe_function(env: node_api_basic_env, func: napi_threadsafe_function) -> napi_status;
-    pub fn napi_ref_threadsafe_function(env: node_api_basic_env, func: napi_threadsafe_function) -> napi_status;
 
     // Instance data and lifecycle
     pub fn napi_set_instance_data(
@@ -389,22 +290,6 @@ extern "C" {
     ) -> napi_status;
 
     // Handle scopes
-    pub fn napi_open_handle_scope(env: napi_env, result: *mut napi_handle_scope) -> napi_status;
-    pub fn napi_close_handle_scope(env: napi_env, scope: napi_handle_scope) -> napi_status;
 
     // Buffers
-    pub fn napi_create_buffer_copy(
-        env: napi_env,
-        length: usize,
-        data: *const c_void,
-        result_data: *mut *mut c_void,
-        result: *mut napi_value,
-    ) -> napi_status;
-    pub fn napi_get_buffer_info(
-        env: napi_env,
-        value: napi_value,
-        data: *mut *mut c_void,
-        length: *mut usize,
-    ) -> napi_status;
-    pub fn napi_is_buffer(env: napi_env, value: napi_value, result: *mut bool) -> napi_status;
 }
