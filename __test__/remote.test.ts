@@ -258,19 +258,25 @@ function openToOthers(dir: string, socketPath: string): void {
   fs.chmodSync(socketPath, 0o666);
 }
 
-loopTest('a peer whose uid is not allowed is refused (child running as uid 65534)', async (t) => {
-  const img = image(t);
-  const srv = await server(t, img.dir);
-  openToOthers(img.dir, srv.socketPath);
+/** osbuild's client as uid 65534 asks `socketPath` for a device of `img` with its node in `img.dir` (root's). */
+async function askAsNobody(t: ExecutionContext, socketPath: string, img: { dir: string; fd: number }): Promise<Json> {
+  openToOthers(img.dir, socketPath);
   const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
   t.teardown(() => fs.closeSync(dirFd));
-  const [result] = await runPeer(['client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir], {
+  const [result] = await runPeer(['client', socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir], {
     uid: 65534,
     gid: 65534,
     stdio: ['ignore', 'pipe', 'inherit', img.fd, dirFd],
   });
-  t.false(result!.ok, JSON.stringify(result));
-  t.regex(result!.error, /^OSError: \[Errno 1\] EPERM: uid 65534 is not allowed to use this loop server/);
+  return result!;
+}
+
+loopTest('a peer whose uid is not allowed is refused (child running as uid 65534)', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  const result = await askAsNobody(t, srv.socketPath, img);
+  t.false(result.ok, JSON.stringify(result));
+  t.regex(result.error, /^OSError: \[Errno 1\] EPERM: uid 65534 is not allowed to use this loop server/);
   t.like(srv.stats(), { refused: 1, devices: 0, connections: 0 });
   t.deepEqual(devicesBoundUnder(img.dir), []);
   t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop']);
@@ -317,16 +323,9 @@ loopTest('a uid in allowUids gets a device in its own directory, released when i
 loopTest("a non-root peer cannot have a node made in a directory it does not own (uid 65534)", async (t) => {
   const img = image(t);
   const srv = await server(t, img.dir, [0, 65534]);
-  openToOthers(img.dir, srv.socketPath);
-  const dirFd = fs.openSync(img.dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  t.teardown(() => fs.closeSync(dirFd));
-  const [result] = await runPeer(['client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', img.dir], {
-    uid: 65534,
-    gid: 65534,
-    stdio: ['ignore', 'pipe', 'inherit', img.fd, dirFd],
-  });
-  t.false(result!.ok, JSON.stringify(result));
-  t.regex(result!.error, /\[Errno 13\] EACCES: 'dir_fd' must be a directory owned by uid 65534/);
+  const result = await askAsNobody(t, srv.socketPath, img);
+  t.false(result.ok, JSON.stringify(result));
+  t.regex(result.error, /\[Errno 13\] EACCES: 'dir_fd' must be a directory owned by uid 65534/);
   t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'nothing was created there');
   t.deepEqual(devicesBoundUnder(img.dir), []);
 });
