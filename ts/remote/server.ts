@@ -22,7 +22,7 @@ export interface LoopServerQuotas {
   workers?: number;
   /**
    * Requests of one uid served at once (default 2), counting ones stuck past their deadline on a file that
-   * does not answer; more get EAGAIN at once, so one peer cannot take every worker.
+   * does not answer, so one peer cannot take every worker; more wait for a place until their deadline.
    */
   maxRequestsPerUid?: number;
   /** A request not answered by then gets ETIMEDOUT (default 30000; 0: never). */
