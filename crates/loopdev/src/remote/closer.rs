@@ -17,6 +17,23 @@ pub(super) const ANY_UID: u32 = u32::MAX;
 
 type Droppable = Box<dyn Send>;
 
+/// What a lane closes, and how many fds of ours it holds until then (the lane's backlog counts those).
+pub(super) trait Closable: Send + 'static {
+    fn fds(&self) -> usize;
+}
+
+impl Closable for std::os::unix::io::OwnedFd {
+    fn fds(&self) -> usize {
+        1
+    }
+}
+
+impl Closable for Vec<std::os::unix::io::OwnedFd> {
+    fn fds(&self) -> usize {
+        self.len()
+    }
+}
+
 struct Lane {
     tx: mpsc::Sender<(Droppable, usize)>,
     /// Fds queued on this lane and not closed yet.
@@ -31,9 +48,10 @@ pub(super) struct Closer {
 }
 
 impl Closer {
-    /// Drops `what` (holding `fds` descriptors) on `uid`'s lane. Should no thread start (the system is out
-    /// of them), it is dropped here: there is no better place left.
-    pub fn close(&mut self, uid: u32, what: impl Send + 'static, fds: usize) {
+    /// Drops `what` on `uid`'s lane. Should no thread start (the system is out of them), it is dropped here:
+    /// there is no better place left.
+    pub fn close(&mut self, uid: u32, what: impl Closable) {
+        let fds = what.fds();
         let uid = if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES { uid } else { ANY_UID };
         let what: Droppable = Box::new(what);
         let total = Arc::clone(&self.total);

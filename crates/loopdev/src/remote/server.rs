@@ -14,7 +14,7 @@
 //! does not pin one device per request.
 
 use super::attach::{self, Counters, Held, Outgoing};
-use super::closer::{Closer, ANY_UID};
+use super::closer::{Closable, Closer, ANY_UID};
 use super::jsoncomm::{self, Incoming, Limits};
 use super::seqpacket::{self, PeerCred};
 use super::wire::WireError;
@@ -379,6 +379,24 @@ impl Drop for Conn {
     }
 }
 
+impl Closable for Conn {
+    fn fds(&self) -> usize {
+        1
+    }
+}
+
+impl Closable for workers::Request {
+    fn fds(&self) -> usize {
+        self.fds.len()
+    }
+}
+
+impl Closable for VecDeque<workers::Request> {
+    fn fds(&self) -> usize {
+        self.iter().map(|r| r.fds.len()).sum()
+    }
+}
+
 /// A request a worker has: who asked, and until when the peer waits for it.
 #[derive(Debug)]
 struct InFlight {
@@ -420,8 +438,7 @@ impl Serve {
         drop(self.listener);
         drop(self.socket_file);
         for (uid, queue) in self.queued.drain() {
-            let fds = queue.iter().map(|r| r.fds.len()).sum();
-            self.closer.close(uid, queue, fds);
+            self.closer.close(uid, queue);
         }
         let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, &mut self.closer);
         self.counters.running.store(false, Ordering::SeqCst);
@@ -563,8 +580,7 @@ impl Serve {
             Ok(()) => *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1,
             Err(failed) => {
                 let (e, request) = *failed;
-                let fds = request.fds.len();
-                self.closer.close(peer.uid, request, fds);
+                self.closer.close(peer.uid, request);
                 let r = self.in_flight.remove(&id);
                 if let Some(conn) = self.conns.iter_mut().find(|c| Some(c.id) == r.as_ref().map(|r| r.conn)) {
                     conn.waiting = None;
@@ -585,8 +601,7 @@ impl Serve {
             Some(at) => {
                 let request = queue.remove(at).expect("found above");
                 self.in_flight.remove(&id);
-                let fds = request.fds.len();
-                self.closer.close(uid, request, fds);
+                self.closer.close(uid, request);
                 true
             }
             None => false,
@@ -642,7 +657,7 @@ impl Serve {
         self.conns = alive;
         for mut conn in dead {
             conn.uncount();
-            self.closer.close(conn.peer.uid, conn, 1);
+            self.closer.close(conn.peer.uid, conn);
         }
     }
 
@@ -672,21 +687,18 @@ impl Serve {
             // A refused peer's first message, whatever it is: refuse and hang up.
             Incoming::Message(msg) if conn.refused_until.is_some() => {
                 conn.last_reply = true;
-                let n = msg.fds.len();
-                self.closer.close(uid, msg.fds, n);
+                self.closer.close(uid, msg.fds);
                 refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
             }
             Incoming::Invalid(_, fds) if conn.refused_until.is_some() => {
                 conn.last_reply = true;
-                let n = fds.len();
-                self.closer.close(uid, fds, n);
+                self.closer.close(uid, fds);
                 refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
             }
             Incoming::Closed => unreachable!("handled above"),
             Incoming::Invalid(why, fds) => {
                 self.counters.requests.fetch_add(1, Ordering::SeqCst);
-                let n = fds.len();
-                self.closer.close(uid, fds, n);
+                self.closer.close(uid, fds);
                 refusal(&self.counters, &conn.peer, why)
             }
             Incoming::Message(msg) => {
@@ -726,7 +738,7 @@ impl Serve {
                     // than wake up for it again at once, forever.
                     self.spare = None;
                     if let Ok(sock) = seqpacket::accept(self.listener.as_fd()) {
-                        self.closer.close(ANY_UID, sock, 1);
+                        self.closer.close(ANY_UID, sock);
                     }
                     self.spare = spare_fd();
                     return;
@@ -737,7 +749,7 @@ impl Serve {
             let peer = match seqpacket::peer_cred(sock.as_fd()) {
                 Ok(p) => p,
                 Err(_) => {
-                    self.closer.close(ANY_UID, sock, 1);
+                    self.closer.close(ANY_UID, sock);
                     continue;
                 }
             };
@@ -786,7 +798,7 @@ fn release_all(
         pending += usize::from(!held.is_empty());
         workers.release(held);
         conn.uncount();
-        closer.close(conn.peer.uid, conn, 1);
+        closer.close(conn.peer.uid, conn);
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while pending > 0 {
@@ -820,13 +832,12 @@ fn refuse_now(counters: &Counters, closer: &mut Closer, sock: OwnedFd, peer: &Pe
     for _ in 0..reads {
         match seqpacket::recv(sock.as_fd(), &mut buf, jsoncomm::SCM_MAX_FD) {
             Ok(p) if p.len > 0 || !p.fds.is_empty() => {
-                let n = p.fds.len();
-                closer.close(peer.uid, p.fds, n);
+                closer.close(peer.uid, p.fds);
             }
             _ => break,
         }
     }
-    closer.close(peer.uid, sock, 1);
+    closer.close(peer.uid, sock);
 }
 
 /// What a peer whose uid is not allowed is told: that, and nothing about who is allowed.
