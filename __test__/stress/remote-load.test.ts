@@ -33,8 +33,7 @@ for i in range(n):
         ok += 1
     else:
         failed.append(reply)
-    if i == 0:
-        print("started", flush=True)
+    print("done %d" % (i + 1), flush=True)
     s.close()
 print(json.dumps({"ok": ok, "failed": failed[:3]}), flush=True)
 `;
@@ -60,9 +59,16 @@ async function round(socketPath: string, dir: string, kill: number): Promise<{ o
       const child = spawn('python3', ['-c', CLIENT, socketPath, file, own, String(REQUESTS)], { stdio: ['ignore', 'pipe', 'pipe'] });
       const done = finished(child);
       if (i < kill) {
-        // Killed at a random point after its first request: mid-request, holding a device, or between two.
-        await new Promise((resolve) => createInterface({ input: child.stdout! }).once('line', resolve));
-        await new Promise((r) => setTimeout(r, Math.random() * 200));
+        // Killed after a random number of its requests, well before the last one, at a random moment:
+        // mid-request, holding a device, or between two.
+        const after = 1 + Math.floor(Math.random() * (REQUESTS - 6));
+        const lines = createInterface({ input: child.stdout! });
+        await new Promise<void>((resolve) =>
+          lines.on('line', (line) => {
+            if (line === `done ${after}`) resolve();
+          }),
+        );
+        await new Promise((r) => setTimeout(r, Math.random() * 3));
         child.kill('SIGKILL');
       }
       const r = await done;
