@@ -6,8 +6,19 @@
 //!
 //! A wedged lane keeps what is queued on it open, in our fd table: the server asks `backlog` and stops
 //! reading from a uid whose lane holds too much, and stops accepting while all lanes together do.
+//!
+//! A peer's socket is different: the peer can make as many as it likes (connect, hang up, connect), so
+//! they must not pile up in our fd table. `close_socket` closes one at once if nothing is queued on it (see
+//! `seqpacket::disarm`). One that still holds fds is parked: sent, up to `SCM_MAX_FD` at a time, in
+//! `SCM_RIGHTS` over a socket pair whose receiving end goes to the lane. The sockets wait in the kernel,
+//! in no fd table, and cost one fd of ours per batch; the lane receives the batch with room for no fds,
+//! which makes the kernel close them on the lane's thread. How many a peer can have parked is bounded by
+//! the kernel too: each holds at least one of the peer's fds in flight, and a user's fds in flight are
+//! limited to its `RLIMIT_NOFILE`.
 
+use super::seqpacket::{self, Leftover, SCM_MAX_FD};
 use std::collections::HashMap;
+use std::os::unix::io::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -16,6 +27,12 @@ const MAX_LANES: usize = 64;
 pub(super) const ANY_UID: u32 = u32::MAX;
 
 type Droppable = Box<dyn Send>;
+
+enum Job {
+    Close(Droppable),
+    /// The receiving end of a socket pair with one batch of parked sockets waiting in it.
+    Unpark(OwnedFd),
+}
 
 /// What a lane closes, and how many fds of ours it holds until then (the lane's backlog counts those).
 pub(super) trait Closable: Send + 'static {
@@ -35,9 +52,12 @@ impl Closable for Vec<std::os::unix::io::OwnedFd> {
 }
 
 struct Lane {
-    tx: mpsc::Sender<(Droppable, usize)>,
+    /// Jobs, with the fds of ours each holds.
+    tx: mpsc::Sender<(Job, usize)>,
     /// Fds queued on this lane and not closed yet.
     pending: Arc<AtomicUsize>,
+    /// Sockets to park with the next batch (in our fd table until `park_all`).
+    to_park: Vec<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -52,26 +72,75 @@ impl Closer {
     /// there is no better place left.
     pub fn close(&mut self, uid: u32, what: impl Closable) {
         let fds = what.fds();
-        let uid = if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES { uid } else { ANY_UID };
-        let what: Droppable = Box::new(what);
+        self.enqueue(uid, Job::Close(Box::new(what)), fds);
+    }
+
+    fn enqueue(&mut self, uid: u32, job: Job, fds: usize) {
+        let uid = self.lane_uid(uid);
         let total = Arc::clone(&self.total);
-        let what = match self.lane(uid) {
+        let job = match self.lane(uid) {
             Some(lane) => {
                 lane.pending.fetch_add(fds, Ordering::SeqCst);
                 total.fetch_add(fds, Ordering::SeqCst);
-                match lane.tx.send((what, fds)) {
+                match lane.tx.send((job, fds)) {
                     Ok(()) => return,
-                    Err(mpsc::SendError((what, _))) => {
+                    Err(mpsc::SendError((job, _))) => {
                         lane.pending.fetch_sub(fds, Ordering::SeqCst);
                         total.fetch_sub(fds, Ordering::SeqCst);
-                        what
+                        job
                     }
                 }
             }
-            None => what,
+            None => job,
         };
         self.lanes.remove(&uid);
-        drop(what);
+        drop(job);
+    }
+
+    /// Closes a peer's socket: here if that cannot block, else on `uid`'s lane, parked (see above) until it
+    /// gets there. Call `park_all` before waiting: sockets are parked in batches.
+    pub fn close_socket(&mut self, uid: u32, sock: OwnedFd) {
+        if seqpacket::disarm(sock.as_fd()) == Leftover::Nothing {
+            return drop(sock);
+        }
+        let uid = self.lane_uid(uid);
+        match self.lane(uid) {
+            Some(lane) => {
+                lane.to_park.push(sock);
+                if lane.to_park.len() == SCM_MAX_FD {
+                    self.park(uid);
+                }
+            }
+            None => drop(sock),
+        }
+    }
+
+    /// Parks every socket `close_socket` has batched.
+    pub fn park_all(&mut self) {
+        let uids: Vec<u32> = self.lanes.iter().filter(|(_, l)| !l.to_park.is_empty()).map(|(&uid, _)| uid).collect();
+        for uid in uids {
+            self.park(uid);
+        }
+    }
+
+    fn park(&mut self, uid: u32) {
+        let lane = match self.lanes.get_mut(&uid) {
+            Some(lane) => lane,
+            None => return,
+        };
+        let batch = std::mem::take(&mut lane.to_park);
+        // One pair per batch: its sending end is closed at once, so a batch costs one fd of ours (counted
+        // like any fd on the lane) for up to SCM_MAX_FD sockets.
+        if let Ok((w, r)) = seqpacket::socketpair() {
+            let fds: Vec<_> = batch.iter().map(|s| s.as_fd()).collect();
+            if seqpacket::send(w.as_fd(), &[0], &fds).is_ok() {
+                // Ours are no longer the last references to the parked sockets: dropping them closes nothing.
+                drop(batch);
+                return self.enqueue(uid, Job::Unpark(r), 1);
+            }
+        }
+        // No pair: close them as any other fds of this uid.
+        self.close(uid, batch);
     }
 
     /// Fds still waiting to be closed for `uid` (its lane's backlog).
@@ -85,24 +154,42 @@ impl Closer {
         self.total.load(Ordering::SeqCst)
     }
 
-    fn lane(&mut self, uid: u32) -> Option<&Lane> {
+    fn lane_uid(&self, uid: u32) -> u32 {
+        if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES {
+            uid
+        } else {
+            ANY_UID
+        }
+    }
+
+    fn lane(&mut self, uid: u32) -> Option<&mut Lane> {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.lanes.entry(uid) {
-            let (tx, rx) = mpsc::channel::<(Droppable, usize)>();
+            let (tx, rx) = mpsc::channel::<(Job, usize)>();
             let pending = Arc::new(AtomicUsize::new(0));
             let (mine, total) = (Arc::clone(&pending), Arc::clone(&self.total));
             std::thread::Builder::new()
                 .name(format!("loopdev-close-{uid}"))
                 .spawn(move || {
-                    for (what, fds) in rx {
-                        drop(what);
+                    for (job, fds) in rx {
+                        match job {
+                            Job::Close(what) => drop(what),
+                            // Room for no fds: the kernel closes the batch here, on this thread.
+                            Job::Unpark(r) => drop(seqpacket::recv(r.as_fd(), &mut [0u8; 1], 0)),
+                        }
                         mine.fetch_sub(fds, Ordering::SeqCst);
                         total.fetch_sub(fds, Ordering::SeqCst);
                     }
                 })
                 .ok()?;
-            slot.insert(Lane { tx, pending });
+            slot.insert(Lane { tx, pending, to_park: Vec::new() });
         }
-        self.lanes.get(&uid)
+        self.lanes.get_mut(&uid)
+    }
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.park_all();
     }
 }
 

@@ -202,6 +202,81 @@ pub fn peek_len(fd: BorrowedFd, wait: bool) -> Result<usize> {
     socket::recv(fd.as_raw_fd(), &mut none, flags).map_err(|e| Error::os(e, "recvmsg"))
 }
 
+/// What is still queued on a peer's socket once `disarm` has run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover {
+    /// Nothing: closing the socket closes nothing of the peer's, so it cannot block.
+    Nothing,
+    /// Packets with fds (or we could not tell): closing the socket closes those fds, which the peer may have
+    /// made block for as long as it likes.
+    Fds,
+}
+
+/// Prepares a peer's socket we are done with for closing. Its receiving side is shut first, so the peer can
+/// queue nothing more (its sends get EPIPE); then the queued packets that carry no fds are taken off the
+/// queue, up to the first one that does. Never blocks.
+///
+/// Telling "a packet with no bytes" from "end of queue" needs `SO_PASSCRED` (every packet then carries
+/// credentials); telling "a packet with fds" without taking them needs a peek whose control buffer has room
+/// for the credentials and for no fd (the kernel then sets `MSG_CTRUNC` and installs none).
+pub fn disarm(fd: BorrowedFd) -> Leftover {
+    if socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Read).is_err()
+        || socket::setsockopt(fd.as_raw_fd(), socket::sockopt::PassCred, &true).is_err()
+    {
+        return Leftover::Fds;
+    }
+    // The peer's send buffer bounds its queue at a few hundred packets.
+    for _ in 0..4096 {
+        match credentials_only(fd, true) {
+            Ok(Head::Empty) => return Leftover::Nothing,
+            Ok(Head::Plain) => {
+                if credentials_only(fd, false) != Ok(Head::Plain) {
+                    return Leftover::Fds;
+                }
+            }
+            Ok(Head::Fds) | Err(_) => return Leftover::Fds,
+        }
+    }
+    Leftover::Fds
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    Empty,
+    Plain,
+    Fds,
+}
+
+/// recvmsg(MSG_DONTWAIT [| MSG_PEEK]) of the next packet with room for its credentials and no fds (see
+/// `disarm`; call it only with `SO_PASSCRED` set).
+fn credentials_only(fd: BorrowedFd, peek: bool) -> std::result::Result<Head, Errno> {
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: byte.len() };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32) } as usize;
+    let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+    loop {
+        // SAFETY: msg points at `iov` and `control`, which outlive the call and are as long as it says.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
+        match Errno::result(n) {
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Ok(Head::Empty),
+            Err(e) => return Err(e),
+            Ok(_) if msg.msg_flags & libc::MSG_CTRUNC != 0 => return Ok(Head::Fds),
+            Ok(_) if msg.msg_controllen == 0 => return Ok(Head::Empty),
+            Ok(_) => return Ok(Head::Plain),
+        }
+    }
+}
+
 fn cmsg_space(fds: usize) -> usize {
     let bytes = (fds * std::mem::size_of::<RawFd>()) as u32;
     // SAFETY: CMSG_SPACE only computes a size.
@@ -317,6 +392,33 @@ mod tests {
         let p = recv(b.as_fd(), &mut buf, 1).unwrap();
         assert!(p.fds_truncated);
         assert!(p.fds.len() < 10);
+    }
+
+    #[test]
+    fn disarm_takes_plain_packets_and_stops_at_one_with_fds() {
+        let (a, b) = socketpair().unwrap();
+        assert_eq!(disarm(b.as_fd()), Leftover::Nothing, "an empty queue");
+        assert!(send(a.as_fd(), b"late", &[]).unwrap_err().is(Errno::EPIPE), "shut for reading");
+
+        let (a, b) = socketpair().unwrap();
+        send(a.as_fd(), b"", &[]).unwrap();
+        send(a.as_fd(), b"plain", &[]).unwrap();
+        assert_eq!(disarm(b.as_fd()), Leftover::Nothing, "an empty packet is not the end of the queue");
+        let mut buf = [0u8; 16];
+        assert_eq!(recv(b.as_fd(), &mut buf, 0).unwrap().len, 0, "both taken");
+
+        let (a, b) = socketpair().unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        send(a.as_fd(), b"plain", &[]).unwrap();
+        send(a.as_fd(), b"", &[null.as_fd()]).unwrap();
+        send(a.as_fd(), b"after", &[]).unwrap();
+        assert_eq!(disarm(b.as_fd()), Leftover::Fds);
+        // Credentials would take the room of the fd below.
+        socket::setsockopt(b.as_raw_fd(), socket::sockopt::PassCred, &false).unwrap();
+        let p = recv(b.as_fd(), &mut buf, 1).unwrap();
+        assert_eq!((p.len, p.fds.len()), (0, 1), "the packet with the fd is still queued, its fd not taken");
+        let n = recv(b.as_fd(), &mut buf, 0).unwrap().len;
+        assert_eq!(&buf[..n], b"after");
     }
 
     #[test]

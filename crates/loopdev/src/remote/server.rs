@@ -325,9 +325,18 @@ struct Conn {
     /// Close once the outbox is sent.
     last_reply: bool,
     dead: bool,
-    /// Counted in `counters.connections` (allowed peers, until `uncount`).
-    counted: bool,
-    counters: Arc<Counters>,
+    /// Allowed peers' connections count in `counters.connections` while this is held.
+    _counted: Option<Counted>,
+}
+
+/// One count in `counters.connections`, given back when dropped.
+#[derive(Debug)]
+struct Counted(Arc<Counters>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Conn {
@@ -343,8 +352,7 @@ impl Conn {
             last_active: Instant::now(),
             last_reply: false,
             dead: false,
-            counted: refused_until.is_none(),
-            counters: Arc::clone(counters),
+            _counted: refused_until.is_none().then(|| Counted(Arc::clone(counters))),
         }
     }
 
@@ -355,11 +363,9 @@ impl Conn {
         timeout.filter(|_| idle).map(|t| self.last_active + t)
     }
 
-    /// No longer counted as open (before it goes to the closer, which may take a while to drop it).
-    fn uncount(&mut self) {
-        if std::mem::replace(&mut self.counted, false) {
-            self.counters.connections.fetch_sub(1, Ordering::SeqCst);
-        }
+    /// The socket, for the closer; devices not taken are released here (Held's Drop).
+    fn into_socket(self) -> OwnedFd {
+        self.sock
     }
 
     /// Every device this connection holds, replied or not: to be released on a worker.
@@ -367,21 +373,6 @@ impl Conn {
         let mut held: Vec<Held> = self.devices.drain(..).collect();
         held.extend(self.outbox.drain(..).filter_map(|o| o.device));
         held
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // Normally empty by now (`take_devices`); if not, Held's own Drop releases them here.
-        self.outbox.clear();
-        self.devices.clear();
-        self.uncount();
-    }
-}
-
-impl Closable for Conn {
-    fn fds(&self) -> usize {
-        1
     }
 }
 
@@ -449,6 +440,7 @@ impl Serve {
         let mut pfds = Vec::new();
         let idle_timeout = self.options.idle_timeout;
         loop {
+            self.closer.park_all();
             pfds.clear();
             pfds.push(seqpacket::pollfd(self.wake.as_fd(), libc::POLLIN));
             pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
@@ -655,9 +647,8 @@ impl Serve {
         }
         let (dead, alive) = std::mem::take(&mut self.conns).into_iter().partition(|c| c.dead);
         self.conns = alive;
-        for mut conn in dead {
-            conn.uncount();
-            self.closer.close(conn.peer.uid, conn);
+        for conn in dead {
+            self.closer.close_socket(conn.peer.uid, conn.into_socket());
         }
     }
 
@@ -738,7 +729,7 @@ impl Serve {
                     // than wake up for it again at once, forever.
                     self.spare = None;
                     if let Ok(sock) = seqpacket::accept(self.listener.as_fd()) {
-                        self.closer.close(ANY_UID, sock);
+                        self.closer.close_socket(ANY_UID, sock);
                     }
                     self.spare = spare_fd();
                     return;
@@ -749,7 +740,7 @@ impl Serve {
             let peer = match seqpacket::peer_cred(sock.as_fd()) {
                 Ok(p) => p,
                 Err(_) => {
-                    self.closer.close(ANY_UID, sock);
+                    self.closer.close_socket(ANY_UID, sock);
                     continue;
                 }
             };
@@ -797,8 +788,7 @@ fn release_all(
         let held = conn.take_devices();
         pending += usize::from(!held.is_empty());
         workers.release(held);
-        conn.uncount();
-        closer.close(conn.peer.uid, conn);
+        closer.close_socket(conn.peer.uid, conn.into_socket());
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while pending > 0 {
@@ -837,7 +827,7 @@ fn refuse_now(counters: &Counters, closer: &mut Closer, sock: OwnedFd, peer: &Pe
             _ => break,
         }
     }
-    closer.close(peer.uid, sock);
+    closer.close_socket(peer.uid, sock);
 }
 
 /// What a peer whose uid is not allowed is told: that, and nothing about who is allowed.
