@@ -46,6 +46,7 @@ else
 fi
 check rustfmt cargo fmt --all -- --check
 check clippy cargo clippy --workspace --all-targets -- -D warnings
+check import-cycles node scripts/check-import-cycles.mjs
 
 cargo test --workspace >"$log/cargo.out" 2>&1
 cargo_status=$?

@@ -6,7 +6,7 @@ import { loadNative } from './load.js';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
 import { readLoop } from './sysfs.js';
 import type { NativeTable } from './partitions.js';
-import type { LoopServerQuotas, LoopServerStats } from './remote/server.js';
+import type { LoopServerQuotas, LoopServerStats } from './remote/options.js';
 
 /** Opaque native object; only the functions below understand it. */
 export type Handle = { readonly __native: unique symbol };

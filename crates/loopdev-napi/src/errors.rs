@@ -38,6 +38,28 @@ fn classes<'a>(env: Env) -> Option<&'a Classes> {
     (!data.is_null()).then(|| unsafe { &*data.cast::<Classes>() })
 }
 
+/// Throws the JS error for a failure (or makes sure something is pending, for `Failure::Pending`).
+pub fn throw(env: Env, failure: Failure) {
+    if let Failure::Pending = failure {
+        if !env.exception_pending() {
+            let msg = b"N-API call failed\0";
+            // SAFETY: valid env and NUL-terminated message.
+            unsafe { napi_throw_error(env.0, ptr::null(), msg.as_ptr().cast()) };
+        }
+        return;
+    }
+    match to_js(env, &failure) {
+        Ok(err) if !env.exception_pending() => {
+            // SAFETY: `err` is a value of this env.
+            unsafe { napi_throw(env.0, err) };
+        }
+        // Building the error threw: that exception is pending and is what JS sees.
+        _ if env.exception_pending() => {}
+        // Nothing pending either: returning without a throw would look like success (undefined).
+        _ => throw(env, Failure::Pending),
+    }
+}
+
 /// Builds (does not throw) the JS error for a failure.
 pub fn to_js(env: Env, failure: &Failure) -> JsResult<Value> {
     let props = env.object()?;

@@ -252,6 +252,11 @@ impl Env {
         Ok(out!(self, napi_get_and_clear_last_exception()))
     }
 
+    /// A JS function named `name` that calls `cb` with `data`.
+    pub fn function(self, name: &str, cb: napi_callback, data: *mut c_void) -> JsResult<Value> {
+        Ok(out!(self, napi_create_function(name.as_ptr().cast(), name.len(), cb, data)))
+    }
+
     /// The value behind a `Thrown`, releasing the reference.
     pub fn thrown_value(self, t: &Thrown) -> JsResult<Value> {
         let v = self.deref(t.0)?;
@@ -270,27 +275,6 @@ impl Env {
         unsafe { napi_is_exception_pending(self.0, &mut pending) };
         pending
     }
-
-    pub fn throw(self, failure: Failure) {
-        if let Failure::Pending = failure {
-            if !self.exception_pending() {
-                let msg = b"N-API call failed\0";
-                // SAFETY: valid env and NUL-terminated message.
-                unsafe { napi_throw_error(self.0, ptr::null(), msg.as_ptr().cast()) };
-            }
-            return;
-        }
-        match crate::errors::to_js(self, &failure) {
-            Ok(err) if !self.exception_pending() => {
-                // SAFETY: `err` is a value of this env.
-                unsafe { napi_throw(self.0, err) };
-            }
-            // Building the error threw: that exception is pending and is what JS sees.
-            _ if self.exception_pending() => {}
-            // Nothing pending either: returning without a throw would look like success (undefined).
-            _ => self.throw(Failure::Pending),
-        }
-    }
 }
 
 /// A Rust type JS holds as an external. `TAG` (unique per type) marks the externals that hold one.
@@ -302,41 +286,6 @@ pub trait Native: 'static {
 /// is undefined behaviour: a panic stops here, already reported by the panic hook.
 pub fn no_unwind(f: impl FnOnce()) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-}
-
-pub type Exported = fn(Env, &[Value]) -> JsResult<Value>;
-
-/// The one C entry point of every exported function; the Rust function rides in the callback's data.
-/// Reads up to 12 arguments, turns a Failure into a thrown exception, never unwinds into C.
-unsafe extern "C" fn trampoline(env: napi_env, info: napi_callback_info) -> napi_value {
-    let env = Env(env);
-    let mut argv = [ptr::null_mut(); 12];
-    let mut argc = argv.len();
-    let mut data: *mut c_void = ptr::null_mut();
-    // SAFETY: argv has room for argc values; `this` is not requested.
-    if unsafe { napi_get_cb_info(env.0, info, &mut argc, argv.as_mut_ptr(), ptr::null_mut(), &mut data) } != NAPI_OK {
-        return ptr::null_mut();
-    }
-    // SAFETY: `data` is the Exported fn pointer stored by `export`.
-    let f: Exported = unsafe { std::mem::transmute::<*mut c_void, Exported>(data) };
-    let args = &argv[..argc.min(argv.len())];
-    match std::panic::catch_unwind(|| f(env, args)) {
-        Ok(Ok(v)) => v,
-        Ok(Err(failure)) => {
-            env.throw(failure);
-            ptr::null_mut()
-        }
-        Err(_) => {
-            env.throw(Failure::Internal("internal error (panic) in loopdev native code".into()));
-            ptr::null_mut()
-        }
-    }
-}
-
-/// `exports[name] = f`.
-pub fn export(env: Env, exports: Value, name: &str, f: Exported) -> JsResult<()> {
-    let func = out!(env, napi_create_function(name.as_ptr().cast(), name.len(), Some(trampoline), f as *mut c_void));
-    env.set(exports, name, func)
 }
 
 /// The i-th argument, or `undefined` when the caller passed fewer.

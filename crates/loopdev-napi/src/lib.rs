@@ -7,6 +7,7 @@
 mod control;
 mod convert;
 mod device;
+mod entry;
 mod errors;
 mod handle;
 mod js;
@@ -15,7 +16,8 @@ mod remote;
 mod sys;
 mod task;
 
-use js::{Env, Exported, Value};
+use entry::Exported;
+use js::{Env, Value};
 
 const EXPORTS: &[(&str, Exported)] = &[
     ("init", errors::init),
@@ -67,7 +69,7 @@ const EXPORTS: &[(&str, Exported)] = &[
 pub unsafe extern "C" fn napi_register_module_v1(env: sys::napi_env, exports: Value) -> Value {
     let env = Env(env);
     for (name, f) in EXPORTS {
-        if js::export(env, exports, name, *f).is_err() {
+        if entry::export(env, exports, name, *f).is_err() {
             break;
         }
     }

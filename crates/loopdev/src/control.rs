@@ -1,7 +1,8 @@
 //! `LoopControl`: `/dev/loop-control` and the race-safe allocation of a free device.
 
-use crate::device::{dir_path, open_in, ConfigureOptions, Loop};
+use crate::device::{ConfigureOptions, Loop};
 use crate::error::{Error, Result};
+use crate::inode::{dir_path, open_in};
 use crate::ioctl;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;

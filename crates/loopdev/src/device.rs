@@ -2,14 +2,16 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::info::LoopInfo;
+pub use crate::inode::DEV_DIR;
+use crate::inode::{dir_path, is_kind, loop_devnum, open_in, stat_fd};
 use crate::ioctl;
 use crate::node::{self, Node};
 use crate::partition;
 use crate::uapi::{self, LoopConfig, LoopInfo64};
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, openat, FcntlArg, OFlag};
-use nix::sys::stat::{self, fstat, major, makedev, FileStat, Mode, SFlag};
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::stat::{self, major, FileStat, SFlag};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -65,59 +67,8 @@ pub struct Loop {
     path: PathBuf,
 }
 
-/// Where device nodes live when no directory fd is given.
-pub const DEV_DIR: &str = "/dev";
-
 /// Where the kernel describes its block devices.
 const SYS_DIR: &str = "/sys";
-
-/// `major:minor` as sysfs `dev` files hold it (`7:16\n`).
-fn parse_devnum(text: &str) -> Option<u64> {
-    let (major, minor) = text.trim_end().split_once(':')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(major) || !digits(minor) {
-        return None;
-    }
-    Some(makedev(major.parse().ok()?, minor.parse().ok()?))
-}
-
-/// The device number of `loop<index>`: with loop.max_part set the kernel gives each device
-/// `1 << part_shift` minors for its partitions, so the minor is not the index. Without a readable sysfs
-/// (a container without /sys) the kernel default, minor = index, is the best guess left.
-pub(crate) fn loop_devnum(sys: &Path, index: u32) -> u64 {
-    std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
-        .ok()
-        .and_then(|text| parse_devnum(&text))
-        .unwrap_or_else(|| makedev(u64::from(uapi::LOOP_MAJOR), u64::from(index)))
-}
-
-/// The path a directory fd points at, for error messages only.
-pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
-    match dir {
-        None => PathBuf::from(DEV_DIR),
-        Some(fd) => std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))),
-    }
-}
-
-/// `openat` returning an owned fd, with the path in the error.
-pub(crate) fn open_in(dir: Option<BorrowedFd>, name: &str, flags: OFlag) -> Result<OwnedFd> {
-    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    let full = dir_path(dir).join(name);
-    let target = if dir.is_some() { PathBuf::from(name) } else { full.clone() };
-    let raw = openat(dirfd, &target, flags | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::os(e, "open").with_path(&full))?;
-    // SAFETY: openat just returned this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-pub(crate) fn stat_fd(fd: BorrowedFd) -> Result<FileStat> {
-    fstat(fd.as_raw_fd()).map_err(|e| Error::os(e, "fstat"))
-}
-
-pub(crate) fn is_kind(st: &FileStat, kind: SFlag) -> bool {
-    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
-}
 
 /// The kernel binds only regular files and block devices; say so instead of a bare EINVAL later.
 fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
@@ -497,6 +448,7 @@ impl AsFd for Loop {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::sys::stat::{makedev, Mode};
 
     #[test]
     fn flags_follow_options() {
@@ -540,20 +492,6 @@ mod tests {
             Err(Errno::EINVAL)
         );
         assert_eq!(calls, 1);
-    }
-
-    #[test]
-    fn sysfs_dev_numbers_parse_and_nothing_else_does() {
-        assert_eq!(parse_devnum("7:16\n"), Some(makedev(7, 16)));
-        assert_eq!(parse_devnum("259:1048575"), Some(makedev(259, 1_048_575)));
-        for bad in ["", "7", "7:", ":16", "7:16:1", "7:-1", "7: 16", "x:1", "7:99999999999999999999"] {
-            assert_eq!(parse_devnum(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn without_sysfs_the_minor_is_taken_to_be_the_index() {
-        assert_eq!(loop_devnum(Path::new("/nonexistent"), 5), makedev(7, 5));
     }
 
     /// A kernel with loop.max_part=15 (part_shift 4) numbers loop1 7:16. Simulated with a sysfs and a /dev of

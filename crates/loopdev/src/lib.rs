@@ -5,6 +5,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod info;
+mod inode;
 pub mod ioctl;
 pub mod node;
 pub mod partition;

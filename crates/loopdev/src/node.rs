@@ -2,8 +2,8 @@
 //! remote server's peers). No name in that directory is trusted to mean the same thing twice: what we create
 //! we hold by fd, what we undo we find by fd, and an entry that is not what we made is left alone.
 
-use crate::device::{dir_path, is_kind, open_in, stat_fd};
 use crate::error::{Error, Kind, Result};
+use crate::inode::{dir_path, is_kind, open_in, stat_fd};
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -134,7 +134,7 @@ pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
     let entry = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
     let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path))?;
     // loopN's device number from sysfs: with loop.max_part set, its minor is not N.
-    let node = crate::device::loop_devnum(std::path::Path::new("/sys"), index);
+    let node = crate::inode::loop_devnum(std::path::Path::new("/sys"), index);
     let is_node = |st: &FileStat| is_kind(st, SFlag::S_IFBLK) && st.st_rdev == node;
     let is_placeholder = |st: &FileStat| is_kind(st, SFlag::S_IFREG) && st.st_size == 0;
     if !is_node(&st) && !is_placeholder(&st) {

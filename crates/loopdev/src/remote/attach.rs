@@ -6,8 +6,9 @@ use super::seqpacket::PeerCred;
 use super::untrusted;
 use super::wire::{Exception, Reply, Request, WireError};
 use crate::control::LoopControl;
-use crate::device::{open_in, Loop};
+use crate::device::Loop;
 use crate::error::{Error, Result};
+use crate::inode::open_in;
 use crate::node::Node;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -17,7 +18,7 @@ use std::os::unix::io::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::server::ServerOptions;
+use super::options::ServerOptions;
 
 /// Counters the server keeps; read them with `Server::stats`.
 #[derive(Debug, Default)]

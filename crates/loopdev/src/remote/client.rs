@@ -193,7 +193,7 @@ mod tests {
     /// A fake server on the other end of a socketpair: receives one message, answers with `reply`.
     fn serve_once(sock: OwnedFd, reply: Vec<u8>) -> std::thread::JoinHandle<(Message, OwnedFd)> {
         std::thread::spawn(move || {
-            let limits = crate::remote::server::DEFAULT_LIMITS;
+            let limits = crate::remote::DEFAULT_LIMITS;
             let m = match jsoncomm::recv_message(sock.as_fd(), &limits).unwrap() {
                 Incoming::Message(m) => m,
                 other => panic!("no message: {other:?}"),
@@ -216,7 +216,7 @@ mod tests {
         let (m, _sock) = server.join().unwrap();
         assert_eq!(m.payload, req.encode());
         assert_eq!(m.fds.len(), 2);
-        let st = |fd: BorrowedFd| crate::device::stat_fd(fd).unwrap();
+        let st = |fd: BorrowedFd| crate::inode::stat_fd(fd).unwrap();
         assert_eq!(st(m.fds[0].as_fd()).st_rdev, st(file.as_fd()).st_rdev, "fd 0 is the backing file");
         assert_eq!(st(m.fds[1].as_fd()).st_ino, st(dir.as_fd()).st_ino, "fd 1 is the directory");
     }
@@ -240,7 +240,7 @@ mod tests {
         let (a, b) = seqpacket::socketpair().unwrap();
         let client = Client::from_socket(a, Path::new("pair"));
         let server = std::thread::spawn(move || {
-            let _ = jsoncomm::recv_message(b.as_fd(), &crate::remote::server::DEFAULT_LIMITS).unwrap();
+            let _ = jsoncomm::recv_message(b.as_fd(), &crate::remote::DEFAULT_LIMITS).unwrap();
             jsoncomm::send_via_fd(b.as_fd(), br#"{"devname": "loop9"}"#, &[]).unwrap();
             b
         });
@@ -271,7 +271,7 @@ mod tests {
         assert!(e.is(Errno::ECANCELED), "{e}");
         canceller.join().unwrap();
         // The server answers all three in order; the third request gets the third reply.
-        let limits = crate::remote::server::DEFAULT_LIMITS;
+        let limits = crate::remote::DEFAULT_LIMITS;
         let server = std::thread::spawn(move || {
             for name in ["loop1", "loop2", "loop3"] {
                 let _ = jsoncomm::recv_message(b.as_fd(), &limits).unwrap();

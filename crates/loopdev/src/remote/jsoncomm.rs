@@ -113,7 +113,7 @@ fn read_payload(fd: BorrowedFd, max: usize) -> std::result::Result<Vec<u8>, Wire
     if seqpacket::seals(fd).is_err() {
         return Err(not_memfd());
     }
-    let st = crate::device::stat_fd(fd).map_err(|e| WireError::new(e.errno, e.to_string()))?;
+    let st = crate::inode::stat_fd(fd).map_err(|e| WireError::new(e.errno, e.to_string()))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(not_memfd());
     }

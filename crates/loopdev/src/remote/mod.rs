@@ -8,6 +8,7 @@ mod attach;
 pub mod client;
 mod closer;
 pub mod jsoncomm;
+mod options;
 pub mod seqpacket;
 pub mod server;
 pub mod untrusted;
@@ -15,5 +16,6 @@ pub mod wire;
 mod workers;
 
 pub use client::Client;
-pub use server::{Server, ServerOptions, Stats};
+pub use options::{ServerOptions, DEFAULT_LIMITS, DEFAULT_MAX_CONNECTIONS};
+pub use server::{Server, Stats};
 pub use wire::{Exception, Reply, Request};

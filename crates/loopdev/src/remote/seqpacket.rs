@@ -59,7 +59,7 @@ impl SocketAddr {
             return Ok(SocketAddr { addr: UnixAddr::new(path).map_err(err)?, _parent: None });
         }
         let (parent, name) = split_path(path).ok_or_else(|| err(Errno::ENAMETOOLONG))?;
-        let dir = crate::device::open_in(None, &parent.to_string_lossy(), nix::fcntl::OFlag::O_PATH)
+        let dir = crate::inode::open_in(None, &parent.to_string_lossy(), nix::fcntl::OFlag::O_PATH)
             .map_err(|e| e.with_path(path))?;
         let short = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
         Ok(SocketAddr { addr: UnixAddr::new(&short).map_err(err)?, _parent: Some(dir) })

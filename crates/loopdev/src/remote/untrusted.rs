@@ -5,8 +5,8 @@
 
 use super::seqpacket;
 use super::wire::WireError;
-use crate::device::stat_fd;
 use crate::error::Error;
+use crate::inode::stat_fd;
 use crate::ioctl;
 use crate::uapi;
 use nix::errno::Errno;

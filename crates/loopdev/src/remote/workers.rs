@@ -8,8 +8,8 @@
 //! drops what it made itself: a device nobody will be told about is released right there).
 
 use super::attach::{Attacher, Counters, Held, Outgoing};
+use super::options::ServerOptions;
 use super::seqpacket::{self, PeerCred};
-use super::server::ServerOptions;
 use crate::error::{Error, Result};
 use nix::errno::Errno;
 use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};

@@ -1,0 +1,79 @@
+//! Files named relative to a directory fd, and what their inodes are: the steps device, node and the
+//! remote server share to find and check device nodes without following names twice.
+
+use crate::error::{Error, Result};
+use crate::uapi;
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{fstat, makedev, FileStat, Mode, SFlag};
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Where device nodes live when no directory fd is given.
+pub const DEV_DIR: &str = "/dev";
+
+/// `major:minor` as sysfs `dev` files hold it (`7:16\n`).
+fn parse_devnum(text: &str) -> Option<u64> {
+    let (major, minor) = text.trim_end().split_once(':')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(major) || !digits(minor) {
+        return None;
+    }
+    Some(makedev(major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// The device number of `loop<index>`: with loop.max_part set the kernel gives each device
+/// `1 << part_shift` minors for its partitions, so the minor is not the index. Without a readable sysfs
+/// (a container without /sys) the kernel default, minor = index, is the best guess left.
+pub(crate) fn loop_devnum(sys: &Path, index: u32) -> u64 {
+    std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
+        .ok()
+        .and_then(|text| parse_devnum(&text))
+        .unwrap_or_else(|| makedev(u64::from(uapi::LOOP_MAJOR), u64::from(index)))
+}
+
+/// The path a directory fd points at, for error messages only.
+pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
+    match dir {
+        None => PathBuf::from(DEV_DIR),
+        Some(fd) => std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))),
+    }
+}
+
+/// `openat` returning an owned fd, with the path in the error.
+pub(crate) fn open_in(dir: Option<BorrowedFd>, name: &str, flags: OFlag) -> Result<OwnedFd> {
+    let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    let full = dir_path(dir).join(name);
+    let target = if dir.is_some() { PathBuf::from(name) } else { full.clone() };
+    let raw = openat(dirfd, &target, flags | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| Error::os(e, "open").with_path(&full))?;
+    // SAFETY: openat just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+pub(crate) fn stat_fd(fd: BorrowedFd) -> Result<FileStat> {
+    fstat(fd.as_raw_fd()).map_err(|e| Error::os(e, "fstat"))
+}
+
+pub(crate) fn is_kind(st: &FileStat, kind: SFlag) -> bool {
+    st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysfs_dev_numbers_parse_and_nothing_else_does() {
+        assert_eq!(parse_devnum("7:16\n"), Some(makedev(7, 16)));
+        assert_eq!(parse_devnum("259:1048575"), Some(makedev(259, 1_048_575)));
+        for bad in ["", "7", "7:", ":16", "7:16:1", "7:-1", "7: 16", "x:1", "7:99999999999999999999"] {
+            assert_eq!(parse_devnum(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn without_sysfs_the_minor_is_taken_to_be_the_index() {
+        assert_eq!(loop_devnum(Path::new("/nonexistent"), 5), makedev(7, 5));
+    }
+}
