@@ -113,12 +113,13 @@ impl LoopControl {
                 }
                 Err(e) => return Err(e.into()),
             };
-            // Someone else bound it between get-free and open: do not even show it to setup.
-            if let Some(taken) = bound_by_someone(&lo)? {
-                last = taken;
-                continue;
-            }
             if let Some(setup) = setup.as_mut() {
+                // Someone else bound it between get-free and open: do not even show it to setup. (Without a
+                // setup, configure's EBUSY says the same for one ioctl less.)
+                if let Some(taken) = bound_by_someone(&lo)? {
+                    last = taken;
+                    continue;
+                }
                 drop(serial);
                 setup(&lo)?;
                 serial = self.serialise()?;

@@ -3,7 +3,7 @@
 use crate::error::{Error, Kind, Result};
 use crate::info::LoopInfo;
 pub use crate::inode::DEV_DIR;
-use crate::inode::{dir_path, is_kind, loop_devnum, open_in, stat_fd};
+use crate::inode::{dir_path, is_kind, loop_devnum, open_in, stat_fd, SYS_DIR};
 use crate::ioctl;
 use crate::node::{self, Node};
 use crate::partition;
@@ -66,9 +66,6 @@ pub struct Loop {
     rdev: u64,
     path: PathBuf,
 }
-
-/// Where the kernel describes its block devices.
-const SYS_DIR: &str = "/sys";
 
 /// The kernel binds only regular files and block devices; say so instead of a bare EINVAL later.
 fn check_backing(fd: BorrowedFd) -> Result<FileStat> {

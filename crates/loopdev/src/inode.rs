@@ -7,6 +7,7 @@ use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fstat, makedev, FileStat, Mode, SFlag};
 use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Where device nodes live when no directory fd is given.
 pub const DEV_DIR: &str = "/dev";
@@ -22,13 +23,46 @@ fn parse_devnum(text: &str) -> Option<u64> {
 }
 
 /// The device number of `loop<index>`: with loop.max_part set the kernel gives each device
-/// `1 << part_shift` minors for its partitions, so the minor is not the index. Without a readable sysfs
-/// (a container without /sys) the kernel default, minor = index, is the best guess left.
+/// `1 << part_shift` minors for its partitions, so the minor is not the index. The shift comes from the
+/// driver's `max_part` parameter, read once per process for the real sysfs (the parameter is read-only
+/// while the driver is loaded, and reading sysfs on every open doubled the syscalls of an attach); else
+/// from the device's own `dev` file. Without a readable sysfs (a container without /sys) the kernel
+/// default, minor = index, is the best guess left.
 pub(crate) fn loop_devnum(sys: &Path, index: u32) -> u64 {
-    std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
-        .ok()
-        .and_then(|text| parse_devnum(&text))
-        .unwrap_or_else(|| makedev(u64::from(uapi::LOOP_MAJOR), u64::from(index)))
+    let shift = if sys == Path::new(SYS_DIR) { cached_part_shift() } else { part_shift(sys) };
+    let devnum = |minor: u32| makedev(u64::from(uapi::LOOP_MAJOR), u64::from(minor));
+    match shift {
+        Some(shift) => devnum(index << shift),
+        None => std::fs::read_to_string(sys.join(format!("block/loop{index}/dev")))
+            .ok()
+            .and_then(|text| parse_devnum(&text))
+            .unwrap_or_else(|| devnum(index)),
+    }
+}
+
+/// Where the kernel describes its block devices and drivers.
+pub(crate) const SYS_DIR: &str = "/sys";
+
+/// The kernel's `part_shift`: `fls(max_part)`.
+fn part_shift(sys: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(sys.join("module/loop/parameters/max_part")).ok()?;
+    let max_part: u32 = text.trim().parse().ok()?;
+    Some(u32::BITS - max_part.leading_zeros())
+}
+
+fn cached_part_shift() -> Option<u32> {
+    const UNKNOWN: u32 = u32::MAX;
+    const UNREADABLE: u32 = u32::MAX - 1;
+    static SHIFT: AtomicU32 = AtomicU32::new(UNKNOWN);
+    match SHIFT.load(Ordering::Relaxed) {
+        UNKNOWN => {
+            let shift = part_shift(Path::new(SYS_DIR));
+            SHIFT.store(shift.unwrap_or(UNREADABLE), Ordering::Relaxed);
+            shift
+        }
+        UNREADABLE => None,
+        shift => Some(shift),
+    }
 }
 
 /// The path a directory fd points at, for error messages only.
@@ -70,6 +104,19 @@ mod tests {
         for bad in ["", "7", "7:", ":16", "7:16:1", "7:-1", "7: 16", "x:1", "7:99999999999999999999"] {
             assert_eq!(parse_devnum(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_driver_max_part_gives_the_minor_of_each_index() {
+        let sys = std::env::temp_dir().join(format!("loopdev-sys-{}", std::process::id()));
+        std::fs::create_dir_all(sys.join("module/loop/parameters")).unwrap();
+        for (max_part, index, minor) in [(0, 5, 5), (1, 5, 10), (15, 1, 16), (16, 2, 64), (31, 3, 96)] {
+            std::fs::write(sys.join("module/loop/parameters/max_part"), format!("{max_part}\n")).unwrap();
+            assert_eq!(loop_devnum(&sys, index), makedev(7, minor), "max_part {max_part}, loop{index}");
+        }
+        std::fs::remove_dir_all(&sys).unwrap();
+        // This machine's: the same as each device's sysfs `dev` file.
+        assert_eq!(loop_devnum(Path::new(SYS_DIR), 0), loop_devnum(Path::new("/nonexistent-sys"), 0));
     }
 
     #[test]
