@@ -120,7 +120,7 @@ pub(crate) fn is_kind(st: &FileStat, kind: SFlag) -> bool {
 }
 
 /// The kernel binds only regular files and block devices; say so instead of a bare EINVAL later.
-fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
+pub(crate) fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
     let st = stat_fd(fd)?;
     if is_kind(&st, SFlag::S_IFREG) || is_kind(&st, SFlag::S_IFBLK) {
         Ok(st)
