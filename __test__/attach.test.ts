@@ -8,6 +8,7 @@ import {
   LOCK_EX,
   LOCK_NB,
   Loop,
+  LoopControl,
   LoopDevice,
   LoopError,
   type AttachOptions,
@@ -448,4 +449,35 @@ loopTest.serial('invalid options throw before anything is opened', async (t) => 
   t.throws(() => attachSync(-1), { instanceOf: RangeError, code: 'ERR_OUT_OF_RANGE' });
   t.deepEqual(devicesBoundUnder(dir), []);
   t.is(openFds(), fds);
+});
+
+loopTest('a bad option gets the same error from attach, Loop.configure and LoopControl.loopForFd', async (t) => {
+  const dir = tempDir(t);
+  const file = sparseFile(dir, 4 * MiB);
+  const fd = fs.openSync(file, 'r+');
+  t.teardown(() => fs.closeSync(fd));
+  using ctl = new LoopControl();
+  using lo = new Loop(ctl.getUnbound());
+  const bads: AttachOptions[] = [
+    { offset: -1 },
+    { sizeLimit: 1.5 },
+    { offset: 1n << 64n },
+    { blockSize: 2 ** 32 },
+    { autoclear: 'yes' as never },
+    { directIo: 1 as never },
+  ];
+  for (const bad of bads) {
+    const errors = [
+      await t.throwsAsync(attach(file, bad)),
+      t.throws(() => attachSync(file, bad)),
+      await t.throwsAsync(lo.configure(fd, bad)),
+      t.throws(() => lo.configureSync(fd, bad)),
+      await t.throwsAsync(ctl.loopForFd(fd, bad)),
+      t.throws(() => ctl.loopForFdSync(fd, bad)),
+    ];
+    const seen = errors.map((e) => ({ class: e?.constructor.name, code: (e as { code?: string }).code, message: e?.message }));
+    t.regex(seen[0]!.code ?? '', /^ERR_(OUT_OF_RANGE|INVALID_ARG_TYPE)$/);
+    t.deepEqual(seen, Array(seen.length).fill(seen[0]), String(Object.keys(bad)));
+  }
+  t.deepEqual(devicesBoundUnder(dir), []);
 });

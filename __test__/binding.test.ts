@@ -51,7 +51,7 @@ const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: nu
   remoteClientClose: { wants: ['client'], args: () => [] },
 };
 
-const NO_HANDLE = ['init', 'controlOpen', 'loopOpen', 'removeNode', 'remoteServerListen', 'remoteServerAdopt', 'remoteClientConnect'];
+const NO_HANDLE = ['init', 'controlOpen', 'attach', 'attachAsync', 'loopOpen', 'removeNode', 'remoteServerListen', 'remoteServerAdopt', 'remoteClientConnect'];
 
 type Raw = Record<string, (...args: unknown[]) => unknown>;
 const raw = native as unknown as Raw;

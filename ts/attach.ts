@@ -5,14 +5,11 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { configureArgs, native, type Handle, type NativeConfigure, type NativeLoop } from './binding.js';
-import { appliedFrom, LoopDevice, type Applied, type Backing } from './device.js';
+import { configureArgs, native, type NativeAttach, type NativeAttached } from './binding.js';
+import { LoopDevice, type Backing } from './device.js';
 import { call, runAsync, runSync, type Flow, type Op } from './flow.js';
-import { LoopInfo } from './info.js';
 import type { ConfigureOptions } from './loop.js';
-import { toU64 } from './size.js';
-import { blockDeviceSize, devMajor, devMinor, readLoop } from './sysfs.js';
-import { loopError } from './errors.js';
+import { checkConfigure } from './options.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 export interface AttachOptions extends ConfigureOptions {
@@ -38,8 +35,6 @@ export interface AttachOptions extends ConfigureOptions {
   sectorSize?: number | bigint;
 }
 
-/** How often a binding that does not verify is retried on a fresh device before giving up. */
-const VERIFY_ATTEMPTS = 2;
 const SECTOR = 512n;
 
 const { O_RDONLY, O_RDWR, O_DIRECT, O_NONBLOCK, O_ACCMODE } = fs.constants as typeof fs.constants & {
@@ -79,29 +74,27 @@ export function attachSync(file: string | number, options: AttachOptions = {}): 
   }
 }
 
-function normalize(o: AttachOptions): Normalized {
-  if (o === null || typeof o !== 'object') {
+/** `checkConfigure` (the validation `Loop.configure` shares) plus attach's defaults. */
+function normalize(options: AttachOptions): Normalized {
+  if (options === null || typeof options !== 'object') {
     throw Object.assign(new TypeError('The "options" argument must be an object'), { code: 'ERR_INVALID_ARG_TYPE' });
   }
-  let blockSize = o.blockSize === undefined ? undefined : toU64(o.blockSize, 'blockSize');
-  if (o.sectorSize !== undefined) {
-    const s = toU64(o.sectorSize, 'sectorSize');
-    if (blockSize !== undefined && blockSize !== s) {
-      throw Object.assign(new TypeError('"blockSize" and "sectorSize" disagree; pass one of them'), {
-        code: 'ERR_INVALID_ARG_VALUE',
-      });
-    }
-    blockSize = s;
+  const o = checkConfigure(options);
+  const lock = (options as { lock?: unknown }).lock;
+  if (lock !== undefined && lock !== null && typeof lock !== 'boolean') {
+    throw Object.assign(new TypeError(`The "lock" option must be a boolean. Received ${typeof lock}`), {
+      code: 'ERR_INVALID_ARG_TYPE',
+    });
   }
   return {
-    offset: o.offset === undefined ? 0n : toU64(o.offset, 'offset'),
-    sizeLimit: o.sizeLimit === undefined ? 0n : toU64(o.sizeLimit, 'sizeLimit'),
-    blockSize,
+    offset: o.offset ?? 0n,
+    sizeLimit: o.sizeLimit ?? 0n,
+    blockSize: o.blockSize,
     autoclear: o.autoclear ?? true,
     partscan: o.partscan ?? false,
     readOnly: o.readOnly,
     directIo: o.directIo ?? true,
-    lock: o.lock ?? false,
+    lock: lock ?? false,
   };
 }
 
@@ -129,15 +122,11 @@ function openOp(p: string, flags: number): Op<number> {
   };
 }
 
-function loopForFdOp(ctl: Handle, fd: number, o: NativeConfigure, lock: boolean): Op<NativeLoop> {
+function attachOp(fd: number, o: NativeAttach): Op<NativeAttached> {
   return {
-    sync: () => native.controlLoopForFd(ctl, fd, configureArgs(o), lock),
-    async: () => native.controlLoopForFdAsync(ctl, fd, configureArgs(o), lock),
+    sync: () => native.attach(fd, configureArgs(o)),
+    async: () => native.attachAsync(fd, configureArgs(o)),
   };
-}
-
-function releaseOp(dev: LoopDevice): Op<void> {
-  return { sync: () => dev.detachSync(), async: () => dev.detach() };
 }
 
 // ---- checks ----
@@ -150,25 +139,6 @@ function checkKind(st: fs.BigIntStats, p: string, syscall: string): void {
   if (st.isSocket()) throw sysError('ENXIO', { syscall, path: p });
   const kind = st.isFIFO() ? 'a FIFO' : st.isCharacterDevice() ? 'a character device' : 'not a regular file';
   throw sysError('EINVAL', { syscall, path: p, detail: `backing file is ${kind}, not a regular file or block device` });
-}
-
-function backingSize(st: fs.BigIntStats): bigint {
-  if (!st.isBlockDevice()) return st.size;
-  return blockDeviceSize(devMajor(st.rdev), devMinor(st.rdev)) ?? 0n;
-}
-
-/** The device size the kernel should produce: what is left after the offset, capped by the size limit. */
-function expectedSize(fileSize: bigint, o: Normalized, p: string): bigint {
-  const fail = (detail: string) => sysError('EINVAL', { syscall: 'fstat', path: p, detail });
-  if (fileSize === 0n) throw fail('backing file is empty');
-  if (o.offset >= fileSize) {
-    throw fail(`offset ${o.offset} is at or beyond the end of the backing file (${fileSize} bytes)`);
-  }
-  let size = fileSize - o.offset;
-  if (o.sizeLimit > 0n && o.sizeLimit < size) size = o.sizeLimit;
-  size -= size % SECTOR;
-  if (size === 0n) throw fail(`less than one ${SECTOR}-byte sector to map after offset ${o.offset}`);
-  return size;
 }
 
 /** `flags` of an open fd from /proc/self/fdinfo (access mode, O_DIRECT, …); null when unreadable. */
@@ -189,49 +159,13 @@ function fdTarget(fd: number): string {
   }
 }
 
-function readApplied(raw: NativeLoop): { applied: Applied; info: LoopInfo } | null {
-  const info = new LoopInfo(native.loopGetStatus(raw.handle));
-  const sys = readLoop(`loop${raw.minor}`);
-  if (sys === null) return null;
-  return { info, applied: appliedFrom(sys, info) };
-}
-
-interface Expected {
-  dev: bigint;
-  ino: bigint;
-  size: bigint;
-  readOnly: boolean;
-  o: Normalized;
-}
-
-/** Differences between what was asked and what the kernel applied (systemd's loop_configure_verify). */
-function verify(got: { applied: Applied; info: LoopInfo } | null, want: Expected): string[] {
-  if (got === null) return ['the device is not bound according to sysfs'];
-  const { applied: a, info } = got;
-  const diffs: string[] = [];
-  const check = (what: string, have: unknown, wanted: unknown) => {
-    if (have !== wanted) diffs.push(`${what} is ${String(have)}, expected ${String(wanted)}`);
-  };
-  if (!info.isBoundTo({ dev: want.dev, ino: want.ino })) diffs.push('the device is bound to another file');
-  check('offset', a.offset, want.o.offset);
-  check('size limit', a.sizeLimit, want.o.sizeLimit);
-  check('size', a.size, want.size);
-  if (want.o.blockSize !== undefined) check('sector size', BigInt(a.sectorSize), want.o.blockSize);
-  check('read-only', a.readOnly, want.readOnly);
-  if (want.o.partscan) check('partscan', a.partscan, true);
-  check('autoclear', a.autoclear, want.o.autoclear);
-  return diffs;
-}
-
 // ---- the attach flow ----
 
 function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDevice> {
   const o = normalize(options);
-  let backing: Backing | null = null;
+  let backing: Backing;
   let readOnly: boolean;
   let dio = o.directIo;
-  let odirect = false; // the fd we opened has O_DIRECT
-  let st: fs.BigIntStats | undefined;
   let p: string;
 
   if (typeof file === 'number') {
@@ -241,7 +175,7 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
       });
     }
     p = fdTarget(file);
-    st = yield* call(fstatOp(file));
+    const st = yield* call(fstatOp(file));
     checkKind(st, p, 'fstat');
     const flags = fdFlags(file);
     const fdReadOnly = flags !== null && (flags & ACCMODE) === O_RDONLY;
@@ -273,7 +207,6 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
       const flags = (readOnly ? O_RDONLY : O_RDWR) | O_NONBLOCK | (dio ? O_DIRECT : 0);
       try {
         fd = yield* call(openOp(p, flags));
-        odirect = dio;
         break;
       } catch (e) {
         const code = errnoCode(e);
@@ -291,26 +224,12 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
     backing = { path: p, fd, owned: true, dev: 0n, ino: 0n };
   }
 
-  let ctl: Handle | null = null;
   try {
-    if (st === undefined) {
-      // Check what was opened, not what was stat'ed before: the path may have been replaced in between.
-      st = yield* call(fstatOp(backing.fd));
-      checkKind(st, p, 'open');
-      backing.dev = st.dev;
-      backing.ino = st.ino;
-    }
-    const want: Expected = {
-      dev: backing.dev,
-      ino: backing.ino,
-      size: expectedSize(backingSize(st), o, p),
-      readOnly,
-      o,
-    };
-    ctl = native.controlOpen();
-    let diffs: string[] = [];
-    for (let attempt = 0; attempt < VERIFY_ATTEMPTS; ) {
-      const config: NativeConfigure = {
+    // One call does the rest natively: check what was opened (the path may have been replaced since the
+    // stat), bind a free device, verify what the kernel applied, retry on a fresh device, fall back to
+    // buffered I/O (clearing O_DIRECT on our own fd) where direct I/O was refused.
+    const raw = yield* call(
+      attachOp(backing.fd, {
         offset: o.offset,
         sizeLimit: o.sizeLimit,
         autoclear: o.autoclear,
@@ -318,68 +237,19 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
         readOnly,
         directIo: dio,
         ...(o.blockSize === undefined ? {} : { blockSize: o.blockSize }),
-        ...(backing.path === undefined ? {} : { fileName: backing.path }),
-      };
-      const raw = yield* call(loopForFdOp(ctl, backing.fd, config, o.lock));
-      let got: ReturnType<typeof readApplied>;
-      try {
-        got = readApplied(raw);
-      } catch (e) {
-        // Cannot even read it back: give the device up (it is ours) and report why.
-        yield* call(releaseOp(new LoopDevice(raw, { ...backing, owned: false }, placeholder(raw))));
-        throw e;
-      }
-      diffs = verify(got, want);
-      const dioRefused = dio && got !== null && !got.applied.directIo;
-      if (diffs.length === 0 && !(dioRefused && odirect && backing.owned)) {
-        const dev = new LoopDevice(raw, backing, got!.applied);
-        // Kernels without table parsers create no partitions: register them from the table we read.
-        if (o.partscan) dev.addPartitions();
-        return dev;
-      }
-      // Give the device back before trying again; it carries our binding, so clearing it is ours to do.
-      yield* call(releaseOp(new LoopDevice(raw, { ...backing, owned: false }, got?.applied ?? placeholder(raw))));
-      if (diffs.length === 0) {
-        // Direct I/O refused (alignment, sector size) on an O_DIRECT fd: the kernel would still do direct
-        // I/O through the fd's own O_DIRECT, so rebind buffered through a plain fd (as systemd does).
-        dio = false;
-        odirect = false;
-        const fd = yield* call(openOp(p, (readOnly ? O_RDONLY : O_RDWR) | O_NONBLOCK));
-        fs.closeSync(backing.fd);
-        backing.fd = fd;
-        const again = yield* call(fstatOp(fd));
-        if (again.dev !== backing.dev || again.ino !== backing.ino) {
-          throw loopError('ERR_LOOP_BACKING_CHANGED', 'the backing file was replaced while attaching', p);
-        }
-        continue;
-      }
-      attempt++;
-    }
-    throw loopError(
-      'ERR_LOOP_CONFIG_MISMATCH',
-      `the kernel did not apply the requested configuration (${diffs.join('; ')}) after ${VERIFY_ATTEMPTS} attempts`,
-      p,
+        fileName: backing.path,
+        lock: o.lock,
+        ownsFd: backing.owned,
+      }),
     );
+    backing.dev = raw.applied.device;
+    backing.ino = raw.applied.inode;
+    const dev = new LoopDevice(raw, backing, raw.applied);
+    // Kernels without table parsers create no partitions: register them from the table we read.
+    if (o.partscan) dev.addPartitions();
+    return dev;
   } catch (e) {
     if (backing.owned && backing.fd >= 0) fs.closeSync(backing.fd);
     throw e;
-  } finally {
-    if (ctl !== null) native.close(ctl);
   }
-}
-
-/** For releasing a device whose state could not be read: no diskseq, so release is judged by the path. */
-function placeholder(raw: NativeLoop): Applied {
-  return {
-    readOnly: false,
-    directIo: false,
-    partscan: false,
-    autoclear: false,
-    offset: 0n,
-    sizeLimit: 0n,
-    size: 0n,
-    sectorSize: 512,
-    backingFile: readLoop(`loop${raw.minor}`)?.backingFile ?? '',
-    diskseq: readLoop(`loop${raw.minor}`)?.diskseq ?? null,
-  };
 }

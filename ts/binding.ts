@@ -42,7 +42,16 @@ export interface NativeConfigure {
   fileName?: string;
 }
 
-/** Configure options in the order the native side reads them (see `configureArgs`). */
+/** What `attach` adds to the configure options. */
+export interface NativeAttach extends NativeConfigure {
+  /** flock(LOCK_EX) on the device while it is open. */
+  lock?: boolean;
+  /** The backing fd was opened for this attach: O_DIRECT may be cleared on it when direct I/O is refused. */
+  ownsFd?: boolean;
+}
+
+/** The options record in the order the native side reads it (see `configureArgs`, and `attach_options` in
+ * crates/loopdev-napi/src/convert.rs, the one place that converts it). */
 export type ConfigureArgs = readonly [
   offset?: Size,
   sizeLimit?: Size,
@@ -52,18 +61,45 @@ export type ConfigureArgs = readonly [
   readOnly?: boolean,
   directIo?: boolean,
   fileName?: string,
+  lock?: boolean,
+  ownsFd?: boolean,
 ];
 
 /**
- * An options object in the positional form the native side reads: looking named properties up through
- * N-API costs about as much as the rest of a bind's overhead together. Values are checked natively.
+ * The options record in the positional form the native side reads: looking named properties up through
+ * N-API costs about as much as the rest of a bind's overhead together. Callers check values first
+ * (`checkConfigure` in options.ts); the native side checks them again, for callers of the raw binding.
  */
-export function configureArgs(o: NativeConfigure | null | undefined): ConfigureArgs {
+export function configureArgs(o: NativeAttach | null | undefined): ConfigureArgs {
   if (o == null) return [];
   if (typeof o !== 'object') {
     throw Object.assign(new TypeError('options must be an object'), { code: 'ERR_INVALID_ARG_TYPE' });
   }
-  return [o.offset, o.sizeLimit, o.blockSize, o.autoclear, o.partscan, o.readOnly, o.directIo, o.fileName];
+  return [o.offset, o.sizeLimit, o.blockSize, o.autoclear, o.partscan, o.readOnly, o.directIo, o.fileName, o.lock, o.ownsFd];
+}
+
+/** What the kernel applied to a device `attach` bound, read back and verified natively. */
+export interface NativeApplied {
+  readOnly: boolean;
+  directIo: boolean;
+  partscan: boolean;
+  autoclear: boolean;
+  offset: bigint;
+  sizeLimit: bigint;
+  /** Device size in bytes. */
+  size: bigint;
+  /** Logical sector size in bytes. */
+  sectorSize: number;
+  /** sysfs `loop/backing_file`. */
+  backingFile: string;
+  diskseq: bigint | null;
+  /** `st_dev` / `st_ino` of the backing file the device is bound to. */
+  device: bigint;
+  inode: bigint;
+}
+
+export interface NativeAttached extends NativeLoop {
+  applied: NativeApplied;
 }
 
 export interface NativeStatus {
@@ -96,6 +132,12 @@ export interface Native {
     lock: boolean | undefined,
     setup?: (lo: NativeLoop) => void,
   ): Promise<NativeLoop>;
+  /**
+   * get-free → open → (lock) → configure → verify what the kernel applied → retry on a fresh device, with
+   * the direct-I/O fallback (`LoopControl::attach` in crates/loopdev/src/attach.rs). Opens its own loop-control.
+   */
+  attach(fd: number, o: ConfigureArgs): NativeAttached;
+  attachAsync(fd: number, o: ConfigureArgs): Promise<NativeAttached>;
   loopOpen(minor: number, dirFd?: number): NativeLoop;
   loopFlock(h: Handle, op: number): void;
   loopFlushBuf(h: Handle): void;

@@ -1,6 +1,7 @@
 import { configureArgs, native, watch, type Handle, type NativeLoop } from './binding.js';
 import { closedError } from './errors.js';
 import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
+import { checkConfigure } from './options.js';
 
 export interface LoopForFdOptions extends ConfigureOptions {
   /**
@@ -65,7 +66,7 @@ export class LoopControl implements Disposable {
     const raw = await native.controlLoopForFdAsync(
       this.#h(),
       fd,
-      configureArgs(options),
+      configureArgs(checkConfigure(options)),
       options?.lock,
       wrapSetup(options?.setup),
     );
@@ -74,7 +75,8 @@ export class LoopControl implements Disposable {
 
   /** `loopForFd`, blocking the thread. */
   loopForFdSync(fd: number, options: LoopForFdOptions = {}): Loop {
-    const raw = native.controlLoopForFd(this.#h(), fd, configureArgs(options), options?.lock, wrapSetup(options?.setup));
+    const o = configureArgs(checkConfigure(options));
+    const raw = native.controlLoopForFd(this.#h(), fd, o, options?.lock, wrapSetup(options?.setup));
     return Loop.fromNative(raw, true);
   }
 }

@@ -6,6 +6,8 @@ export interface LoopErrorFields {
   syscall?: string;
   ioctl?: string;
   path?: string;
+  /** `ERR_LOOP_CONFIG_MISMATCH`: what the kernel applied differently from what was asked. */
+  differences?: readonly string[];
 }
 
 export class LoopError extends Error {
@@ -14,6 +16,8 @@ export class LoopError extends Error {
   readonly syscall: string | undefined;
   readonly ioctl: string | undefined;
   readonly path: string | undefined;
+  /** `ERR_LOOP_CONFIG_MISMATCH` only: each difference between what was asked and what the kernel applied. */
+  readonly differences?: readonly string[];
 
   /** Native code builds the message (`EBUSY: device or resource busy, ioctl LOOP_CONFIGURE '/dev/loop3'`). */
   constructor(message: string, fields: LoopErrorFields) {
@@ -24,6 +28,7 @@ export class LoopError extends Error {
     this.syscall = fields.syscall;
     this.ioctl = fields.ioctl;
     this.path = fields.path;
+    if (fields.differences !== undefined) this.differences = Object.freeze([...fields.differences]);
   }
 }
 

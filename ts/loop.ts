@@ -1,4 +1,5 @@
 import { configureArgs, native, watch, type Handle, type NativeLoop } from './binding.js';
+import { checkConfigure } from './options.js';
 import { closedError } from './errors.js';
 import { LoopInfo } from './info.js';
 
@@ -172,13 +173,13 @@ export class Loop implements Disposable, AsyncDisposable {
    * event loop.
    */
   async configure(fd: number, options: ConfigureOptions = {}): Promise<void> {
-    await native.loopConfigureAsync(this.#h(), fd, configureArgs(options));
+    await native.loopConfigureAsync(this.#h(), fd, configureArgs(checkConfigure(options)));
     this.#bound = true;
   }
 
   /** `configure`, blocking the thread. */
   configureSync(fd: number, options: ConfigureOptions = {}): void {
-    native.loopConfigure(this.#h(), fd, configureArgs(options));
+    native.loopConfigure(this.#h(), fd, configureArgs(checkConfigure(options)));
     this.#bound = true;
   }
 

@@ -95,6 +95,27 @@ pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
     )
 }
 
+/// attach(fd, optionArgs) → { handle, minor, path, fd, applied }: `LoopControl::attach` (get-free, configure,
+/// verify, retry) through a loop-control of its own, so an attach is one call.
+pub fn attach(env: Env, args: &[Value]) -> JsResult<Value> {
+    let fd = convert::fd(env, arg(env, args, 0)?, "fd")?;
+    let opts = convert::attach_options(env, arg(env, args, 1)?)?;
+    let attached = LoopControl::open(None)?.attach(borrow(fd), &opts)?;
+    convert::attached(env, attached)
+}
+
+/// attachAsync(fd, optionArgs) → Promise<{ handle, minor, path, fd, applied }>, all of it on the pool.
+pub fn attach_async(env: Env, args: &[Value]) -> JsResult<Value> {
+    let fd = convert::owned_fd(env, arg(env, args, 0)?, "fd")?;
+    let opts = convert::attach_options(env, arg(env, args, 1)?)?;
+    crate::task::spawn(
+        env,
+        "loopdev.attach",
+        move || Ok(LoopControl::open(None)?.attach(fd.as_fd(), &opts)?),
+        convert::attached,
+    )
+}
+
 mod setup {
     use crate::convert;
     use crate::handle;

@@ -3,7 +3,7 @@
 use crate::handle::{Handle, Resource};
 use crate::js::{Env, Failure, JsResult, Value};
 use crate::sys::NAPI_OBJECT;
-use loopdev::{ConfigureOptions, Loop, LoopInfo, StatusChange};
+use loopdev::{Applied, AttachOptions, Attached, ConfigureOptions, Loop, LoopInfo, StatusChange};
 use nix::errno::Errno;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
@@ -38,42 +38,52 @@ pub fn options(env: Env, o: Value) -> JsResult<Value> {
     }
 }
 
-/// Configure options arrive as an array in this order (see `configureArgs` in ts/binding.ts): reading
-/// elements is several times cheaper than looking up named properties through N-API.
-const CONFIGURE_FIELDS: [&str; 8] =
-    ["offset", "sizeLimit", "blockSize", "autoclear", "partscan", "readOnly", "directIo", "fileName"];
+/// Configure and attach options arrive as an array in this order (`optionArgs` in ts/binding.ts, which has
+/// checked them already): reading elements is several times cheaper than looking up named properties through
+/// N-API. `configure_options` reads the first eight.
+const OPTION_FIELDS: [&str; 10] =
+    ["offset", "sizeLimit", "blockSize", "autoclear", "partscan", "readOnly", "directIo", "fileName", "lock", "ownsFd"];
 
-pub fn configure_options(env: Env, args: Value) -> JsResult<ConfigureOptions> {
+/// The one conversion of the options record: every call that configures a device reads its options here.
+pub fn attach_options(env: Env, args: Value) -> JsResult<AttachOptions> {
     if env.is_nullish(args)? {
-        return Ok(ConfigureOptions::default());
+        return Ok(AttachOptions::default());
     }
     if !env.is_array(args)? {
         // Only the TS layer calls this; an options object here would silently mean "all defaults".
-        return Err(Failure::Type("configure options must come as an array (configureArgs)".into()));
+        return Err(Failure::Type("configure options must come as an array (optionArgs)".into()));
     }
-    let mut v = [std::ptr::null_mut(); 8];
+    let mut v = [std::ptr::null_mut(); OPTION_FIELDS.len()];
     for (i, slot) in v.iter_mut().enumerate() {
         let field = env.element(args, i as u32)?;
         *slot = if env.is_nullish(field)? { std::ptr::null_mut() } else { field };
     }
-    let size = |i: usize| if v[i].is_null() { Ok(0) } else { env.to_u64(v[i], CONFIGURE_FIELDS[i]) };
+    let size = |i: usize| if v[i].is_null() { Ok(0) } else { env.to_u64(v[i], OPTION_FIELDS[i]) };
     let flag = |i: usize| {
         if v[i].is_null() {
             Ok(false)
         } else {
-            env.to_bool(v[i]).map_err(|_| Failure::Type(format!("{} must be a boolean", CONFIGURE_FIELDS[i])))
+            env.to_bool(v[i]).map_err(|_| Failure::Type(format!("{} must be a boolean", OPTION_FIELDS[i])))
         }
     };
-    Ok(ConfigureOptions {
-        offset: size(0)?,
-        size_limit: size(1)?,
-        block_size: if v[2].is_null() { 0 } else { u32_size(env, v[2], "blockSize")? },
-        autoclear: flag(3)?,
-        partscan: flag(4)?,
-        read_only: flag(5)?,
-        direct_io: flag(6)?,
-        file_name: if v[7].is_null() { None } else { Some(env.to_string(v[7])?) },
+    Ok(AttachOptions {
+        configure: ConfigureOptions {
+            offset: size(0)?,
+            size_limit: size(1)?,
+            block_size: if v[2].is_null() { 0 } else { u32_size(env, v[2], "blockSize")? },
+            autoclear: flag(3)?,
+            partscan: flag(4)?,
+            read_only: flag(5)?,
+            direct_io: flag(6)?,
+            file_name: if v[7].is_null() { None } else { Some(env.to_string(v[7])?) },
+        },
+        lock: flag(8)?,
+        owns_fd: flag(9)?,
     })
+}
+
+pub fn configure_options(env: Env, args: Value) -> JsResult<ConfigureOptions> {
+    Ok(attach_options(env, args)?.configure)
 }
 
 pub fn status_change(env: Env, o: Value) -> JsResult<StatusChange> {
@@ -107,6 +117,48 @@ pub fn new_loop(env: Env, lo: Loop) -> JsResult<Value> {
     env.set(o, "path", env.string(&lo.path().to_string_lossy())?)?;
     env.set(o, "fd", env.int(i64::from(lo.as_fd().as_raw_fd()))?)?;
     env.set(o, "handle", env.external(Resource::Loop(Handle::new(lo)))?)?;
+    Ok(o)
+}
+
+/// `{ handle, minor, path, fd, applied }` for a device bound by `attach`; `applied` has the fields of
+/// `Applied` in ts/device.ts.
+pub fn attached(env: Env, a: Attached) -> JsResult<Value> {
+    let Applied {
+        offset,
+        size_limit,
+        size,
+        sector_size,
+        read_only,
+        partscan,
+        autoclear,
+        direct_io,
+        backing_file,
+        diskseq,
+        device,
+        inode,
+    } = a.applied;
+    let o = new_loop(env, a.lo)?;
+    let applied = env.object()?;
+    env.set(applied, "readOnly", env.boolean(read_only)?)?;
+    env.set(applied, "directIo", env.boolean(direct_io)?)?;
+    env.set(applied, "partscan", env.boolean(partscan)?)?;
+    env.set(applied, "autoclear", env.boolean(autoclear)?)?;
+    env.set(applied, "offset", env.bigint(offset)?)?;
+    env.set(applied, "sizeLimit", env.bigint(size_limit)?)?;
+    env.set(applied, "size", env.bigint(size)?)?;
+    env.set(applied, "sectorSize", env.int(i64::from(sector_size))?)?;
+    env.set(applied, "backingFile", env.string(&backing_file)?)?;
+    env.set(
+        applied,
+        "diskseq",
+        match diskseq {
+            Some(seq) => env.bigint(seq)?,
+            None => env.null()?,
+        },
+    )?;
+    env.set(applied, "device", env.bigint(device)?)?;
+    env.set(applied, "inode", env.bigint(inode)?)?;
+    env.set(o, "applied", applied)?;
     Ok(o)
 }
 

@@ -81,6 +81,9 @@ pub fn to_js(env: Env, failure: &Failure) -> JsResult<Value> {
                 env.set(props, "mode", env.int(i64::from(mode))?)?;
                 class = classes(env).map(|c| c.unexpected_device);
             }
+            if let loopdev::Kind::ConfigMismatch { differences } = &e.kind {
+                env.set(props, "differences", env.array(differences, |d| env.string(d))?)?;
+            }
             (e.to_string(), class)
         }
         Failure::Closed(what) => {
@@ -100,7 +103,7 @@ pub fn to_js(env: Env, failure: &Failure) -> JsResult<Value> {
         None => {
             let err = plain(env, napi_create_error, "", "")?;
             env.set(err, "message", message)?;
-            for key in ["code", "errno", "syscall", "ioctl", "path"] {
+            for key in ["code", "errno", "syscall", "ioctl", "path", "differences"] {
                 if let Some(v) = env.opt(props, key)? {
                     env.set(err, key, v)?;
                 }

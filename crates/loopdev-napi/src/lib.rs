@@ -28,6 +28,8 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("controlGetUnbound", control::get_unbound),
     ("controlLoopForFd", control::loop_for_fd),
     ("controlLoopForFdAsync", control::loop_for_fd_async),
+    ("attach", control::attach),
+    ("attachAsync", control::attach_async),
     ("loopOpen", device::open),
     ("loopFlock", device::flock),
     ("loopFlushBuf", device::flush_buf),

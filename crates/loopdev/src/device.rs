@@ -68,7 +68,7 @@ pub struct Loop {
 }
 
 /// The kernel binds only regular files and block devices; say so instead of a bare EINVAL later.
-fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
+pub(crate) fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
     let st = stat_fd(fd)?;
     if is_kind(&st, SFlag::S_IFREG) || is_kind(&st, SFlag::S_IFBLK) {
         Ok(st)

@@ -16,6 +16,9 @@ pub enum Kind {
     /// A partition table that cannot be trusted (CRC mismatch, misplaced structures, truncated image);
     /// `detail` says what is wrong with it.
     PartitionTable,
+    /// `LoopControl::attach` found, on every device it tried, that the kernel did not apply what was asked;
+    /// `differences` says what differed (`offset is 0, expected 512`), on the last device.
+    ConfigMismatch { differences: Vec<String> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +66,7 @@ impl Error {
         match self.kind {
             Kind::UnexpectedDevice { .. } => "ERR_LOOP_UNEXPECTED_DEVICE".to_string(),
             Kind::PartitionTable => "ERR_LOOP_PARTITION_TABLE".to_string(),
+            Kind::ConfigMismatch { .. } => "ERR_LOOP_CONFIG_MISMATCH".to_string(),
             Kind::Os | Kind::Timeout => errno_name(self.errno),
         }
     }

@@ -1,6 +1,7 @@
 //! Linux loop devices over the loop(4) ioctls: `LoopControl` allocates, `Loop` configures and inspects.
 //! Knows nothing about N-API; the binding crate converts these types for JavaScript.
 
+pub mod attach;
 pub mod control;
 pub mod device;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod partition;
 pub mod remote;
 pub mod uapi;
 
+pub use attach::{Applied, AttachOptions, Attached};
 pub use control::LoopControl;
 pub use device::{ConfigureOptions, Loop, StatusChange};
 pub use error::{Error, Kind, Result};
