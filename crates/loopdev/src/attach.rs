@@ -9,8 +9,9 @@
 //! cleared on the fd (when it is ours to change) and the file bound again buffered.
 
 use crate::control::LoopControl;
-use crate::device::{check_backing, is_kind, ConfigureOptions, Loop};
+use crate::device::{check_backing, ConfigureOptions, Loop};
 use crate::error::{Error, Kind, Result};
+use crate::inode::is_kind;
 use crate::ioctl;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
