@@ -5,7 +5,7 @@ use crate::handle::{self, Handle, Resource};
 use crate::js::{arg, Env, Failure, JsResult, Value};
 use crate::sys::{NAPI_FUNCTION, NAPI_NULL, NAPI_UNDEFINED};
 use loopdev::{ConfigureOptions, Loop, LoopControl};
-use std::os::unix::io::{AsFd, OwnedFd};
+use std::os::unix::io::{AsFd, RawFd};
 use std::sync::Arc;
 
 /// controlOpen(dirFd?) → handle
@@ -44,8 +44,8 @@ pub fn get_unbound(env: Env, args: &[Value]) -> JsResult<Value> {
 /// The arguments of controlLoopForFd / controlLoopForFdAsync: (h, fd, configureArgs, lock, setup?).
 struct Request {
     ctl: Arc<LoopControl>,
-    /// Owned even for the synchronous call: `setup` runs JS in the middle of it.
-    fd: OwnedFd,
+    /// The caller's: duplicated wherever JS can run before the work is done (see `convert::owned_fd`).
+    fd: RawFd,
     opts: ConfigureOptions,
     lock: bool,
     setup: Option<Value>,
@@ -61,7 +61,7 @@ fn request(env: Env, args: &[Value]) -> JsResult<Request> {
     let lock = arg(env, args, 3)?;
     Ok(Request {
         ctl: handle::control(env, arg(env, args, 0)?)?,
-        fd: convert::owned_fd(env, arg(env, args, 1)?, "fd")?,
+        fd: convert::fd(env, arg(env, args, 1)?, "fd")?,
         opts: convert::configure_options(env, arg(env, args, 2)?)?,
         lock: !env.is_nullish(lock)?
             && env.to_bool(lock).map_err(|_| Failure::Type("lock must be a boolean".into()))?,
@@ -73,8 +73,11 @@ fn request(env: Env, args: &[Value]) -> JsResult<Request> {
 /// `setup(loop)` runs on a temporary handle (same open file) that is closed when it returns.
 pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     let r = request(env, args)?;
+    // `setup` runs JS in the middle of the call, which could close the caller's fd; without one, no JS runs.
+    let owned = r.setup.map(|_| convert::dup(r.fd)).transpose()?;
+    let fd = owned.as_ref().map_or_else(|| borrow(r.fd), |o| o.as_fd());
     let call = r.setup.map(|func| move |lo: &Loop| setup::run(env, func, lo.try_clone()?));
-    let lo = r.ctl.loop_for_fd(r.fd.as_fd(), &r.opts, r.lock, call)?;
+    let lo = r.ctl.loop_for_fd(fd, &r.opts, r.lock, call)?;
     convert::new_loop(env, lo)
 }
 
@@ -83,6 +86,7 @@ pub fn loop_for_fd(env: Env, args: &[Value]) -> JsResult<Value> {
 /// while the worker waits for it.
 pub fn loop_for_fd_async(env: Env, args: &[Value]) -> JsResult<Value> {
     let Request { ctl, fd, opts, lock, setup } = request(env, args)?;
+    let fd = convert::dup(fd)?;
     let setup = setup.map(|func| setup::Remote::new(env, func)).transpose()?;
     crate::task::spawn(
         env,

@@ -16,7 +16,11 @@ pub fn fd(env: Env, v: Value, what: &str) -> JsResult<RawFd> {
 /// our own duplicate, made now on the JS thread. Borrowing the number instead, JS could close it meanwhile,
 /// or reuse it for another file, and the work would act on whatever the number then names.
 pub fn owned_fd(env: Env, v: Value, what: &str) -> JsResult<OwnedFd> {
-    let raw = fd(env, v, what)?;
+    dup(fd(env, v, what)?)
+}
+
+/// Our own duplicate of a caller's fd (see `owned_fd`).
+pub fn dup(raw: RawFd) -> JsResult<OwnedFd> {
     // F_DUPFD_CLOEXEC (from 3 up), so the duplicate is not inherited by a child spawned meanwhile.
     borrow(raw).try_clone_to_owned().map_err(|e| {
         let errno = e.raw_os_error().map_or(Errno::EBADF, Errno::from_i32);
