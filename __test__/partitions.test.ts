@@ -72,7 +72,7 @@ async function partitioned(t: ExecutionContext, script: string, sectorSize: 512 
 /** Each partition as table, sfdisk and sysfs see it. */
 function compare(t: ExecutionContext, dev: LoopDevice, parts: Partition[], oracle: SfdiskTable): void {
   const ss = BigInt(oracle.sectorsize);
-  t.is(ss, BigInt(dev.sectorSize));
+  t.is(ss, BigInt(dev.blockSize));
   t.deepEqual(
     parts.map((p) => p.number),
     oracle.partitions.map((o) => Number(/(\d+)$/.exec(o.node)![1])),

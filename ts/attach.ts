@@ -6,12 +6,12 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { configureArgs, native, type Handle, type NativeConfigure, type NativeLoop } from './binding.js';
-import { appliedFrom, LoopDevice, type Applied, type Backing } from './device.js';
+import { LoopDevice, type Backing } from './device.js';
 import { call, runAsync, runSync, type Flow, type Op } from './flow.js';
 import { LoopInfo } from './info.js';
-import type { ConfigureOptions } from './loop.js';
+import { Loop, type ConfigureOptions } from './loop.js';
 import { toU64 } from './size.js';
-import { blockDeviceSize, devMajor, devMinor, readLoop } from './sysfs.js';
+import { blockDeviceSize, devMajor, devMinor, readLoop, type SysfsLoop } from './sysfs.js';
 import { loopError } from './errors.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
@@ -189,11 +189,11 @@ function fdTarget(fd: number): string {
   }
 }
 
-function readApplied(raw: NativeLoop): { applied: Applied; info: LoopInfo } | null {
+function readApplied(raw: NativeLoop): { applied: SysfsLoop; info: LoopInfo } | null {
   const info = new LoopInfo(native.loopGetStatus(raw.handle));
   const sys = readLoop(`loop${raw.minor}`);
   if (sys === null) return null;
-  return { info, applied: appliedFrom(sys, info) };
+  return { info, applied: sys };
 }
 
 interface Expected {
@@ -205,7 +205,7 @@ interface Expected {
 }
 
 /** Differences between what was asked and what the kernel applied (systemd's loop_configure_verify). */
-function verify(got: { applied: Applied; info: LoopInfo } | null, want: Expected): string[] {
+function verify(got: { applied: SysfsLoop; info: LoopInfo } | null, want: Expected): string[] {
   if (got === null) return ['the device is not bound according to sysfs'];
   const { applied: a, info } = got;
   const diffs: string[] = [];
@@ -216,7 +216,7 @@ function verify(got: { applied: Applied; info: LoopInfo } | null, want: Expected
   check('offset', a.offset, want.o.offset);
   check('size limit', a.sizeLimit, want.o.sizeLimit);
   check('size', a.size, want.size);
-  if (want.o.blockSize !== undefined) check('sector size', BigInt(a.sectorSize), want.o.blockSize);
+  if (want.o.blockSize !== undefined) check('sector size', BigInt(a.blockSize), want.o.blockSize);
   check('read-only', a.readOnly, want.readOnly);
   if (want.o.partscan) check('partscan', a.partscan, true);
   check('autoclear', a.autoclear, want.o.autoclear);
@@ -326,19 +326,19 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
         got = readApplied(raw);
       } catch (e) {
         // Cannot even read it back: give the device up (it is ours) and report why.
-        yield* call(releaseOp(new LoopDevice(raw, { ...backing, owned: false }, placeholder(raw))));
+        yield* call(releaseOp(new LoopDevice(new Loop(raw, true), { ...backing, owned: false }, placeholder(raw))));
         throw e;
       }
       diffs = verify(got, want);
       const dioRefused = dio && got !== null && !got.applied.directIo;
       if (diffs.length === 0 && !(dioRefused && odirect && backing.owned)) {
-        const dev = new LoopDevice(raw, backing, got!.applied);
+        const dev = new LoopDevice(new Loop(raw, true), backing, got!.applied);
         // Kernels without table parsers create no partitions: register them from the table we read.
         if (o.partscan) dev.addPartitions();
         return dev;
       }
       // Give the device back before trying again; it carries our binding, so clearing it is ours to do.
-      yield* call(releaseOp(new LoopDevice(raw, { ...backing, owned: false }, got?.applied ?? placeholder(raw))));
+      yield* call(releaseOp(new LoopDevice(new Loop(raw, true), { ...backing, owned: false }, got?.applied ?? placeholder(raw))));
       if (diffs.length === 0) {
         // Direct I/O refused (alignment, sector size) on an O_DIRECT fd: the kernel would still do direct
         // I/O through the fd's own O_DIRECT, so rebind buffered through a plain fd (as systemd does).
@@ -369,17 +369,23 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
 }
 
 /** For releasing a device whose state could not be read: no diskseq, so release is judged by the path. */
-function placeholder(raw: NativeLoop): Applied {
-  return {
-    readOnly: false,
-    directIo: false,
-    partscan: false,
-    autoclear: false,
-    offset: 0n,
-    sizeLimit: 0n,
-    size: 0n,
-    sectorSize: 512,
-    backingFile: readLoop(`loop${raw.minor}`)?.backingFile ?? '',
-    diskseq: readLoop(`loop${raw.minor}`)?.diskseq ?? null,
-  };
+function placeholder(raw: NativeLoop): SysfsLoop {
+  const name = `loop${raw.minor}`;
+  return (
+    readLoop(name) ?? {
+      name,
+      number: raw.minor,
+      majMin: '',
+      readOnly: false,
+      directIo: false,
+      partscan: false,
+      autoclear: false,
+      offset: 0n,
+      sizeLimit: 0n,
+      size: 0n,
+      blockSize: 512,
+      backingFile: '',
+      diskseq: null,
+    }
+  );
 }

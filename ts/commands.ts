@@ -9,6 +9,7 @@ import { getopt, UsageError, type OptionSpec } from './getopt.js';
 import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup, type LoopDeviceInfo } from './list.js';
 import { formatBytes, parseSectorSize, parseSize } from './size.js';
 import type { PartitionTable } from './partitions.js';
+import { devMajor, devMinor } from './sysfs.js';
 
 type Options = Record<string, OptionSpec & { multiple?: boolean }>;
 type Values = Record<string, string | boolean | string[] | undefined>;
@@ -48,12 +49,12 @@ function describe(d: LoopDeviceInfo): string {
     ['backing file', d.backingFile],
     [
       'backing inode',
-      d.inode === null ? '-' : `${d.inode} on ${d.backingMajMin ?? '?'}`,
+      d.inode === null || d.device === null ? '-' : `${d.inode} on ${devMajor(d.device)}:${devMinor(d.device)}`,
     ],
     ['size', `${formatBytes(d.size)} (${d.size} bytes)`],
     ['offset', `${d.offset}`],
     ['size limit', d.sizeLimit === 0n ? '0 (to the end of the file)' : `${d.sizeLimit}`],
-    ['sector size', `${d.logSec}`],
+    ['sector size', `${d.blockSize}`],
     ['flags', flagsOf(d)],
     ['partitions', d.partitions.length ? d.partitions.join(' ') : '-'],
   ];
