@@ -115,9 +115,9 @@ loopTest('an offset that is not sector-aligned gets buffered I/O', async (t) => 
 
 loopTest('direct I/O refused after binding (sector size below the backing device\'s) rebinds buffered', async (t) => {
   const file = sparseFile(tempDir(t), 8 * MiB);
-  const lower = await attached(t, file, { sectorSize: 4096 });
+  const lower = await attached(t, file, { blockSize: 4096 });
   t.is(lower.blockSize, 4096);
-  const upper = await attach(lower.path, { sectorSize: 512 });
+  const upper = await attach(lower.path, { blockSize: 512 });
   try {
     t.is(upper.blockSize, 512);
     t.false(upper.directIo, 'the kernel cannot do 512-byte direct I/O on a 4096-byte device');
@@ -178,9 +178,9 @@ loopTest('a file on a read-only mount attaches read-only', async (t) => {
   t.deepEqual(devicesBoundUnder(ro), []);
 });
 
-loopTest('offset, sizeLimit, sectorSize and partscan are applied and read back', async (t) => {
+loopTest('offset, sizeLimit, blockSize and partscan are applied and read back', async (t) => {
   const file = sparseFile(tempDir(t), 16 * MiB);
-  const dev = await attached(t, file, { offset: MiB, sizeLimit: 4 * MiB, sectorSize: 4096, partscan: true });
+  const dev = await attached(t, file, { offset: MiB, sizeLimit: 4 * MiB, blockSize: 4096, partscan: true });
   t.is(dev.offset, BigInt(MiB));
   t.is(dev.sizeLimit, BigInt(4 * MiB));
   t.is(dev.size, BigInt(4 * MiB));

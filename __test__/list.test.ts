@@ -30,7 +30,7 @@ loopTest('list(), `loopdev list --json` and losetup --json --list agree field by
   const big = sparseFile(dir, 16 * MiB, 'big.img');
   const devs = [
     await attached(t, small, { readOnly: true, offset: MiB, sizeLimit: 2 * MiB }),
-    await attached(t, big, { partscan: true, sectorSize: 4096 }),
+    await attached(t, big, { partscan: true, blockSize: 4096 }),
     await attached(t, small, { directIo: false, autoclear: true }),
   ];
   const names = devs.map((d) => d.path);

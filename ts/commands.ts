@@ -6,7 +6,8 @@ import * as fs from 'node:fs';
 // --version, usage errors and list then work where the binary is missing, and commands that need it fail
 // with the loader's one-line error instead of a stack trace at startup.
 import { getopt, UsageError, type OptionSpec } from './getopt.js';
-import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup, type LoopDeviceInfo } from './list.js';
+import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup } from './list.js';
+import type { LoopDeviceInfo } from './state.js';
 import { formatBytes, parseSectorSize, parseSize } from './size.js';
 import type { PartitionTable } from './partitions.js';
 import { devMajor, devMinor } from './sysfs.js';
@@ -82,11 +83,11 @@ function partitionLines(table: PartitionTable): string[] {
 
 /** sfdisk --json's shape where it overlaps (sizes in sectors, its field names), plus number and typeName. */
 function sfdiskJson(table: PartitionTable): Record<string, unknown> {
-  const sectors = (n: bigint) => Number(n / BigInt(table.sectorSize));
+  const sectors = (n: bigint) => Number(n / BigInt(table.blockSize));
   return {
     label: table.scheme,
     id: table.id,
-    sectorsize: table.sectorSize,
+    sectorsize: table.blockSize,
     partitions: table.partitions.map((p) => ({
       node: p.node,
       start: sectors(p.start),
@@ -167,14 +168,14 @@ Options:
       const offset = size(values, 'offset');
       const sizeLimit = size(values, 'sizelimit');
       const sector = values['sector-size'];
-      const sectorSize = typeof sector === 'string' ? parseSectorSize(sector, '--sector-size') : undefined;
+      const blockSize = typeof sector === 'string' ? parseSectorSize(sector, '--sector-size') : undefined;
       const dio = directIo(values);
       const { attach } = await import('./attach.js');
       // Never autoclear: this process closes its fds at exit and the device must outlive it.
       const dev = await attach(positionals[0]!, {
         ...(offset === undefined ? {} : { offset }),
         ...(sizeLimit === undefined ? {} : { sizeLimit }),
-        ...(sectorSize === undefined ? {} : { sectorSize }),
+        ...(blockSize === undefined ? {} : { blockSize }),
         ...(values['read-only'] ? { readOnly: true } : {}),
         partscan: values.partscan === true,
         directIo: dio,

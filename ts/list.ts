@@ -9,8 +9,6 @@ import { devMajor, devMinor, loopNames, loopNumber, partitionNames, readLoop, ty
 import type { LoopDeviceInfo } from './state.js';
 import { sysError, toLoopError } from './syserr.js';
 
-export type { LoopDeviceInfo } from './state.js';
-
 const DELETED = ' (deleted)';
 
 function statOp(p: string): Op<fs.BigIntStats | null> {
