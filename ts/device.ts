@@ -46,8 +46,19 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
   /** `st_dev` / `st_ino` of the backing file. */
   readonly device: bigint;
   readonly inode: bigint;
+  // The rest of the binding, as the kernel applied it: set from sysfs by #apply.
+  declare readonly offset: bigint;
+  declare readonly sizeLimit: bigint;
+  /** Device size in bytes. */
+  declare readonly size: bigint;
+  /** Logical sector size in bytes. */
+  declare readonly blockSize: number;
+  declare readonly readOnly: boolean;
+  declare readonly autoclear: boolean;
+  declare readonly partscan: boolean;
+  /** Direct I/O in effect (false after a silent fallback to buffered I/O). */
+  declare readonly directIo: boolean;
 
-  #state: SysfsLoop;
   #backingFd: number;
   /** Partitions this object registered (BLKPG): removed again by detach. */
   #addedPartitions: number[] = [];
@@ -69,7 +80,7 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
     this.device = backing.dev;
     this.inode = backing.ino;
     this.#backingFd = backing.fd;
-    this.#state = state;
+    this.#apply(state);
     this.#sysfsBacking = state.backingFile;
     this.#diskseq = state.diskseq;
   }
@@ -126,34 +137,6 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
     return this.#loop.closed;
   }
 
-  get offset(): bigint {
-    return this.#state.offset;
-  }
-  get sizeLimit(): bigint {
-    return this.#state.sizeLimit;
-  }
-  /** Device size in bytes. */
-  get size(): bigint {
-    return this.#state.size;
-  }
-  /** Logical sector size in bytes. */
-  get blockSize(): number {
-    return this.#state.blockSize;
-  }
-  get readOnly(): boolean {
-    return this.#state.readOnly;
-  }
-  get autoclear(): boolean {
-    return this.#state.autoclear;
-  }
-  get partscan(): boolean {
-    return this.#state.partscan;
-  }
-  /** Direct I/O in effect (false after a silent fallback to buffered I/O). */
-  get directIo(): boolean {
-    return this.#state.directIo;
-  }
-
   /** The device as `list()` describes it, read now; null once it is no longer bound. */
   info(): LoopDeviceInfo | null {
     return this.released ? null : deviceInfoSync(this.devname);
@@ -181,35 +164,31 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
 
   /** LOOP_SET_DIRECT_IO; `directIo` then says what the kernel applied. */
   setDirectIo(on = true): void {
-    try {
-      this.#loop.setDirectIo(on);
-    } finally {
-      this.#refresh();
-    }
+    this.#change(() => this.#loop.setDirectIo(on));
   }
 
   /** LOOP_SET_BLOCK_SIZE: the logical sector size; `blockSize` then says what the kernel applied. */
   setBlockSize(size: number | bigint): void {
-    try {
-      this.#loop.setBlockSize(size);
-    } finally {
-      this.#refresh();
-    }
+    this.#change(() => this.#loop.setBlockSize(size));
   }
 
   /** LOOP_SET_CAPACITY: pick up a grown or shrunk backing file (`size` follows). */
   setCapacity(): void {
+    this.#change(() => this.#loop.setCapacity());
+  }
+
+  /** Runs an ioctl that changes the binding, then reads it back from sysfs (while it is still attach's). */
+  #change(ioctl: () => void): void {
     try {
-      this.#loop.setCapacity();
+      ioctl();
     } finally {
-      this.#refresh();
+      const sys = this.released ? null : readLoop(this.devname);
+      if (sys !== null) this.#apply(sys);
     }
   }
 
-  /** Reads the binding back from sysfs after a change, while it is still the one attach made. */
-  #refresh(): void {
-    const sys = this.released ? null : readLoop(this.devname);
-    if (sys !== null) this.#state = sys;
+  #apply(state: SysfsLoop): void {
+    for (const k of APPLIED) (this as Record<(typeof APPLIED)[number], unknown>)[k] = state[k];
   }
 
   /** The backing fd (attach's own, or the caller's); -1 once an owned one was closed. */
@@ -434,6 +413,9 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
     await this.detach();
   }
 }
+
+/** The `LoopBinding` fields read from sysfs (the backing file's are attach's). */
+const APPLIED = ['offset', 'sizeLimit', 'size', 'blockSize', 'readOnly', 'autoclear', 'partscan', 'directIo'] as const;
 
 export interface DetachOptions {
   /** How long to wait for a release nothing could be blamed for (default 10000). */
