@@ -35,7 +35,7 @@ loopTest.serial('attach uses direct I/O by default and detach() is verified', as
   const fds = openFds();
   const dev = await attached(t, file);
   t.true(dev instanceof LoopDevice);
-  t.true(dev instanceof Loop);
+  t.true(dev.loop instanceof Loop);
   t.is(dev.backingFile, file);
   t.true(dev.ownsBackingFd);
   t.true(dev.directIo);
@@ -116,11 +116,11 @@ loopTest('an offset that is not sector-aligned gets buffered I/O', async (t) => 
 
 loopTest('direct I/O refused after binding (sector size below the backing device\'s) rebinds buffered', async (t) => {
   const file = sparseFile(tempDir(t), 8 * MiB);
-  const lower = await attached(t, file, { sectorSize: 4096 });
-  t.is(lower.sectorSize, 4096);
-  const upper = await attach(lower.path, { sectorSize: 512 });
+  const lower = await attached(t, file, { blockSize: 4096 });
+  t.is(lower.blockSize, 4096);
+  const upper = await attach(lower.path, { blockSize: 512 });
   try {
-    t.is(upper.sectorSize, 512);
+    t.is(upper.blockSize, 512);
     t.false(upper.directIo, 'the kernel cannot do 512-byte direct I/O on a 4096-byte device');
     t.false(hasODirect(upper.backingFd), 'and the fd was reopened without O_DIRECT');
     t.is(sysfs(upper.minor, 'loop/dio'), '0');
@@ -179,13 +179,13 @@ loopTest('a file on a read-only mount attaches read-only', async (t) => {
   t.deepEqual(devicesBoundUnder(ro), []);
 });
 
-loopTest('offset, sizeLimit, sectorSize and partscan are applied and read back', async (t) => {
+loopTest('offset, sizeLimit, blockSize and partscan are applied and read back', async (t) => {
   const file = sparseFile(tempDir(t), 16 * MiB);
-  const dev = await attached(t, file, { offset: MiB, sizeLimit: 4 * MiB, sectorSize: 4096, partscan: true });
+  const dev = await attached(t, file, { offset: MiB, sizeLimit: 4 * MiB, blockSize: 4096, partscan: true });
   t.is(dev.offset, BigInt(MiB));
   t.is(dev.sizeLimit, BigInt(4 * MiB));
   t.is(dev.size, BigInt(4 * MiB));
-  t.is(dev.sectorSize, 4096);
+  t.is(dev.blockSize, 4096);
   t.true(dev.partscan);
   t.is(sysfs(dev.minor, 'loop/offset'), String(MiB));
   t.is(sysfs(dev.minor, 'loop/sizelimit'), String(4 * MiB));
@@ -201,7 +201,7 @@ loopTest('offset, sizeLimit, sectorSize and partscan are applied and read back',
 loopTest('blockSize and sectorSize are aliases; a size limit beyond the end maps the rest of the file', async (t) => {
   const file = sparseFile(tempDir(t), 4 * MiB);
   const dev = await attached(t, file, { blockSize: 1024, sizeLimit: 64 * MiB, offset: MiB });
-  t.is(dev.sectorSize, 1024);
+  t.is(dev.blockSize, 1024);
   t.is(dev.size, BigInt(3 * MiB));
   await dev.detach();
   await t.throwsAsync(attach(file, { blockSize: 512, sectorSize: 4096 }), { code: 'ERR_INVALID_ARG_VALUE' });

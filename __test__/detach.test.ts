@@ -68,8 +68,8 @@ loopTest('detach of a device held by someone else rejects with ETIMEDOUT and lea
   const img = image(t);
   const lo = await configuredLoop(img.fd);
   const holder = fs.openSync(lo.path, 'r');
-  await t.throwsAsync(lo.detach(100), { instanceOf: LoopError, code: 'ETIMEDOUT' });
-  t.throws(() => lo.detachSync(50), { instanceOf: LoopError, code: 'ETIMEDOUT' });
+  await t.throwsAsync(lo.clearFdWait({ timeoutMs: 100 }), { instanceOf: LoopError, code: 'ETIMEDOUT' });
+  t.throws(() => lo.clearFdWaitSync({ timeoutMs: 50 }), { instanceOf: LoopError, code: 'ETIMEDOUT' });
   lo.close();
   t.is(devicesBoundUnder(img.path).length, 1);
   fs.closeSync(holder);

@@ -11,6 +11,7 @@ import {
   type LoopDeviceInfo,
 } from '../ts/index.js';
 import { LOSETUP_ALL_COLUMNS, LOSETUP_COLUMNS, toLosetup } from '../ts/list.js';
+import { devMajor, devMinor } from '../ts/sysfs.js';
 import { attached, cli, losetupList, sparseFile, type LosetupEntry } from './fixtures.js';
 import { loopTest, tempDir } from './helpers.js';
 
@@ -29,7 +30,7 @@ loopTest('list(), `loopdev list --json` and losetup --json --list agree field by
   const big = sparseFile(dir, 16 * MiB, 'big.img');
   const devs = [
     await attached(t, small, { readOnly: true, offset: MiB, sizeLimit: 2 * MiB }),
-    await attached(t, big, { partscan: true, sectorSize: 4096 }),
+    await attached(t, big, { partscan: true, blockSize: 4096 }),
     await attached(t, small, { directIo: false, autoclear: true }),
   ];
   const names = devs.map((d) => d.path);
@@ -71,7 +72,7 @@ loopTest('list(), `loopdev list --json` and losetup --json --list agree field by
     t.is(info.name, path.basename(name));
     t.is(info.backingFile, e['back-file']);
     t.is(info.inode, BigInt(e['back-ino'] as number));
-    t.is(info.backingMajMin, e['back-maj:min']);
+    t.is(`${devMajor(info.device!)}:${devMinor(info.device!)}`, e['back-maj:min']);
     t.is(info.majMin, e['maj:min']);
     t.is(info.offset, BigInt(e.offset as number));
     t.is(info.sizeLimit, BigInt(e.sizelimit as number));
@@ -79,11 +80,12 @@ loopTest('list(), `loopdev list --json` and losetup --json --list agree field by
     t.is(info.autoclear, e.autoclear);
     t.is(info.partscan, e.partscan);
     t.is(info.directIo, e.dio);
-    t.is(info.logSec, e['log-sec']);
+    t.is(info.blockSize, e['log-sec']);
+    t.is(info.logSec, info.blockSize, 'the deprecated 0.x name still reads');
   }
   const [a, b, c] = names.map((n) => ours.get(n)!) as [LoopDeviceInfo, LoopDeviceInfo, LoopDeviceInfo];
   t.like(a, { readOnly: true, offset: BigInt(MiB), sizeLimit: BigInt(2 * MiB), size: BigInt(2 * MiB) });
-  t.like(b, { partscan: true, logSec: 4096, size: BigInt(16 * MiB) });
+  t.like(b, { partscan: true, blockSize: 4096, size: BigInt(16 * MiB) });
   t.like(c, { directIo: false, autoclear: true });
   const st = fs.statSync(small, { bigint: true });
   t.is(a.device, st.dev);

@@ -62,7 +62,7 @@ async function partitioned(t: ExecutionContext, script: string, sectorSize: 512 
   if (sectorSize === 512) {
     execFileSync(tool('sfdisk')!, ['-q', file], { input: script });
   } else {
-    const dev = await attached(t, file, { sectorSize });
+    const dev = await attached(t, file, { blockSize: sectorSize });
     execFileSync(tool('sfdisk')!, ['-q', '--no-reread', '--no-tell-kernel', dev.path], { input: script });
     await dev.detach();
   }
@@ -72,7 +72,7 @@ async function partitioned(t: ExecutionContext, script: string, sectorSize: 512 
 /** Each partition as table, sfdisk and sysfs see it. */
 function compare(t: ExecutionContext, dev: LoopDevice, parts: Partition[], oracle: SfdiskTable): void {
   const ss = BigInt(oracle.sectorsize);
-  t.is(ss, BigInt(dev.sectorSize));
+  t.is(ss, BigInt(dev.blockSize));
   t.deepEqual(
     parts.map((p) => p.number),
     oracle.partitions.map((o) => Number(/(\d+)$/.exec(o.node)![1])),
@@ -111,7 +111,7 @@ for (const sectorSize of [512, 4096] as const) {
   loopTest(`GPT, ${sectorSize}-byte sectors: partitions appear as sfdisk reads them, named, and go with detach`, async (t) => {
     if (!tool('sfdisk')) return unavailable(t, 'sfdisk not installed');
     const file = await partitioned(t, GPT_SCRIPT, sectorSize);
-    const dev = await attached(t, file, { partscan: true, sectorSize });
+    const dev = await attached(t, file, { partscan: true, blockSize: sectorSize });
     const parts = await dev.waitForPartitions(5000);
     const oracle = sfdiskJson(dev.path);
     t.is(oracle.label, 'gpt');
@@ -136,7 +136,7 @@ for (const sectorSize of [512, 4096] as const) {
   loopTest(`MBR with logical partitions, ${sectorSize}-byte sectors: numbered as sfdisk numbers them`, async (t) => {
     if (!tool('sfdisk')) return unavailable(t, 'sfdisk not installed');
     const file = await partitioned(t, MBR_SCRIPT, sectorSize);
-    const dev = await attached(t, file, { partscan: true, sectorSize });
+    const dev = await attached(t, file, { partscan: true, blockSize: sectorSize });
     const parts = await dev.waitForPartitions(5000);
     const oracle = sfdiskJson(dev.path);
     t.is(oracle.label, 'dos');
@@ -248,7 +248,7 @@ loopTest('an untrusted table is a typed error, attach still works and says why n
 loopTest('a GPT written for 4096-byte sectors on a 512-byte device is named as such', async (t) => {
   if (!tool('sfdisk')) return unavailable(t, 'sfdisk not installed');
   const file = await partitioned(t, GPT_SCRIPT, 4096);
-  const dev = await attached(t, file, { sectorSize: 512 });
+  const dev = await attached(t, file, { blockSize: 512 });
   const err = t.throws(() => dev.partitionTable(), { instanceOf: LoopError });
   t.regex(err?.message ?? '', /written for 4096-byte sectors, but the device has 512-byte sectors/);
   await dev.detach();

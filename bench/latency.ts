@@ -34,7 +34,7 @@ async function churn(ctl: LoopControl, fd: number, until: number): Promise<Churn
   while (Date.now() < until) {
     const lo = await ctl.loopForFd(fd);
     try {
-      await lo.detach(DETACH_MS);
+      await lo.clearFdWait({ timeoutMs: DETACH_MS });
     } catch (e) {
       if ((e as { code?: string }).code !== 'ETIMEDOUT') throw e;
       r.timeouts++;

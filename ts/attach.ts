@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { configureArgs, native, type NativeAttach, type NativeAttached } from './binding.js';
 import { LoopDevice, type Backing } from './device.js';
 import { call, runAsync, runSync, type Flow, type Op } from './flow.js';
-import type { ConfigureOptions } from './loop.js';
+import { Loop, type ConfigureOptions } from './loop.js';
 import { checkConfigure } from './options.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
@@ -244,7 +244,7 @@ function* attachFlow(file: string | number, options: AttachOptions): Flow<LoopDe
     );
     backing.dev = raw.applied.device;
     backing.ino = raw.applied.inode;
-    const dev = new LoopDevice(raw, backing, raw.applied);
+    const dev = new LoopDevice(new Loop(raw, true), backing, raw.applied);
     // Kernels without table parsers create no partitions: register them from the table we read.
     if (o.partscan) dev.addPartitions();
     return dev;

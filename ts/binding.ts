@@ -5,6 +5,7 @@
 import { loadNative } from './load.js';
 import { LoopError, UnexpectedDeviceError } from './errors.js';
 import { readLoop } from './sysfs.js';
+import type { LoopInfoFields } from './info.js';
 import type { NativeTable } from './partitions.js';
 import type { LoopServerQuotas, LoopServerStats } from './remote/options.js';
 
@@ -16,17 +17,6 @@ export interface NativeLoop {
   minor: number;
   path: string;
   fd: number;
-}
-
-export interface NativeInfo {
-  device: bigint;
-  inode: bigint;
-  rdevice: bigint;
-  offset: bigint;
-  sizeLimit: bigint;
-  number: number;
-  flags: number;
-  fileName: string;
 }
 
 type Size = number | bigint;
@@ -89,7 +79,7 @@ export interface NativeApplied {
   /** Device size in bytes. */
   size: bigint;
   /** Logical sector size in bytes. */
-  sectorSize: number;
+  blockSize: number;
   /** sysfs `loop/backing_file`. */
   backingFile: string;
   diskseq: bigint | null;
@@ -150,7 +140,7 @@ export interface Native {
   loopChangeFd(h: Handle, fd: number): void;
   loopIsBoundTo(h: Handle, fd: number): boolean;
   loopSetStatus(h: Handle, o: NativeStatus): void;
-  loopGetStatus(h: Handle): NativeInfo;
+  loopGetStatus(h: Handle): LoopInfoFields;
   loopConfigure(h: Handle, fd: number, o: ConfigureArgs): void;
   loopConfigureAsync(h: Handle, fd: number, o: ConfigureArgs): Promise<void>;
   loopSetDirectIo(h: Handle, on: boolean): void;

@@ -6,9 +6,11 @@ import * as fs from 'node:fs';
 // --version, usage errors and list then work where the binary is missing, and commands that need it fail
 // with the loader's one-line error instead of a stack trace at startup.
 import { getopt, UsageError, type OptionSpec } from './getopt.js';
-import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup, type LoopDeviceInfo } from './list.js';
+import { deviceInfo, LOSETUP_ALL_COLUMNS, stringifyJson, toLosetup } from './list.js';
+import type { LoopDeviceInfo } from './state.js';
 import { formatBytes, parseSectorSize, parseSize } from './size.js';
 import type { PartitionTable } from './partitions.js';
+import { devMajor, devMinor } from './sysfs.js';
 
 type Options = Record<string, OptionSpec & { multiple?: boolean }>;
 type Values = Record<string, string | boolean | string[] | undefined>;
@@ -48,12 +50,12 @@ function describe(d: LoopDeviceInfo): string {
     ['backing file', d.backingFile],
     [
       'backing inode',
-      d.inode === null ? '-' : `${d.inode} on ${d.backingMajMin ?? '?'}`,
+      d.inode === null || d.device === null ? '-' : `${d.inode} on ${devMajor(d.device)}:${devMinor(d.device)}`,
     ],
     ['size', `${formatBytes(d.size)} (${d.size} bytes)`],
     ['offset', `${d.offset}`],
     ['size limit', d.sizeLimit === 0n ? '0 (to the end of the file)' : `${d.sizeLimit}`],
-    ['sector size', `${d.logSec}`],
+    ['sector size', `${d.blockSize}`],
     ['flags', flagsOf(d)],
     ['partitions', d.partitions.length ? d.partitions.join(' ') : '-'],
   ];
@@ -81,11 +83,11 @@ function partitionLines(table: PartitionTable): string[] {
 
 /** sfdisk --json's shape where it overlaps (sizes in sectors, its field names), plus number and typeName. */
 function sfdiskJson(table: PartitionTable): Record<string, unknown> {
-  const sectors = (n: bigint) => Number(n / BigInt(table.sectorSize));
+  const sectors = (n: bigint) => Number(n / BigInt(table.blockSize));
   return {
     label: table.scheme,
     id: table.id,
-    sectorsize: table.sectorSize,
+    sectorsize: table.blockSize,
     partitions: table.partitions.map((p) => ({
       node: p.node,
       start: sectors(p.start),
@@ -166,14 +168,14 @@ Options:
       const offset = size(values, 'offset');
       const sizeLimit = size(values, 'sizelimit');
       const sector = values['sector-size'];
-      const sectorSize = typeof sector === 'string' ? parseSectorSize(sector, '--sector-size') : undefined;
+      const blockSize = typeof sector === 'string' ? parseSectorSize(sector, '--sector-size') : undefined;
       const dio = directIo(values);
       const { attach } = await import('./attach.js');
       // Never autoclear: this process closes its fds at exit and the device must outlive it.
       const dev = await attach(positionals[0]!, {
         ...(offset === undefined ? {} : { offset }),
         ...(sizeLimit === undefined ? {} : { sizeLimit }),
-        ...(sectorSize === undefined ? {} : { sectorSize }),
+        ...(blockSize === undefined ? {} : { blockSize }),
         ...(values['read-only'] ? { readOnly: true } : {}),
         partscan: values.partscan === true,
         directIo: dio,

@@ -70,14 +70,14 @@ export class LoopControl implements Disposable {
       options?.lock,
       wrapSetup(options?.setup),
     );
-    return Loop.fromNative(raw, true);
+    return new Loop(raw, true);
   }
 
   /** `loopForFd`, blocking the thread. */
   loopForFdSync(fd: number, options: LoopForFdOptions = {}): Loop {
     const o = configureArgs(checkConfigure(options));
     const raw = native.controlLoopForFd(this.#h(), fd, o, options?.lock, wrapSetup(options?.setup));
-    return Loop.fromNative(raw, true);
+    return new Loop(raw, true);
   }
 }
 
@@ -85,5 +85,5 @@ export class LoopControl implements Disposable {
  * as is, for the native side to reject with ERR_INVALID_ARG_TYPE. */
 function wrapSetup(setup: unknown): ((raw: NativeLoop) => void) | undefined {
   if (typeof setup !== 'function') return setup as undefined;
-  return (raw) => setup(Loop.fromNative(raw, false));
+  return (raw) => setup(new Loop(raw, false));
 }

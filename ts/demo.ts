@@ -158,7 +158,7 @@ export async function demo(options: DemoOptions = {}): Promise<void> {
       ...(dev.partscan ? ['partscan'] : []),
       ...(dev.autoclear ? ['autoclear'] : []),
     ];
-    row('attached', `${dev.path}: ${formatBytes(dev.size)}, ${dev.sectorSize}-byte sectors, ${flags.join(', ')}`);
+    row('attached', `${dev.path}: ${formatBytes(dev.size)}, ${dev.blockSize}-byte sectors, ${flags.join(', ')}`);
     const hold = Number(process.env.LOOPDEV_DEMO_HOLD_MS ?? 0); // lets tests interrupt an attached demo
     if (hold > 0) await new Promise((resolve) => setTimeout(resolve, hold));
 

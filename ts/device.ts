@@ -1,11 +1,12 @@
 /** `LoopDevice`: what `attach()` returns — a bound loop device that owns its cleanup. */
 import * as fs from 'node:fs';
-import { native, type NativeLoop } from './binding.js';
+import { native } from './binding.js';
 import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
-import { LoopInfo } from './info.js';
-import { loopName } from './list.js';
-import { DETACH_TIMEOUT_MS, Loop } from './loop.js';
+import type { LoopInfo } from './info.js';
+import { deviceInfoSync, loopName } from './list.js';
+import { DETACH_TIMEOUT_MS, handleOf, Loop } from './loop.js';
 import { findPartition, fromNative, type Partition, type PartitionQuery, type PartitionTable } from './partitions.js';
+import type { LoopBinding, LoopDeviceInfo } from './state.js';
 import { bindingGone, holdersOf, loopNumber, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
@@ -22,88 +23,66 @@ export interface Backing {
   ino: bigint;
 }
 
-/** What the kernel applied, read back (sysfs + LOOP_GET_STATUS64) right after binding. */
-export interface Applied {
-  readOnly: boolean;
-  directIo: boolean;
-  partscan: boolean;
-  autoclear: boolean;
-  offset: bigint;
-  sizeLimit: bigint;
-  /** Device size in bytes. */
-  size: bigint;
-  /** Logical sector size in bytes. */
-  sectorSize: number;
-  /** sysfs `backing_file` as the kernel reported it. */
-  backingFile: string;
-  diskseq: bigint | null;
-}
-
-/** What the kernel applied, from sysfs and LOOP_GET_STATUS64. */
-export function appliedFrom(sys: SysfsLoop, info: LoopInfo): Applied {
-  return {
-    readOnly: sys.readOnly,
-    directIo: sys.directIo,
-    partscan: sys.partscan,
-    autoclear: info.autoclear,
-    offset: info.offset,
-    sizeLimit: info.sizeLimit,
-    size: sys.size,
-    sectorSize: sys.logSec,
-    backingFile: sys.backingFile,
-    diskseq: sys.diskseq,
-  };
-}
-
 /**
- * A loop device bound by `attach()`. The fields describe the binding as the kernel applied it at attach time
- * (`getStatus()` gives the live state). `detach()` is verified: it returns once the kernel has really
- * released the backing file. `using`/`await using` detach on every exit path.
+ * A loop device bound by `attach()` (or taken over with `LoopDevice.open()`). It has a `Loop` (`loop`) and
+ * offers what a bound device supports; it does not offer what would break its binding (setFd, configure,
+ * clearFd, changeFd, setStatus: use `loop` for those, at your own risk). The `LoopBinding` fields describe
+ * the binding as the kernel applied it, read back at attach time and after each change made through this
+ * object (`info()` reads it anew, `getStatus()` gives the raw LOOP_GET_STATUS64). `detach()` is verified:
+ * it returns once the kernel has really released the backing file, and closes the device.
+ * `using`/`await using` detach on every exit path.
  */
-export class LoopDevice extends Loop {
+export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
+  readonly #loop: Loop;
+  readonly minor: number;
+  /** `loop3` */
+  readonly devname: string;
+  /** `/dev/loop3` */
+  readonly path: string;
   /** The backing file: the path given to attach (absolute), or the fd's target. */
   readonly backingFile: string;
   /** Whether attach opened the backing fd itself (it is then closed by detach/close; else the caller's). */
   readonly ownsBackingFd: boolean;
   /** `st_dev` / `st_ino` of the backing file. */
-  readonly backingDevice: bigint;
-  readonly backingInode: bigint;
-  readonly readOnly: boolean;
-  /** Direct I/O in effect (false after a silent fallback to buffered I/O). */
-  readonly directIo: boolean;
-  readonly partscan: boolean;
-  readonly autoclear: boolean;
-  readonly offset: bigint;
-  readonly sizeLimit: bigint;
+  readonly device: bigint;
+  readonly inode: bigint;
+  // The rest of the binding, as the kernel applied it: set from sysfs by #apply.
+  declare readonly offset: bigint;
+  declare readonly sizeLimit: bigint;
   /** Device size in bytes. */
-  readonly size: bigint;
+  declare readonly size: bigint;
   /** Logical sector size in bytes. */
-  readonly sectorSize: number;
+  declare readonly blockSize: number;
+  declare readonly readOnly: boolean;
+  declare readonly autoclear: boolean;
+  declare readonly partscan: boolean;
+  /** Direct I/O in effect (false after a silent fallback to buffered I/O). */
+  declare readonly directIo: boolean;
 
   #backingFd: number;
   /** Partitions this object registered (BLKPG): removed again by detach. */
   #addedPartitions: number[] = [];
+  /** The binding attach made, as sysfs named it: `released` compares with it. */
   readonly #sysfsBacking: string;
   readonly #diskseq: bigint | null;
 
-  /** @internal Built by `attach()`; takes ownership of `raw` (and of the backing fd when `backing.owned`). */
-  constructor(raw: NativeLoop, backing: Backing, applied: Applied) {
-    super(raw.minor, LoopDevice.adoptOptions(raw));
+  /**
+   * @internal Built by `attach()` and `LoopDevice.open()`: takes ownership of `lo` (and of the backing fd when
+   * `backing.owned`); `state` is what sysfs reported right after the bind.
+   */
+  constructor(lo: Loop, backing: Backing, state: BoundState) {
+    this.#loop = lo;
+    this.minor = lo.minor;
+    this.devname = lo.devname;
+    this.path = lo.path;
     this.backingFile = backing.path;
     this.ownsBackingFd = backing.owned;
-    this.backingDevice = backing.dev;
-    this.backingInode = backing.ino;
+    this.device = backing.dev;
+    this.inode = backing.ino;
     this.#backingFd = backing.fd;
-    this.readOnly = applied.readOnly;
-    this.directIo = applied.directIo;
-    this.partscan = applied.partscan;
-    this.autoclear = applied.autoclear;
-    this.offset = applied.offset;
-    this.sizeLimit = applied.sizeLimit;
-    this.size = applied.size;
-    this.sectorSize = applied.sectorSize;
-    this.#sysfsBacking = applied.backingFile;
-    this.#diskseq = applied.diskseq;
+    this.#apply(state);
+    this.#sysfsBacking = state.backingFile;
+    this.#diskseq = state.diskseq;
   }
 
   /**
@@ -113,35 +92,103 @@ export class LoopDevice extends Loop {
   static open(device: string | number): LoopDevice {
     try {
       const name = loopName(device);
-      const raw = native.loopOpen(loopNumber(name));
+      const lo = new Loop(loopNumber(name));
       let ok = false;
       try {
         let info: LoopInfo;
         try {
-          info = new LoopInfo(native.loopGetStatus(raw.handle));
+          info = lo.getStatus();
         } catch (e) {
           if (errnoCode(e) === 'ENXIO') {
-            throw notAttached(raw.path);
+            throw notAttached(lo.path);
           }
           throw e;
         }
         const sys = readLoop(name);
         if (sys === null) {
-          throw notAttached(raw.path);
+          throw notAttached(lo.path);
         }
         const dev = new LoopDevice(
-          raw,
+          lo,
           { path: sys.backingFile, fd: -1, owned: false, dev: info.device, ino: info.inode },
-          appliedFrom(sys, info),
+          sys,
         );
         ok = true;
         return dev;
       } finally {
-        if (!ok) native.close(raw.handle);
+        if (!ok) lo.close();
       }
     } catch (e) {
       throw toLoopError(e);
     }
+  }
+
+  /** The underlying `Loop`, for the calls LoopDevice does not offer. Closed once this device is. */
+  get loop(): Loop {
+    return this.#loop;
+  }
+
+  /** The device's file descriptor; -1 once closed. */
+  get fd(): number {
+    return this.#loop.fd;
+  }
+
+  get closed(): boolean {
+    return this.#loop.closed;
+  }
+
+  /** The device as `list()` describes it, read now; null once it is no longer bound. */
+  info(): LoopDeviceInfo | null {
+    return this.released ? null : deviceInfoSync(this.devname);
+  }
+
+  /** LOOP_GET_STATUS64 (`struct loop_info64`); ENXIO when unbound. */
+  getStatus(): LoopInfo {
+    return this.#loop.getStatus();
+  }
+
+  /** Whether the device is bound to the inode behind `fd` (false when unbound). */
+  isBoundTo(fd: number): boolean {
+    return this.#loop.isBoundTo(fd);
+  }
+
+  /** flock(2): `LOCK_SH`/`LOCK_EX`, `| LOCK_NB`, or `LOCK_UN`. */
+  flock(op: number): void {
+    this.#loop.flock(op);
+  }
+
+  /** BLKFLSBUF: drop the device's buffer cache. */
+  flushBuf(): void {
+    this.#loop.flushBuf();
+  }
+
+  /** LOOP_SET_DIRECT_IO; `directIo` then says what the kernel applied. */
+  setDirectIo(on = true): void {
+    this.#change(() => this.#loop.setDirectIo(on));
+  }
+
+  /** LOOP_SET_BLOCK_SIZE: the logical sector size; `blockSize` then says what the kernel applied. */
+  setBlockSize(size: number | bigint): void {
+    this.#change(() => this.#loop.setBlockSize(size));
+  }
+
+  /** LOOP_SET_CAPACITY: pick up a grown or shrunk backing file (`size` follows). */
+  setCapacity(): void {
+    this.#change(() => this.#loop.setCapacity());
+  }
+
+  /** Runs an ioctl that changes the binding, then reads it back from sysfs (while it is still attach's). */
+  #change(ioctl: () => void): void {
+    try {
+      ioctl();
+    } finally {
+      const sys = this.released ? null : readLoop(this.devname);
+      if (sys !== null) this.#apply(sys);
+    }
+  }
+
+  #apply(state: BoundState): void {
+    for (const k of APPLIED) (this as Record<(typeof APPLIED)[number], unknown>)[k] = state[k];
   }
 
   /** The backing fd (attach's own, or the caller's); -1 once an owned one was closed. */
@@ -153,9 +200,9 @@ export class LoopDevice extends Loop {
    * Closes the device (and the backing fd attach opened) without detaching: the binding stays unless
    * autoclear was set, in which case the kernel detaches at the last close.
    */
-  override close(): void {
+  close(): void {
     try {
-      super.close();
+      this.#loop.close();
     } finally {
       this.#closeBacking();
     }
@@ -180,7 +227,7 @@ export class LoopDevice extends Loop {
    * with `code: 'ERR_LOOP_PARTITION_TABLE'`; a bad entry is left out and named in `warnings`.
    */
   partitionTable(): PartitionTable | null {
-    const t = native.loopPartitionTable(this.nativeHandle);
+    const t = native.loopPartitionTable(handleOf(this.#loop));
     return t === null ? null : fromNative(t, this.path);
   }
 
@@ -207,7 +254,7 @@ export class LoopDevice extends Loop {
   addPartitions(): number[] {
     let r: ReturnType<typeof native.loopAddPartitions>;
     try {
-      r = native.loopAddPartitions(this.nativeHandle);
+      r = native.loopAddPartitions(handleOf(this.#loop));
     } catch (e) {
       warnPartitions(`${this.path}: no partitions registered: ${(e as Error).message}`);
       return [];
@@ -244,7 +291,7 @@ export class LoopDevice extends Loop {
     const left: number[] = [];
     for (const n of this.#addedPartitions) {
       try {
-        native.loopRemovePartition(this.nativeHandle, n);
+        native.loopRemovePartition(handleOf(this.#loop), n);
       } catch (e) {
         // Mounted or open: the detach that follows names what holds it; a later detach tries again.
         if (errnoCode(e) !== 'EBUSY') throw e;
@@ -262,11 +309,11 @@ export class LoopDevice extends Loop {
    * lets go by then), each naming what holds it (`heldBy`); ETIMEDOUT after `timeoutMs` when nothing could
    * be named. `lazy: true` is `losetup -d`: clear and close, and leave the rest to the kernel. Idempotent.
    */
-  override detach(options: number | DetachOptions = {}): Promise<void> {
+  detach(options: number | DetachOptions = {}): Promise<void> {
     return runAsync(this.#detachFlow(detachOptions(options)));
   }
 
-  override detachSync(options: number | DetachOptions = {}): void {
+  detachSync(options: number | DetachOptions = {}): void {
     runSync(this.#detachFlow(detachOptions(options)));
   }
 
@@ -282,7 +329,7 @@ export class LoopDevice extends Loop {
     try {
       if (!this.closed) {
         this.#removeAddedPartitions();
-        this.#clearIfOurs(this);
+        this.#clearIfOurs(this.#loop);
         this.close();
       } else if (!this.released) {
         // Closed without detaching: open the node again just long enough to clear our binding.
@@ -344,7 +391,7 @@ export class LoopDevice extends Loop {
   #clearIfOurs(lo: Loop): void {
     let ours: boolean;
     try {
-      ours = lo.getStatus().isBoundTo({ dev: this.backingDevice, ino: this.backingInode }) && !this.released;
+      ours = lo.getStatus().isBoundTo({ dev: this.device, ino: this.inode }) && !this.released;
     } catch (e) {
       if (errnoCode(e) === 'ENXIO') return; // already being torn down
       throw e;
@@ -358,14 +405,20 @@ export class LoopDevice extends Loop {
   }
 
   /** Verified detach (see `detachSync`); never leaves the device open. */
-  override [Symbol.dispose](): void {
+  [Symbol.dispose](): void {
     this.detachSync();
   }
 
-  override async [Symbol.asyncDispose](): Promise<void> {
+  async [Symbol.asyncDispose](): Promise<void> {
     await this.detach();
   }
 }
+
+/** The `LoopBinding` fields read from sysfs (the backing file's are attach's). */
+const APPLIED = ['offset', 'sizeLimit', 'size', 'blockSize', 'readOnly', 'autoclear', 'partscan', 'directIo'] as const;
+
+/** What a LoopDevice is made from: the binding as the kernel applied it (sysfs, or attach's native check). */
+export type BoundState = Pick<SysfsLoop, (typeof APPLIED)[number] | 'backingFile' | 'diskseq'>;
 
 export interface DetachOptions {
   /** How long to wait for a release nothing could be blamed for (default 10000). */

@@ -1,5 +1,13 @@
 export { LoopControl, type LoopForFdOptions } from './control.js';
-export { Loop, removeNode, DETACH_TIMEOUT_MS, type ConfigureOptions, type LoopOptions, type StatusOptions } from './loop.js';
+export {
+  Loop,
+  removeNode,
+  DETACH_TIMEOUT_MS,
+  type ClearFdWaitOptions,
+  type ConfigureOptions,
+  type LoopOptions,
+  type StatusOptions,
+} from './loop.js';
 export { LoopInfo, type FileIdentity } from './info.js';
 export { LoopError, UnexpectedDeviceError, type LoopErrorFields, type UnexpectedDeviceFields } from './errors.js';
 export * from './constants.js';
@@ -13,5 +21,6 @@ export type {
   PartitionTable,
   PartitionTypeName,
 } from './partitions.js';
-export { list, listSync, find, findSync, deviceInfo, deviceInfoSync, type LoopDeviceInfo } from './list.js';
+export { list, listSync, find, findSync, deviceInfo, deviceInfoSync } from './list.js';
+export type { LoopBinding, LoopDeviceInfo } from './state.js';
 export { LoopServer, LoopClient, RemoteDevice, RemoteLoopError, serve, type LoopServerOptions, type LoopServerQuotas, type LoopServerStats, type RemoteDeviceOptions, type ServeOptions } from './remote/index.js';

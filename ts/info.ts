@@ -1,4 +1,3 @@
-import type { NativeInfo } from './binding.js';
 import { LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO, LO_FLAGS_PARTSCAN, LO_FLAGS_READ_ONLY } from './constants.js';
 
 /** What `fs.stat` / `fs.fstat` return, with or without `{ bigint: true }`. */
@@ -6,6 +5,12 @@ export interface FileIdentity {
   dev: number | bigint;
   ino: number | bigint;
 }
+
+/** `struct loop_info64` as the binding decodes it: LoopInfo's data, without the flag accessors. */
+export type LoopInfoFields = Pick<
+  LoopInfo,
+  'device' | 'inode' | 'rdevice' | 'offset' | 'sizeLimit' | 'number' | 'flags' | 'fileName'
+>;
 
 /** The decoded `struct loop_info64` (LOOP_GET_STATUS64). Immutable. */
 export class LoopInfo {
@@ -18,7 +23,7 @@ export class LoopInfo {
   readonly flags: number;
   readonly fileName: string;
 
-  constructor(raw: NativeInfo) {
+  constructor(raw: LoopInfoFields) {
     this.device = raw.device;
     this.inode = raw.inode;
     this.rdevice = raw.rdevice;

@@ -6,39 +6,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { call, runAsync, runSync, type Flow, type Op } from './flow.js';
 import { devMajor, devMinor, loopNames, loopNumber, partitionNames, readLoop, type SysfsLoop } from './sysfs.js';
+import type { LoopDeviceInfo } from './state.js';
 import { sysError, toLoopError } from './syserr.js';
-
-/** One bound loop device, with the fields of `losetup --json --list --output-all` (camelCased). */
-export interface LoopDeviceInfo {
-  /** `loop3` */
-  name: string;
-  /** `/dev/loop3` (losetup's NAME) */
-  path: string;
-  /** 3 */
-  number: number;
-  /** The loop device's `major:minor` (losetup's MAJ:MIN). */
-  majMin: string;
-  /** losetup's BACK-FILE, as the kernel prints it (`… (deleted)` once unlinked). */
-  backingFile: string;
-  offset: bigint;
-  sizeLimit: bigint;
-  /** Device size in bytes. */
-  size: bigint;
-  readOnly: boolean;
-  autoclear: boolean;
-  partscan: boolean;
-  directIo: boolean;
-  /** Logical sector size in bytes (losetup's LOG-SEC). */
-  logSec: number;
-  /** Backing file inode (BACK-INO), from `stat(backingFile)`; null when the file was deleted or is unreachable. */
-  inode: bigint | null;
-  /** Backing file `st_dev` (BACK-MAJ:MIN as a dev_t); null like `inode`. */
-  device: bigint | null;
-  /** `major:minor` of `device`, as losetup prints BACK-MAJ:MIN; null like `inode`. */
-  backingMajMin: string | null;
-  /** Partition nodes the kernel knows of (`/dev/loop3p1`, …). */
-  partitions: string[];
-}
 
 const DELETED = ' (deleted)';
 
@@ -59,25 +28,17 @@ function statOp(p: string): Op<fs.BigIntStats | null> {
 function* describe(sys: SysfsLoop): Generator<Op<unknown>, LoopDeviceInfo, unknown> {
   const deleted = sys.backingFile.endsWith(DELETED);
   const st = deleted ? null : yield* call(statOp(sys.backingFile));
-  return {
-    name: sys.name,
-    path: `/dev/${sys.name}`,
-    number: sys.number,
-    majMin: sys.majMin,
-    backingFile: sys.backingFile,
-    offset: sys.offset,
-    sizeLimit: sys.sizeLimit,
-    size: sys.size,
-    readOnly: sys.readOnly,
-    autoclear: sys.autoclear,
-    partscan: sys.partscan,
-    directIo: sys.directIo,
-    logSec: sys.logSec,
-    inode: st ? st.ino : null,
+  const { name, diskseq: _, ...state } = sys;
+  const info = {
+    name,
+    path: `/dev/${name}`,
+    ...state,
     device: st ? st.dev : null,
-    backingMajMin: st ? `${devMajor(st.dev)}:${devMinor(st.dev)}` : null,
-    partitions: partitionNames(sys.name).map((p) => `/dev/${p}`),
+    inode: st ? st.ino : null,
+    partitions: partitionNames(name).map((p) => `/dev/${p}`),
   };
+  // The 0.x contract's losetup-style name, kept out of the enumerable model (and of JSON).
+  return Object.defineProperty(info, 'logSec', { get: () => info.blockSize, enumerable: false }) as LoopDeviceInfo;
 }
 
 function* listFlow(): Flow<LoopDeviceInfo[]> {
@@ -202,14 +163,14 @@ export function toLosetup(d: LoopDeviceInfo, columns = LOSETUP_COLUMNS): Record<
     autoclear: d.autoclear,
     'back-file': d.backingFile,
     'back-ino': d.inode,
-    'back-maj:min': d.backingMajMin,
+    'back-maj:min': d.device === null ? null : `${devMajor(d.device)}:${devMinor(d.device)}`,
     'maj:min': d.majMin,
     offset: d.offset,
     partscan: d.partscan,
     ro: d.readOnly,
     sizelimit: d.sizeLimit,
     dio: d.directIo,
-    'log-sec': d.logSec,
+    'log-sec': d.blockSize,
   };
   const out: Record<string, LosetupValue> = {};
   for (const c of columns) out[c] = all[c] ?? null;

@@ -30,7 +30,19 @@ export interface ConfigureOptions extends StatusOptions {
 export const DETACH_TIMEOUT_MS = 10_000;
 const POLL_MS = 10;
 
-const kNative = Symbol('loopdev.native');
+/** Options of `clearFdWait()` without an fd: verified clear of whatever is bound now. */
+export interface ClearFdWaitOptions {
+  /** How long to wait for the kernel to let go (default `DETACH_TIMEOUT_MS`). */
+  timeoutMs?: number;
+  /** How often to look again, in ms (default 10). */
+  waitMs?: number;
+}
+
+/**
+ * The native handle of `lo` (ERR_LOOP_CLOSED once closed), for the modules that add native calls on top of a
+ * Loop (`LoopDevice`'s partition calls). Not exported from the package.
+ */
+export let handleOf: (lo: Loop) => Handle;
 
 /** An open loop block device (`/dev/loopN`). */
 export class Loop implements Disposable, AsyncDisposable {
@@ -49,27 +61,26 @@ export class Loop implements Disposable, AsyncDisposable {
    * Opens `<dir>/loop<minor>` read-write; throws UnexpectedDeviceError unless it is the block device sysfs names
    * for `loop<minor>` (7:minor, or 7:(minor << part_shift) when the loop module has `max_part` set).
    */
-  constructor(minor: number, options: LoopOptions = {}) {
-    const raw: NativeLoop =
-      (options as { [kNative]?: NativeLoop })[kNative] ?? native.loopOpen(minor, options.dirFd);
+  constructor(minor: number, options?: LoopOptions);
+  /**
+   * @internal Adopts a device the native layer opened (`LoopControl.loopForFd`, `attach()`); `bound`: this
+   * object configured it, so `[Symbol.dispose]` clears it.
+   */
+  constructor(raw: NativeLoop, bound: boolean);
+  constructor(minorOrRaw: number | NativeLoop, options: LoopOptions | boolean = {}) {
+    let raw: NativeLoop;
+    if (typeof options === 'boolean') {
+      raw = minorOrRaw as NativeLoop;
+      this.#bound = options;
+    } else {
+      raw = native.loopOpen(minorOrRaw as number, options.dirFd);
+    }
     this.minor = raw.minor;
     this.devname = `loop${raw.minor}`;
     this.path = raw.path;
     this.#handle = raw.handle;
     this.#fd = raw.fd;
     watch(this, raw.handle, `loop device ${raw.path}`, this.devname);
-  }
-
-  /** Wraps a device the native layer opened (and, when `bound`, configured) for us. */
-  static fromNative(raw: NativeLoop, bound: boolean): Loop {
-    const lo = new Loop(raw.minor, { [kNative]: raw } as LoopOptions);
-    lo.#bound = bound;
-    return lo;
-  }
-
-  /** For subclasses (`LoopDevice`): constructor options that adopt a device the native layer already opened. */
-  protected static adoptOptions(raw: NativeLoop): LoopOptions {
-    return { [kNative]: raw } as LoopOptions;
   }
 
   /** The device's file descriptor; -1 once closed. */
@@ -86,9 +97,8 @@ export class Loop implements Disposable, AsyncDisposable {
     return this.#handle;
   }
 
-  /** For subclasses: the native handle (ERR_LOOP_CLOSED once closed). */
-  protected get nativeHandle(): Handle {
-    return this.#h();
+  static {
+    handleOf = (lo) => lo.#h();
   }
 
   /** Closes the device fd (idempotent). An autoclear device is detached by the kernel at its last close. */
@@ -124,8 +134,10 @@ export class Loop implements Disposable, AsyncDisposable {
   }
 
   /**
-   * Verified detach of `fd`'s file: if the device is bound to it (dev/ino), LOOP_CLR_FD, then wait until it no
-   * longer is. A device unbound or bound to another file is left alone (resolves): it is checked first.
+   * Verified clear: LOOP_CLR_FD, then wait until the kernel reports the device unbound (or bound anew).
+   * `clearFdWait(fd, timeoutMs, waitMs = 100)` clears only a device bound to `fd`'s file (dev/ino): one
+   * unbound or bound to another file is left alone (resolves). `clearFdWait({ timeoutMs, waitMs })` clears
+   * whatever is bound now. The device stays open either way (`LoopDevice.detach` is the one that closes).
    *
    * Resolving means: after the clear, the kernel reported the device unbound or being torn down, which it
    * allows only while this is the device's only open. It does not mean the file is released yet: on
@@ -134,13 +146,28 @@ export class Loop implements Disposable, AsyncDisposable {
    * ETIMEDOUT, the device still bound, and the message says whether this call set autoclear (the kernel then
    * detaches the device at its last close).
    */
-  async clearFdWait(fd: number, timeoutMs: number, waitMs = 100): Promise<void> {
-    await native.loopClearFdWaitAsync(this.#h(), fd, timeoutMs, waitMs);
+  clearFdWait(fd: number, timeoutMs: number, waitMs?: number): Promise<void>;
+  clearFdWait(options?: ClearFdWaitOptions): Promise<void>;
+  async clearFdWait(fd?: number | ClearFdWaitOptions, timeoutMs?: number, waitMs = 100): Promise<void> {
+    if (!isOptions(fd)) {
+      await native.loopClearFdWaitAsync(this.#h(), fd as number, timeoutMs as number, waitMs);
+    } else {
+      const o = clearOptions(fd);
+      await native.loopDetachAsync(this.#h(), o.timeoutMs, o.waitMs);
+    }
     this.#bound = false;
   }
 
-  clearFdWaitSync(fd: number, timeoutMs: number, waitMs = 100): void {
-    native.loopClearFdWait(this.#h(), fd, timeoutMs, waitMs);
+  /** `clearFdWait`, blocking the thread. */
+  clearFdWaitSync(fd: number, timeoutMs: number, waitMs?: number): void;
+  clearFdWaitSync(options?: ClearFdWaitOptions): void;
+  clearFdWaitSync(fd?: number | ClearFdWaitOptions, timeoutMs?: number, waitMs = 100): void {
+    if (!isOptions(fd)) {
+      native.loopClearFdWait(this.#h(), fd as number, timeoutMs as number, waitMs);
+    } else {
+      const o = clearOptions(fd);
+      native.loopDetach(this.#h(), o.timeoutMs, o.waitMs);
+    }
     this.#bound = false;
   }
 
@@ -204,17 +231,6 @@ export class Loop implements Disposable, AsyncDisposable {
     native.loopMknod(this.#h(), dirFd, mode);
   }
 
-  /** Verified detach of whatever is bound now (clear + wait until the kernel let go), then stays open. */
-  detachSync(timeoutMs = DETACH_TIMEOUT_MS): void {
-    native.loopDetach(this.#h(), timeoutMs, POLL_MS);
-    this.#bound = false;
-  }
-
-  async detach(timeoutMs = DETACH_TIMEOUT_MS): Promise<void> {
-    await native.loopDetachAsync(this.#h(), timeoutMs, POLL_MS);
-    this.#bound = false;
-  }
-
   /** Detaches the device if this object bound it, then closes. Never throws for an already-gone device. */
   [Symbol.dispose](): void {
     try {
@@ -229,11 +245,21 @@ export class Loop implements Disposable, AsyncDisposable {
   /** Like `[Symbol.dispose]`, but waits until the kernel has really released the backing file. */
   async [Symbol.asyncDispose](): Promise<void> {
     try {
-      if (this.#bound && this.#handle !== null) await this.detach();
+      if (this.#bound && this.#handle !== null) await this.clearFdWait();
     } finally {
       this.close();
     }
   }
+}
+
+/** The options form of `clearFdWait`; anything else is an fd, checked natively. */
+function isOptions(x: unknown): x is ClearFdWaitOptions | undefined {
+  return x === undefined || (typeof x === 'object' && x !== null);
+}
+
+function clearOptions(o: ClearFdWaitOptions | undefined): Required<ClearFdWaitOptions> {
+  const { timeoutMs = DETACH_TIMEOUT_MS, waitMs = POLL_MS } = o ?? {};
+  return { timeoutMs, waitMs };
 }
 
 /** Removes a node made by `Loop.mknod` (unmounting the bind mount first when there is one). */

@@ -8,7 +8,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { getopt, has, UsageError, type OptionSpec, type Parsed } from './getopt.js';
-import { list, loopName, type LoopDeviceInfo } from './list.js';
+import { list, loopName } from './list.js';
+import type { LoopDeviceInfo } from './state.js';
 import { parseSectorSize, parseSize } from './size.js';
 import { devMajor, devMinor, loopNumber, readAttr } from './sysfs.js';
 
@@ -153,7 +154,7 @@ async function cells(s: Shown, columns: string[]): Promise<Cell[]> {
       case 'dio':
         return flag(d?.directIo ?? false);
       case 'log-sec':
-        return num(d ? d.logSec : Number(readAttr(s.name, 'queue/logical_block_size') ?? 512));
+        return num(d ? d.blockSize : Number(readAttr(s.name, 'queue/logical_block_size') ?? 512));
       default:
         return null;
     }

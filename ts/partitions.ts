@@ -62,8 +62,8 @@ export interface PartitionTable {
   scheme: 'gpt' | 'dos';
   /** Disk GUID (GPT) or `0x`-prefixed disk signature (MBR), as sfdisk prints them. */
   id: string;
-  /** The logical sector size the table was read with (the device's). */
-  sectorSize: number;
+  /** The logical sector size the table was read with (the device's `blockSize`). */
+  blockSize: number;
   partitions: Partition[];
   /** Entries skipped and why, or a damaged primary GPT replaced by its backup. */
   warnings: string[];

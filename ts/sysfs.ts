@@ -3,6 +3,7 @@
  * keeps a device busy, never delays another process's autoclear and works on devices held exclusively.
  */
 import * as fs from 'node:fs';
+import type { LoopDeviceInfo } from './state.js';
 
 export const SYS_BLOCK = '/sys/block';
 
@@ -37,29 +38,14 @@ export function loopNames(): string[] {
   return names.filter((n) => !Number.isNaN(loopNumber(n))).sort((a, b) => loopNumber(a) - loopNumber(b));
 }
 
-/** What the kernel reports for a bound loop device. */
-export interface SysfsLoop {
-  /** `loop3` */
-  name: string;
-  /** 3 */
-  number: number;
-  /** The loop device's own `major:minor` (`7:3`). */
-  majMin: string;
-  /** As the kernel prints it; `… (deleted)` when the file was unlinked. */
-  backingFile: string;
-  offset: bigint;
-  sizeLimit: bigint;
-  autoclear: boolean;
-  partscan: boolean;
-  directIo: boolean;
-  readOnly: boolean;
-  /** Logical sector size in bytes. */
-  logSec: number;
-  /** Device size in bytes (sysfs counts 512-byte sectors). */
-  size: bigint;
+/**
+ * What sysfs reports for a bound loop device: the public model without what needs more than sysfs (the
+ * backing file's dev/ino, the partition nodes), plus `diskseq`, which tells one binding from the next.
+ */
+export type SysfsLoop = Omit<LoopDeviceInfo, 'path' | 'device' | 'inode' | 'partitions' | 'logSec'> & {
   /** Changes on every bind and unbind of the device; null on kernels without it. */
-  diskseq: bigint | null;
-}
+  readonly diskseq: bigint | null;
+};
 
 /** A snapshot of `loopN`'s sysfs state; null when it is not bound (or vanished while being read). */
 export function readLoop(name: string): SysfsLoop | null {
@@ -75,7 +61,7 @@ export function readLoop(name: string): SysfsLoop | null {
   const partscan = readAttr(name, 'loop/partscan');
   const dio = readAttr(name, 'loop/dio');
   const ro = readAttr(name, 'ro');
-  const logSec = readAttr(name, 'queue/logical_block_size');
+  const blockSize = readAttr(name, 'queue/logical_block_size');
   const sectors = bigintAttr(name, 'size');
   const majMin = readAttr(name, 'dev');
   if (offset === null || sizeLimit === null || autoclear === null || partscan === null || dio === null) {
@@ -92,7 +78,7 @@ export function readLoop(name: string): SysfsLoop | null {
     partscan: partscan === '1',
     directIo: dio === '1',
     readOnly: ro === '1',
-    logSec: Number(logSec ?? 512),
+    blockSize: Number(blockSize ?? 512),
     size: (sectors ?? 0n) * 512n,
     diskseq,
   };

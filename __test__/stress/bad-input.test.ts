@@ -92,7 +92,7 @@ class Fx {
       this.t.teardown(() => {
         try {
           // A case that bound it by mistake (a bug the matrix found) must not leak it.
-          if (!lo.closed && this.#img && lo.isBoundTo(this.#img.fd)) lo.detachSync(2000);
+          if (!lo.closed && this.#img && lo.isBoundTo(this.#img.fd)) lo.clearFdWaitSync({ timeoutMs: 2000 });
         } catch {
           /* reported by tempDir's leak check */
         }
@@ -182,7 +182,7 @@ const CASES: Case[] = [
   { name: 'LoopControl.remove(2^31)', call: (fx) => () => fx.ctl.remove(2 ** 31), ...RANGE },
   { name: 'Loop.flock(16)', call: (fx) => { const lo = fx.unbound; return () => lo.flock(16); }, ...RANGE },
   { name: 'Loop.clearFdWaitSync(fd, -1)', call: async (fx) => { const lo = await fx.bound(); return () => lo.clearFdWaitSync(fx.fd, -1); }, ...RANGE },
-  { name: 'Loop.detachSync(-5)', call: async (fx) => { const lo = await fx.bound(); return () => lo.detachSync(-5); }, ...RANGE },
+  { name: 'Loop.clearFdWaitSync({ timeoutMs: -5 })', call: async (fx) => { const lo = await fx.bound(); return () => lo.clearFdWaitSync({ timeoutMs: -5 }); }, ...RANGE },
   { name: 'Loop.mknod(dirFd, 0o10000)', call: (fx) => { const d = fx.dirFd(); const lo = fx.unbound; return () => lo.mknod(d, 0o10000); }, ...RANGE },
   { name: 'Loop.setBlockSize(-512)', call: async (fx) => { const lo = await fx.bound(); return () => lo.setBlockSize(-512); }, ...RANGE },
   { name: 'attach(file, { offset: -1 })', call: (fx) => () => attach(fx.img.path, { offset: -1 }), ...RANGE, async: true },
@@ -229,7 +229,7 @@ const CASES: Case[] = [
   { name: 'closed Loop: configureSync(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.configureSync(fx.fd); }, ...CLOSED },
   { name: 'closed Loop: isBoundTo(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.isBoundTo(fx.fd); }, ...CLOSED },
   { name: 'closed Loop: flock(LOCK_EX)', call: (fx) => { const lo = fx.closedLoop; return () => lo.flock(LOCK_EX); }, ...CLOSED },
-  { name: 'closed Loop: detach()', call: (fx) => { const lo = fx.closedLoop; return () => lo.detach(); }, ...CLOSED, async: true },
+  { name: 'closed Loop: clearFdWait()', call: (fx) => { const lo = fx.closedLoop; return () => lo.clearFdWait(); }, ...CLOSED, async: true },
   { name: 'closed Loop: configure(fd)', call: (fx) => { const lo = fx.closedLoop; return () => lo.configure(fx.fd); }, ...CLOSED, async: true },
   { name: 'closed LoopControl: getUnbound()', call: (fx) => { const ctl = fx.closedCtl; return () => ctl.getUnbound(); }, ...CLOSED },
   { name: 'closed LoopControl: loopForFdSync(fd)', call: (fx) => { const ctl = fx.closedCtl; return () => ctl.loopForFdSync(fx.fd); }, ...CLOSED },

@@ -76,7 +76,7 @@ stressTest.serial('without autoclear, a SIGKILLed process leaks its bound device
   {
     using lo = new Loop(Number(minor));
     t.is(sysfs(lo.minor, 'loop/backing_file'), file, 'still our file');
-    lo.detachSync(5000);
+    lo.clearFdWaitSync({ timeoutMs: 5000 });
   }
   t.deepEqual(await boundAfterSettling(dir), [], 'cleaned up');
 });

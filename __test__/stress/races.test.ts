@@ -53,7 +53,7 @@ stressTest.serial('losetup -d on our open device (another process): the kernel d
   if (status === 'ok') t.true(lo.getStatus().autoclear, 'the kernel marked it autoclear');
   else t.is(status, 'ENXIO');
   t.is(typeof lo.isBoundTo(img.fd), 'boolean');
-  t.is(await clean(t, 'detachSync', () => lo.detachSync(2000)), 'ok');
+  t.is(await clean(t, 'clearFdWaitSync', () => lo.clearFdWaitSync({ timeoutMs: 2000 })), 'ok');
   t.is(await clean(t, 'getStatus after detach', () => lo.getStatus()), 'ENXIO');
   t.false(lo.isBoundTo(img.fd));
   lo[Symbol.dispose]();
@@ -79,10 +79,10 @@ stressTest.serial(`losetup -d racing in-flight async calls on our device (${RACE
       later(() => clean(t, 'getStatus', () => lo.getStatus())),
       later(() => clean(t, 'isBoundTo', () => lo.isBoundTo(img.fd))),
       later(() => clean(t, 'configure', () => lo.configure(img.fd))),
-      later(() => clean(t, 'detach', () => lo.detach(1000))),
+      later(() => clean(t, 'clearFdWait', () => lo.clearFdWait({ timeoutMs: 1000 }))),
     ]);
     note(await other);
-    ours.forEach((code, k) => note(`${['getStatus', 'isBoundTo', 'configure', 'detach'][k]}: ${code}`));
+    ours.forEach((code, k) => note(`${['getStatus', 'isBoundTo', 'configure', 'clearFdWait'][k]}: ${code}`));
     await lo[Symbol.asyncDispose]().catch((e: unknown) => note(`asyncDispose: ${(e as LoopError).code}`));
     lo.close();
   }
@@ -147,7 +147,7 @@ stressTest.serial('a device removed by another process: opening it is a clean EN
   t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
-for (const api of ['clearFdWait', 'clearFdWaitSync', 'detach'] as const) {
+for (const api of ['clearFdWait', 'clearFdWaitSync', 'clearFdWait({ timeoutMs })'] as const) {
   stressTest.serial(`${api} while another process holds the device open: ETIMEDOUT, then cleaned up`, async (t) => {
     const img = image(t, 1 << 20);
     using ctl = new LoopControl();
@@ -162,7 +162,7 @@ for (const api of ['clearFdWait', 'clearFdWaitSync', 'detach'] as const) {
         ? lo.clearFdWait(img.fd, 300, 20)
         : api === 'clearFdWaitSync'
           ? lo.clearFdWaitSync(img.fd, 300, 20)
-          : lo.detach(300),
+          : lo.clearFdWait({ timeoutMs: 300 }),
     );
     t.is(code, 'ETIMEDOUT');
     t.true(Date.now() - start >= 290, `gave up after ${Date.now() - start} ms, not the 300 ms asked`);
@@ -188,7 +188,7 @@ stressTest.serial('a verified detach completes once another process that had the
   await holder.ready;
   setTimeout(() => void holder.release(), 200);
   const start = Date.now();
-  await lo.detach(3000);
+  await lo.clearFdWait({ timeoutMs: 3000 });
   const took = Date.now() - start;
   t.true(took >= 150 && took < 2000, `detach took ${took} ms (holder left after 200 ms)`);
   lo.close();

@@ -9,7 +9,10 @@
  * concurrent with the other processes), attach (N concurrent), attachSync (sequential).
  */
 import * as fs from 'node:fs';
-import { LoopControl, attach, attachSync, type Loop } from '../../../ts/index.js';
+import { LoopControl, attach, attachSync, type Loop, type LoopDevice } from '../../../ts/index.js';
+
+/** What both APIs return and the check uses. */
+type Bound = Loop | LoopDevice;
 
 interface Spec {
   files: string[];
@@ -38,14 +41,14 @@ function describe(e: unknown): string {
 }
 
 /** The kernel's view (sysfs) must agree with isBoundTo: the device is bound to exactly this file. */
-function check(lo: Loop, i: number): void {
+function check(lo: Bound, i: number): void {
   const file = spec.files[i]!;
   const backing = fs.readFileSync(`/sys/block/${lo.devname}/loop/backing_file`, 'utf8').trim();
   if (!lo.isBoundTo(fds[i]!) || backing !== file) report.misbound.push(`${lo.path}: ${backing}, expected ${file}`);
   report.minors.push(lo.minor);
 }
 
-async function attachOne(i: number): Promise<{ lo: Loop; detach: () => Promise<void> } | null> {
+async function attachOne(i: number): Promise<{ lo: Bound; detach: () => Promise<void> } | null> {
   try {
     switch (spec.api) {
       case 'loopForFd': {
@@ -73,7 +76,7 @@ async function attachOne(i: number): Promise<{ lo: Loop; detach: () => Promise<v
 
 for (let r = 0; r < spec.rounds; r++) {
   const sequential = spec.api === 'loopForFdSync' || spec.api === 'attachSync';
-  const bound: Array<{ lo: Loop; detach: () => Promise<void> } | null> = [];
+  const bound: Array<{ lo: Bound; detach: () => Promise<void> } | null> = [];
   if (sequential) for (let i = 0; i < fds.length; i++) bound.push(await attachOne(i));
   else bound.push(...(await Promise.all(fds.map((_, i) => attachOne(i)))));
   const minors = bound.flatMap((b) => (b ? [b.lo.minor] : []));

@@ -131,7 +131,7 @@ pub fn attached(env: Env, a: Attached) -> JsResult<Value> {
         offset,
         size_limit,
         size,
-        sector_size,
+        block_size,
         read_only,
         partscan,
         autoclear,
@@ -150,7 +150,7 @@ pub fn attached(env: Env, a: Attached) -> JsResult<Value> {
     env.set(applied, "offset", env.bigint(offset)?)?;
     env.set(applied, "sizeLimit", env.bigint(size_limit)?)?;
     env.set(applied, "size", env.bigint(size)?)?;
-    env.set(applied, "sectorSize", env.int(i64::from(sector_size))?)?;
+    env.set(applied, "blockSize", env.int(i64::from(block_size))?)?;
     env.set(applied, "backingFile", env.string(&backing_file)?)?;
     env.set(
         applied,

@@ -30,7 +30,7 @@ fn strings(env: Env, list: &[String]) -> JsResult<Value> {
     env.array(list, |s| env.string(s))
 }
 
-/// `{ scheme, id, sectorSize, partitions, warnings }`, or null for a device without a table.
+/// `{ scheme, id, blockSize, partitions, warnings }`, or null for a device without a table.
 fn table_value(env: Env, t: Option<&Table>) -> JsResult<Value> {
     let t = match t {
         Some(t) => t,
@@ -39,7 +39,7 @@ fn table_value(env: Env, t: Option<&Table>) -> JsResult<Value> {
     let o = env.object()?;
     env.set(o, "scheme", env.string(t.scheme.label())?)?;
     env.set(o, "id", env.string(&t.id)?)?;
-    env.set(o, "sectorSize", env.int(i64::from(t.sector_size))?)?;
+    env.set(o, "blockSize", env.int(i64::from(t.sector_size))?)?;
     env.set(o, "partitions", env.array(&t.partitions, |p| partition(env, p))?)?;
     env.set(o, "warnings", strings(env, &t.warnings)?)?;
     Ok(o)

@@ -51,7 +51,7 @@ pub struct Applied {
     /// Device size in bytes.
     pub size: u64,
     /// Logical sector size in bytes.
-    pub sector_size: u32,
+    pub block_size: u32,
     pub read_only: bool,
     pub partscan: bool,
     pub autoclear: bool,
@@ -201,7 +201,7 @@ fn read_applied(lo: &Loop) -> Result<Option<Applied>> {
     };
     let fd = lo.as_fd();
     let size = ioctl::blk_size(fd).map_err(|e| Error::ioctl(e, "BLKGETSIZE64").with_path(lo.path()))?;
-    let sector_size = ioctl::blk_sector_size(fd).map_err(|e| Error::ioctl(e, "BLKSSZGET").with_path(lo.path()))?;
+    let block_size = ioctl::blk_sector_size(fd).map_err(|e| Error::ioctl(e, "BLKSSZGET").with_path(lo.path()))?;
     let sys = Path::new("/sys/block").join(lo.devname());
     let backing_file = match std::fs::read_to_string(sys.join("loop/backing_file")) {
         Ok(text) => text.strip_suffix('\n').unwrap_or(&text).to_string(),
@@ -212,7 +212,7 @@ fn read_applied(lo: &Loop) -> Result<Option<Applied>> {
         offset: info.offset,
         size_limit: info.size_limit,
         size,
-        sector_size,
+        block_size,
         read_only: info.read_only(),
         partscan: info.partscan(),
         autoclear: info.autoclear(),
@@ -239,7 +239,7 @@ fn verify(got: &Applied, want: &Expected) -> Vec<String> {
     check("size limit", got.size_limit.to_string(), want.opts.size_limit.to_string());
     check("size", got.size.to_string(), want.size.to_string());
     if want.opts.block_size != 0 {
-        check("sector size", got.sector_size.to_string(), want.opts.block_size.to_string());
+        check("block size", got.block_size.to_string(), want.opts.block_size.to_string());
     }
     check("read-only", got.read_only.to_string(), want.opts.read_only.to_string());
     if want.opts.partscan {
@@ -403,7 +403,7 @@ mod tests {
         let a = &attached.applied;
         let st = nix::sys::stat::fstat(file.as_raw_fd()).unwrap();
         assert_eq!((a.device, a.inode), (st.st_dev, st.st_ino));
-        assert_eq!((a.offset, a.size_limit, a.size, a.sector_size), (MIB, 4 * MIB, 4 * MIB, 4096));
+        assert_eq!((a.offset, a.size_limit, a.size, a.block_size), (MIB, 4 * MIB, 4 * MIB, 4096));
         assert!(a.autoclear && !a.read_only && !a.partscan && !a.direct_io);
         assert_eq!(a.backing_file, img.path.to_string_lossy());
         assert_eq!(sysfs(&attached.lo, "size"), (4 * MIB / 512).to_string());
@@ -467,7 +467,7 @@ mod tests {
         };
         let upper = ctl.attach(upper_file.as_fd(), &opts);
         let outcome =
-            upper.as_ref().map_err(Error::clone).map(|u| (u.applied.direct_io, u.applied.sector_size, u.applied.size));
+            upper.as_ref().map_err(Error::clone).map(|u| (u.applied.direct_io, u.applied.block_size, u.applied.size));
         let odirect = has_odirect(upper_file.as_fd()).unwrap();
         if let Ok(upper) = upper {
             detach(upper, &upper_file);
@@ -526,7 +526,7 @@ mod tests {
             offset: 512,
             size_limit: 0,
             size: 1024,
-            sector_size: 4096,
+            block_size: 4096,
             read_only: true,
             partscan: true,
             autoclear: true,
@@ -541,7 +541,7 @@ mod tests {
             inode: 3,
             offset: 0,
             size: 512,
-            sector_size: 512,
+            block_size: 512,
             read_only: false,
             partscan: false,
             autoclear: false,
@@ -553,7 +553,7 @@ mod tests {
                 "the device is bound to another file",
                 "offset is 0, expected 512",
                 "size is 512, expected 1024",
-                "sector size is 512, expected 4096",
+                "block size is 512, expected 4096",
                 "read-only is false, expected true",
                 "partscan is false, expected true",
                 "autoclear is false, expected true",
@@ -562,7 +562,7 @@ mod tests {
         // Sector size and partscan are checked only when asked for.
         let loose = ConfigureOptions { block_size: 0, partscan: false, ..opts.clone() };
         let want = Expected { opts: &loose, ..want };
-        assert!(verify(&Applied { sector_size: 512, partscan: false, ..bad.clone() }, &want).len() == 5);
+        assert!(verify(&Applied { block_size: 512, partscan: false, ..bad.clone() }, &want).len() == 5);
     }
 
     #[test]
