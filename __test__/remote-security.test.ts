@@ -622,11 +622,13 @@ loopTest.serial("a peer whose closes are wedged cannot fill the server's fd tabl
   t.deepEqual(await boundAfterSettling(backing), []);
 });
 
-// The same wedged lane, then connections instead of fds: up to its connection limit, then thousands more
-// that the server turns away, half of them with an fd queued before the peer hangs up. Each is a socket the
-// server must close, and closing one with an fd queued may block like the lingering one did.
+// The same wedged lane, then connections instead of fds. 'refused': up to its connection limit, then
+// thousands more that the server turns away, half of them with an fd queued before the peer hangs up.
+// 'hangup': one at a time, paced, each with a request (so the server reads no further) and then a packet
+// with an fd queued behind it, then a hang-up. Each is a socket the server must close, and closing one with
+// an fd queued may block like the lingering one did.
 const CONNECT_FLOOD = String.raw`
-sock, backing, dev_dir, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+sock, backing, dev_dir, limit, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 c = lingering_socket()
 s = connect(sock)
 send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
@@ -634,50 +636,61 @@ sendfds(s, b"{}", [c.fileno()])
 wedged = close_first(c)
 s.close()
 time.sleep(0.5)
-held = [connect(sock) for _ in range(limit)]
+held = [connect(sock) for _ in range(limit)] if mode == "refused" else []
 null = os.open("/dev/null", os.O_RDONLY)
 made = 0
-for i in range(6000):
+for i in range(6000 if mode == "refused" else 3000):
     f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         f.connect(sock)
-        if i % 2:
+        if mode == "hangup":
+            f.send(b"x")
+            sendfds(f, b"{}", [null])
+        elif i % 2:
             sendfds(f, b"{}", [null])
         made += 1
     except OSError:
         time.sleep(0.001)
     f.close()
+    if mode == "hangup":
+        time.sleep(0.001)
 emit({"connects": made, "wedged": wedged})
 sys.stdin.readline()
 `;
 
-loopTest.serial("a peer whose closes are wedged cannot make the server hold its turned-away connections", async (t) => {
-  t.timeout(60_000);
-  const img = image(t);
-  const { devDir, backing } = peerFiles(img.dir);
-  const limit = 8;
-  const srv = await openServer(t, img.dir, { maxConnectionsPerUid: limit });
-  const fds = () => fs.readdirSync('/proc/self/fd').length;
-  const before = fds();
-  let peer = attacker(t, CONNECT_FLOOD, [srv.socketPath, backing, devDir, String(limit)]);
-  let report = await peer.next();
-  for (let tries = 1; !report.wedged; tries++) {
-    t.true(tries < 10, "the peer wedged the server's closing lane (else this proves nothing)");
-    peer = attacker(t, CONNECT_FLOOD, [srv.socketPath, backing, devDir, String(limit)]);
-    report = await peer.next();
-  }
-  t.true(report.connects > 5000, `the peer connected ${report.connects} times`);
-  const held = fds() - before;
-  t.log(`${report.connects} connections turned away; the server holds ${held} more fds than before`);
-  // The wedged lane may hold up to UID_BACKLOG fds it read, plus the peer's open connections.
-  t.true(held < 600, `turned-away sockets are not kept in the server's fd table (${held} more fds)`);
-  {
-    using client = new LoopClient(srv.socketPath);
-    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
-    t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
-    await dev.remove();
-  }
-  await srv.close();
-  t.is(await peer.finish(), 0);
-  t.deepEqual(await boundAfterSettling(backing), []);
-});
+for (const [mode, what, minimum] of [
+  ['refused', 'its turned-away connections', 5000],
+  ['hangup', 'connections it hung up on with fds queued', 2500],
+] as const) {
+  loopTest.serial(`a peer whose closes are wedged cannot make the server hold ${what}`, async (t) => {
+    t.timeout(60_000);
+    const img = image(t);
+    const { devDir, backing } = peerFiles(img.dir);
+    const limit = 8;
+    const srv = await openServer(t, img.dir, { maxConnectionsPerUid: limit });
+    const fds = () => fs.readdirSync('/proc/self/fd').length;
+    const before = fds();
+    const args = [srv.socketPath, backing, devDir, String(limit), mode];
+    let peer = attacker(t, CONNECT_FLOOD, args);
+    let report = await peer.next();
+    for (let tries = 1; !report.wedged; tries++) {
+      t.true(tries < 10, "the peer wedged the server's closing lane (else this proves nothing)");
+      peer = attacker(t, CONNECT_FLOOD, args);
+      report = await peer.next();
+    }
+    t.true(report.connects > minimum, `the peer connected ${report.connects} times`);
+    const held = fds() - before;
+    t.log(`${report.connects} connections closed (${mode}); the server holds ${held} more fds than before`);
+    // The wedged lane may hold up to UID_BACKLOG fds it read, plus the peer's open connections.
+    t.true(held < 600, `the sockets are not kept in the server's fd table (${held} more fds)`);
+    {
+      using client = new LoopClient(srv.socketPath);
+      const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
+      t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
+      await dev.remove();
+    }
+    await srv.close();
+    t.is(await peer.finish(), 0);
+    t.deepEqual(await boundAfterSettling(backing), []);
+  });
+}

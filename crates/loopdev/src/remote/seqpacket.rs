@@ -45,6 +45,14 @@ pub fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
         .map_err(|e| Error::os(e, "socketpair"))
 }
 
+/// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK): sends to a full pair are EAGAIN.
+pub fn socketpair_nonblocking() -> Result<(OwnedFd, OwnedFd)> {
+    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+    socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags)
+        .map(|(a, b)| (own(a), own(b)))
+        .map_err(|e| Error::os(e, "socketpair"))
+}
+
 /// A path usable as `sun_path`. Paths longer than `sun_path` go through `/proc/self/fd/<parent>/<name>`,
 /// so `parent` must stay open until the bind or connect is done.
 pub struct SocketAddr {
@@ -225,8 +233,9 @@ pub fn disarm(fd: BorrowedFd) -> Leftover {
     {
         return Leftover::Fds;
     }
-    // The peer's send buffer bounds its queue at a few hundred packets.
-    for _ in 0..4096 {
+    // A connection we are done with holds a request or two; past this many packets the peer is stuffing
+    // its queue, and reading it all would be ours to pay (two receives a packet): call it `Fds`.
+    for _ in 0..64 {
         match credentials_only(fd, true) {
             Ok(Head::Empty) => return Leftover::Nothing,
             Ok(Head::Plain) => {
