@@ -4,6 +4,7 @@
  */
 import * as fs from 'node:fs';
 import type { LoopDeviceInfo } from './state.js';
+import { errnoCode, toLoopError } from './syserr.js';
 
 export const SYS_BLOCK = '/sys/block';
 
@@ -32,8 +33,11 @@ export function loopNames(): string[] {
   let names: string[];
   try {
     names = fs.readdirSync(SYS_BLOCK);
-  } catch {
-    return [];
+  } catch (e) {
+    // No sysfs at all (a container without /sys): no device to list. Anything else (EACCES, a runtime's
+    // permission check) must not pass for "nothing bound".
+    if (errnoCode(e) === 'ENOENT') return [];
+    throw toLoopError(e);
   }
   return names.filter((n) => !Number.isNaN(loopNumber(n))).sort((a, b) => loopNumber(a) - loopNumber(b));
 }
