@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { LoopClient, LoopServer, RemoteLoopError, removeNode, type LoopServerQuotas } from '../ts/index.js';
-import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs } from './helpers.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs, type Image } from './helpers.js';
 
 const NOBODY = 65534;
 
@@ -599,27 +599,13 @@ loopTest.serial("a peer whose closes are wedged cannot fill the server's fd tabl
   const srv = await openServer(t, img.dir);
   const fds = () => fs.readdirSync('/proc/self/fd').length;
   const before = fds();
-  let peer = attacker(t, FLOOD, [srv.socketPath, backing, devDir]);
-  let report = await peer.next();
-  for (let tries = 1; !report.wedged; tries++) {
-    t.true(tries < 10, "the peer wedged the server's closing lane (else this proves nothing)");
-    peer = attacker(t, FLOOD, [srv.socketPath, backing, devDir]);
-    report = await peer.next();
-  }
+  const { peer, report } = await wedgedAttacker(t, FLOOD, [srv.socketPath, backing, devDir]);
   const { sent_fds } = report;
   t.true(sent_fds > 2000, `the peer sent ${sent_fds} fds`);
   const held = fds() - before;
   t.log(`the peer sent ${sent_fds} fds; the server holds ${held} more fds than before`);
   t.true(held < 1000, `the server's fd table is bounded (${held} more fds)`);
-  {
-    using client = new LoopClient(srv.socketPath);
-    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
-    t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
-    await dev.remove();
-  }
-  await srv.close();
-  t.is(await peer.finish(), 0);
-  t.deepEqual(await boundAfterSettling(backing), []);
+  await rootIsServedThenClose(t, srv, img, peer, backing);
 });
 
 // The same wedged lane, then connections instead of fds. 'refused': up to its connection limit, then
@@ -671,26 +657,43 @@ for (const [mode, what, minimum] of [
     const fds = () => fs.readdirSync('/proc/self/fd').length;
     const before = fds();
     const args = [srv.socketPath, backing, devDir, String(limit), mode];
-    let peer = attacker(t, CONNECT_FLOOD, args);
-    let report = await peer.next();
-    for (let tries = 1; !report.wedged; tries++) {
-      t.true(tries < 10, "the peer wedged the server's closing lane (else this proves nothing)");
-      peer = attacker(t, CONNECT_FLOOD, args);
-      report = await peer.next();
-    }
+    const { peer, report } = await wedgedAttacker(t, CONNECT_FLOOD, args);
     t.true(report.connects > minimum, `the peer connected ${report.connects} times`);
     const held = fds() - before;
     t.log(`${report.connects} connections closed (${mode}); the server holds ${held} more fds than before`);
     // The wedged lane may hold up to UID_BACKLOG fds it read, plus the peer's open connections.
     t.true(held < 600, `the sockets are not kept in the server's fd table (${held} more fds)`);
-    {
-      using client = new LoopClient(srv.socketPath);
-      const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
-      t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
-      await dev.remove();
-    }
-    await srv.close();
-    t.is(await peer.finish(), 0);
-    t.deepEqual(await boundAfterSettling(backing), []);
+    await rootIsServedThenClose(t, srv, img, peer, backing);
   });
+}
+
+/** Starts `code` as the attacker until it reports that it wedged the server's closing lane. */
+async function wedgedAttacker(t: ExecutionContext, code: string, args: string[]) {
+  let peer = attacker(t, code, args);
+  let report = await peer.next();
+  for (let tries = 1; !report.wedged; tries++) {
+    t.true(tries < 10, "the peer wedged the server's closing lane (else this proves nothing)");
+    peer = attacker(t, code, args);
+    report = await peer.next();
+  }
+  return { peer, report };
+}
+
+/** Root still gets a device while the attacker is at it; then the server closes and nothing stays bound. */
+async function rootIsServedThenClose(
+  t: ExecutionContext,
+  srv: LoopServer,
+  img: Image,
+  peer: ReturnType<typeof attacker>,
+  backing: string,
+): Promise<void> {
+  {
+    using client = new LoopClient(srv.socketPath);
+    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
+    t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
+    await dev.remove();
+  }
+  await srv.close();
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(backing), []);
 }
