@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { configureArgs, native, type Handle } from '../ts/binding.js';
+import { configureArgs, native, type Handle, type NativeLoop } from '../ts/binding.js';
 import { LoopError, UnexpectedDeviceError } from '../ts/errors.js';
 import { boundAfterSettling, image, loopTest, mountsUnder, sysfs, tempDir } from './helpers.js';
 
@@ -183,14 +183,16 @@ loopTest.serial('async configure binds the file the fd named at the call, even i
   const ctl = native.controlOpen();
   t.teardown(() => native.close(ctl));
   for (let attempt = 0; ; attempt++) {
-    const lo = native.loopOpen(native.controlGetUnbound(ctl));
-    t.teardown(() => native.close(lo.handle));
+    let lo: NativeLoop | undefined;
     try {
-      await startThenReuseFd(t, a.path, b.path, (fd) => native.loopConfigureAsync(lo.handle, fd, AUTOCLEAR));
+      const opened = native.loopOpen(native.controlGetUnbound(ctl));
+      lo = opened;
+      t.teardown(() => native.close(opened.handle));
+      await startThenReuseFd(t, a.path, b.path, (fd) => native.loopConfigureAsync(opened.handle, fd, AUTOCLEAR));
     } catch (e) {
-      // Another process took the free device first: try the next one.
+      // Another process took (or removed) the free device first: try the next one.
       const code = (e as { code?: string }).code;
-      if ((code === 'EBUSY' || code === 'ENXIO') && attempt < 16) continue;
+      if ((code === 'EBUSY' || code === 'ENXIO' || code === 'ENOENT') && attempt < 16) continue;
       throw e;
     }
     assertBoundTo(t, lo.handle, lo.minor, a.path);

@@ -19,14 +19,16 @@ export async function serve(options: ServeOptions): Promise<NodeJS.Signals | 'ab
   const { signals = ['SIGINT', 'SIGTERM'], signal, onListening, ...serverOptions } = options;
   if (signal?.aborted) return 'abort';
   const server = new LoopServer(serverOptions);
-  await server.listen();
   let stop!: (why: NodeJS.Signals | 'abort') => void;
   const stopped = new Promise<NodeJS.Signals | 'abort'>((resolve) => (stop = resolve));
   const handlers = signals.map((sig) => [sig, () => stop(sig)] as const);
   const onAbort = (): void => stop('abort');
+  // Ours before the socket listens: the native server answers as soon as it does, so a client may be done
+  // and its supervisor send SIGTERM before the line after `listen()` runs.
   for (const [sig, handler] of handlers) process.on(sig, handler);
   signal?.addEventListener('abort', onAbort, { once: true });
   try {
+    await server.listen();
     onListening?.(server);
     return await stopped;
   } finally {

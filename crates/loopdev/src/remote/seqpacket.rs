@@ -12,6 +12,7 @@ use std::io::IoSlice;
 use std::io::IoSliceMut;
 use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The kernel's limit of fds in one `SCM_RIGHTS` message (osbuild sizes its receive buffer for it).
 pub const SCM_MAX_FD: usize = 253;
@@ -41,14 +42,6 @@ pub fn socket(nonblocking: bool) -> Result<OwnedFd> {
 /// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC): a connected pair, for tests and in-process use.
 pub fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-        .map(|(a, b)| (own(a), own(b)))
-        .map_err(|e| Error::os(e, "socketpair"))
-}
-
-/// socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK): sends to a full pair are EAGAIN.
-pub fn socketpair_nonblocking() -> Result<(OwnedFd, OwnedFd)> {
-    let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
-    socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, flags)
         .map(|(a, b)| (own(a), own(b)))
         .map_err(|e| Error::os(e, "socketpair"))
 }
@@ -233,9 +226,14 @@ pub fn disarm(fd: BorrowedFd) -> Leftover {
     {
         return Leftover::Fds;
     }
-    // A connection we are done with holds a request or two; past this many packets the peer is stuffing
-    // its queue, and reading it all would be ours to pay (two receives a packet): call it `Fds`.
-    for _ in 0..64 {
+    // The queue is finite once shut: the peer's send buffer (at most twice wmem_max) holds it, and a packet
+    // takes at least a few hundred bytes of that. So `Fds` means fds were found, and the receives it costs
+    // us are as many as the sends it cost the peer.
+    static MOST: AtomicUsize = AtomicUsize::new(0);
+    if MOST.load(Ordering::Relaxed) == 0 {
+        MOST.store((2 * wmem_max() / 256).max(4096), Ordering::Relaxed);
+    }
+    for _ in 0..MOST.load(Ordering::Relaxed) {
         match credentials_only(fd, true) {
             Ok(Head::Empty) => return Leftover::Nothing,
             Ok(Head::Plain) => {

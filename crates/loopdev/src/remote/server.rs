@@ -113,7 +113,7 @@ impl Server {
             next_id: 1,
             options,
             counters: Arc::clone(&counters),
-            closer: Closer::new()?,
+            closer: Closer::default(),
             global_backlog: fd_limit() / 4,
         };
         let (tx, done) = mpsc::channel();
@@ -386,7 +386,6 @@ impl Serve {
         let mut pfds = Vec::new();
         let idle_timeout = self.options.idle_timeout;
         loop {
-            self.closer.park_all();
             pfds.clear();
             pfds.push(seqpacket::pollfd(self.wake.as_fd(), libc::POLLIN));
             pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
@@ -395,8 +394,6 @@ impl Serve {
             let flooded = self.closer.total_backlog() >= self.global_backlog;
             let accepting = self.conns.len() < self.options.max_connections && !flooded;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
-            // A lane took its last parked batch: the loop's next turn closes the pair (`park_all`).
-            pfds.push(seqpacket::pollfd(self.closer.ready_fd(), libc::POLLIN));
             let mut congested = flooded;
             for c in &self.conns {
                 let events = if !c.outbox.is_empty() {
@@ -436,12 +433,9 @@ impl Serve {
                     self.done(done);
                 }
             }
-            if pfds[3].revents != 0 {
-                seqpacket::eventfd_take(self.closer.ready_fd());
-            }
             let now = Instant::now();
             for i in 0..self.conns.len() {
-                let revents = pfds[4 + i].revents;
+                let revents = pfds[3 + i].revents;
                 if revents != 0 {
                     self.service(i, revents);
                     continue;
