@@ -89,7 +89,7 @@ for (const end of ['SIGINT', 'SIGTERM', 'SIGKILL', 'throw'] as const) {
     const done = finished(child);
     const [ready] = await lineMatching(child, /^ready .*/);
     t.is(devicesBoundUnder(dir).length, 3, `bound while the child lives: ${ready}`);
-    if (end !== 'throw') child.kill(end);
+    child.kill(end === 'throw' ? 'SIGUSR2' : end);
     const r = await done;
     if (end === 'throw') t.is(r.code, 1, r.stderr);
     else t.is(r.signal, end);

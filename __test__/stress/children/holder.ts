@@ -1,7 +1,7 @@
 /**
  * Child of crash.test.ts: holds three devices from the default `attach()` (no options) in `await using`
  * scopes, prints "ready", then ends the way it is told: `wait` (until a signal kills it) or `throw` (an
- * uncaught exception while the devices are held).
+ * uncaught exception while the devices are held, when SIGUSR2 arrives).
  *
  *   node --import tsx holder.ts FILE1 FILE2 FILE3 wait|throw
  */
@@ -14,9 +14,10 @@ await using b = await attach(args[1]!);
 await using c = await attach(args[2]!);
 console.log(`ready ${[a, b, c].map((d) => d.devname).join(' ')}`);
 if (how === 'throw') {
-  // Off the `using` scopes' chain, as a crash in a callback would be: the disposers never run.
-  setTimeout(() => {
+  // Off the `using` scopes' chain, as a crash in a callback would be: the disposers never run. On the
+  // parent's word (SIGUSR2), once it has seen the devices bound.
+  process.on('SIGUSR2', () => {
     throw new Error('crash while holding devices');
-  }, 10);
+  });
 }
 await new Promise(() => setInterval(() => undefined, 1000));
