@@ -128,14 +128,17 @@ export function record(name: string): void {
     log(...args);
   };
   const load = (): string => os.loadavg().map((l) => l.toFixed(2)).join(' ');
+  // BENCH_TAG=x writes results/<name>-x.txt, for a variant run (e.g. other NODE_OPTIONS) beside the main one.
+  const tag = process.env.BENCH_TAG ? `-${process.env.BENCH_TAG}` : '';
+  const env = ['BENCH_TAG', 'NODE_OPTIONS', 'MALLOC_ARENA_MAX'].filter((k) => process.env[k]).map((k) => `${k}='${process.env[k]}' `);
   const header = [
-    `# npx tsx bench/${name}.ts ${process.argv.slice(2).join(' ')}`.trimEnd(),
+    `# ${env.join('')}npx tsx bench/${name}.ts ${process.argv.slice(2).join(' ')}`.trimEnd(),
     `# date: ${new Date().toISOString()}`,
     `# machine: ${machine()}`,
     `# load average (1, 5, 15 min) at start: ${load()}`,
   ];
   process.once('exit', (code) => {
-    const out = path.join(BENCH_DIR, 'results', `${name}.txt`);
+    const out = path.join(BENCH_DIR, 'results', `${name}${tag}.txt`);
     fs.mkdirSync(path.dirname(out), { recursive: true });
     const footer = [`# load average at end: ${load()}`, `# exit status: ${code}`];
     fs.writeFileSync(out, [...header, '', ...lines, '', ...footer, ''].join('\n'));
