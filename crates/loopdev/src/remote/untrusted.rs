@@ -5,6 +5,7 @@
 
 use super::seqpacket;
 use super::wire::WireError;
+use crate::device::check_backing;
 use crate::error::Error;
 use crate::inode::stat_fd;
 use crate::ioctl;
@@ -31,10 +32,11 @@ pub fn backing(fd: BorrowedFd) -> Result<Backing, WireError> {
     if flags.contains(OFlag::O_PATH) {
         return Err(WireError::new(Errno::EBADF, "an O_PATH file descriptor cannot be used"));
     }
-    let st = stat_fd(fd).map_err(os)?;
-    if !matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK) {
-        return Err(WireError::invalid("the backing file ('fd') is not a regular file or block device"));
-    }
+    // fstat itself never fails with EINVAL: that is the kind check.
+    check_backing(fd).map_err(|e| match e.errno {
+        Errno::EINVAL => WireError::invalid("the backing file ('fd') is not a regular file or block device"),
+        _ => os(e),
+    })?;
     let writable = match flags.bits() & libc::O_ACCMODE {
         libc::O_RDONLY => false,
         libc::O_RDWR => true,
