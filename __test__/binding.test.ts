@@ -18,6 +18,7 @@ type Kind = 'control' | 'loop' | 'server' | 'client';
 /** Every export that takes a handle first: which kind it wants, and valid other arguments for it. */
 const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: number) => unknown[] }> = {
   close: { wants: ['control', 'loop'], args: () => [] },
+  closeAsync: { wants: ['control', 'loop'], args: () => [] },
   controlAdd: { wants: ['control'], args: () => [-1] },
   controlRemove: { wants: ['control'], args: () => [1 << 20] },
   controlGetUnbound: { wants: ['control'], args: () => [] },

@@ -1,7 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Loop, LoopControl, LoopError } from '../ts/index.js';
+import { attach, Loop, LoopControl, LoopError } from '../ts/index.js';
 import { boundAfterSettling, configuredLoop, devicesBoundUnder, image, loopTest, openFds } from './helpers.js';
 
 loopTest('clearFdWait returns once the device is unbound; close finishes the teardown', async (t) => {
@@ -166,3 +166,42 @@ loopTest('clearFdWait leaves a device bound to another file alone', async (t) =>
   t.true(owner.isBoundTo(theirs.fd));
   t.false(owner.getStatus().autoclear, 'no LOOP_CLR_FD reached the device');
 });
+
+// Since Linux 6.11 the last close of a device runs its teardown, which first writes the device's dirty page
+// cache to the backing file: the async detach paths must do that close off the event loop.
+for (const how of ['LoopDevice.detach()', 'await using a Loop'] as const) {
+  loopTest.serial(`${how} flushes a device's dirty pages without stalling the event loop`, async (t) => {
+    const img = image(t, 512 << 20);
+    const dev = await attach(img.path, { directIo: false });
+    const lo = how === 'await using a Loop' ? new Loop(dev.minor) : null;
+    // 256 MiB written through the device's page cache by another open, which is not the last close.
+    const writer = fs.openSync(dev.path, 'r+');
+    const block = Buffer.alloc(1 << 20, 0x5a);
+    for (let i = 0; i < 256; i++) fs.writeSync(writer, block);
+    fs.closeSync(writer);
+    let maxGap = 0;
+    let last = performance.now();
+    const tick = setInterval(() => {
+      const now = performance.now();
+      maxGap = Math.max(maxGap, now - last);
+      last = now;
+    }, 1);
+    const start = performance.now();
+    if (lo === null) {
+      await dev.detach();
+    } else {
+      dev.close(); // `lo` is now the device's only open, with autoclear from attach(): its close tears down
+      await lo.clearFdWait({ timeoutMs: 10_000 });
+      await using disposing = lo;
+      void disposing;
+    }
+    const took = performance.now() - start;
+    // One more tick, so a stall that ran to the end of the detach is measured too.
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    clearInterval(tick);
+    t.log(`${how}: ${took.toFixed(1)} ms, the event loop's longest gap ${maxGap.toFixed(1)} ms`);
+    t.true(took > 15, `the flush took long enough to show anything (${took.toFixed(1)} ms)`);
+    t.true(maxGap < took * 0.75, `the event loop kept running (longest gap ${maxGap.toFixed(1)} of ${took.toFixed(1)} ms)`);
+    t.deepEqual(await boundAfterSettling(img.path), []);
+  });
+}

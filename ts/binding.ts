@@ -104,6 +104,8 @@ export interface Native {
   init(classes: { LoopError: typeof LoopError; UnexpectedDeviceError: typeof UnexpectedDeviceError }): void;
   /** Idempotent; true when this call closed the handle. */
   close(h: Handle): boolean;
+  /** `close`, with the closing itself (a device's teardown, since Linux 6.11) on the pool. */
+  closeAsync(h: Handle): Promise<boolean>;
   controlOpen(dirFd?: number): Handle;
   controlAdd(h: Handle, minor: number): number;
   controlRemove(h: Handle, minor: number): void;

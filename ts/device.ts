@@ -1,10 +1,10 @@
 /** `LoopDevice`: what `attach()` returns — a bound loop device that owns its cleanup. */
 import * as fs from 'node:fs';
 import { native } from './binding.js';
-import { call, runAsync, runSync, sleep, type Flow } from './flow.js';
+import { call, runAsync, runSync, sleep, type Flow, type Op } from './flow.js';
 import type { LoopInfo } from './info.js';
 import { deviceInfoSync, loopName } from './list.js';
-import { DETACH_TIMEOUT_MS, handleOf, Loop } from './loop.js';
+import { closeOffThread, DETACH_TIMEOUT_MS, handleOf, Loop } from './loop.js';
 import { findPartition, fromNative, type Partition, type PartitionQuery, type PartitionTable } from './partitions.js';
 import type { LoopBinding, LoopDeviceInfo } from './state.js';
 import { bindingGone, holdersOf, loopNumber, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
@@ -208,6 +208,20 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
     }
   }
 
+  /** `close()` for the detach flow; its async twin closes the device off the event loop (`closeOffThread`). */
+  #closeOp(): Op<void> {
+    return {
+      sync: () => this.close(),
+      async: async () => {
+        try {
+          await closeOffThread(this.#loop);
+        } finally {
+          this.#closeBacking();
+        }
+      },
+    };
+  }
+
   #closeBacking(): void {
     if (this.ownsBackingFd && this.#backingFd >= 0) {
       const fd = this.#backingFd;
@@ -330,7 +344,7 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
       if (!this.closed) {
         this.#removeAddedPartitions();
         this.#clearIfOurs(this.#loop);
-        this.close();
+        yield* call(this.#closeOp());
       } else if (!this.released) {
         // Closed without detaching: open the node again just long enough to clear our binding.
         let lo: Loop | null = null;

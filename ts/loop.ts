@@ -44,6 +44,12 @@ export interface ClearFdWaitOptions {
  */
 export let handleOf: (lo: Loop) => Handle;
 
+/**
+ * `lo.close()` with the closing itself on the pool: since Linux 6.11 the last close of a device runs its
+ * teardown (flushing its dirty page cache to the backing file first). Not exported from the package.
+ */
+export let closeOffThread: (lo: Loop) => Promise<void>;
+
 /** An open loop block device (`/dev/loopN`). */
 export class Loop implements Disposable, AsyncDisposable {
   readonly minor: number;
@@ -99,16 +105,24 @@ export class Loop implements Disposable, AsyncDisposable {
 
   static {
     handleOf = (lo) => lo.#h();
+    closeOffThread = async (lo) => {
+      await lo.#close(native.closeAsync);
+    };
   }
 
   /** Closes the device fd (idempotent). An autoclear device is detached by the kernel at its last close. */
   close(): void {
-    if (this.#handle === null) return;
-    native.close(this.#handle);
+    void this.#close(native.close);
+  }
+
+  #close<R>(closeHandle: (h: Handle) => R): R | undefined {
+    if (this.#handle === null) return undefined;
+    const closed = closeHandle(this.#handle);
     this.#handle = null;
     this.#fd = -1;
     this.#bound = false;
     this.onClose?.(this);
+    return closed;
   }
 
   /** flock(2): `LOCK_SH`/`LOCK_EX`, `| LOCK_NB`, or `LOCK_UN`. */
@@ -247,7 +261,7 @@ export class Loop implements Disposable, AsyncDisposable {
     try {
       if (this.#bound && this.#handle !== null) await this.clearFdWait();
     } finally {
-      this.close();
+      await closeOffThread(this);
     }
   }
 }

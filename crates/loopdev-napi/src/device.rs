@@ -29,8 +29,25 @@ pub fn open(env: Env, args: &[Value]) -> JsResult<Value> {
 
 /// close(handle) → whether it was still open: either kind; idempotent.
 pub fn close(env: Env, args: &[Value]) -> JsResult<Value> {
-    let closed = handle::close(env, arg(env, args, 0)?)?;
-    env.boolean(closed)
+    let taken = handle::take(env, arg(env, args, 0)?)?;
+    env.boolean(taken.is_some())
+}
+
+/// closeAsync(handle) → Promise<whether it was still open>: `close`, with the closing itself on the pool.
+/// Since Linux 6.11 the last close of a loop device runs its teardown, flushing the device's dirty page
+/// cache to the backing file first, which must not stall the event loop.
+pub fn close_async(env: Env, args: &[Value]) -> JsResult<Value> {
+    let taken = handle::take(env, arg(env, args, 0)?)?;
+    let was_open = taken.is_some();
+    crate::task::spawn(
+        env,
+        "loopdev.close",
+        move || {
+            drop(taken);
+            Ok(was_open)
+        },
+        |env, was_open| env.boolean(was_open),
+    )
 }
 
 pub fn flock(env: Env, args: &[Value]) -> JsResult<Value> {

@@ -24,9 +24,9 @@ impl<T> Handle<T> {
     fn get(&self, what: &'static str) -> JsResult<Arc<T>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or(Failure::Closed(what))
     }
-    /// Whether this call closed it (false when it was closed already).
-    fn close(&self) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take().is_some()
+    /// JS's reference, taken: the handle reads as closed from now on (None when it was closed already).
+    fn take(&self) -> Option<Arc<T>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -46,10 +46,11 @@ pub fn lo(env: Env, v: Value) -> JsResult<Arc<Loop>> {
     }
 }
 
-/// Closes either kind of handle; idempotent. True when this call closed it.
-pub fn close(env: Env, v: Value) -> JsResult<bool> {
+/// What JS held of either kind of handle, taken out of it (None when it was closed already): dropping it
+/// closes the fd, unless a blocking call still running holds its own reference.
+pub fn take(env: Env, v: Value) -> JsResult<Option<Box<dyn Send>>> {
     Ok(match env.external_ref::<Resource>(v, "Loop or LoopControl")? {
-        Resource::Control(h) => h.close(),
-        Resource::Loop(h) => h.close(),
+        Resource::Control(h) => h.take().map(|a| Box::new(a) as Box<dyn Send>),
+        Resource::Loop(h) => h.take().map(|a| Box::new(a) as Box<dyn Send>),
     })
 }

@@ -22,6 +22,7 @@ use js::{Env, Value};
 const EXPORTS: &[(&str, Exported)] = &[
     ("init", errors::init),
     ("close", device::close),
+    ("closeAsync", device::close_async),
     ("controlOpen", control::open),
     ("controlAdd", control::add),
     ("controlRemove", control::remove),
