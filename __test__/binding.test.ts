@@ -32,6 +32,7 @@ const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: nu
   loopClearFdWaitAsync: { wants: ['loop'], args: (fd) => [fd, 0, 1] },
   loopDetach: { wants: ['loop'], args: () => [0, 1] },
   loopDetachAsync: { wants: ['loop'], args: () => [0, 1] },
+  loopDisposeAsync: { wants: ['loop'], args: () => [0, 1] },
   loopChangeFd: { wants: ['loop'], args: (fd) => [fd] },
   loopIsBoundTo: { wants: ['loop'], args: (fd) => [fd] },
   loopSetStatus: { wants: ['loop'], args: () => [{}] },

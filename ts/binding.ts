@@ -139,6 +139,8 @@ export interface Native {
   loopClearFdWaitAsync(h: Handle, fd: number, timeoutMs: number, waitMs: number): Promise<void>;
   loopDetach(h: Handle, timeoutMs: number, waitMs: number): void;
   loopDetachAsync(h: Handle, timeoutMs: number, waitMs: number): Promise<void>;
+  /** Closes `h` for JS now; the verified detach and the close itself run on the pool. */
+  loopDisposeAsync(h: Handle, timeoutMs: number, waitMs: number): Promise<void>;
   loopChangeFd(h: Handle, fd: number): void;
   loopIsBoundTo(h: Handle, fd: number): boolean;
   loopSetStatus(h: Handle, o: NativeStatus): void;

@@ -258,11 +258,10 @@ export class Loop implements Disposable, AsyncDisposable {
 
   /** Like `[Symbol.dispose]`, but waits until the kernel has really released the backing file. */
   async [Symbol.asyncDispose](): Promise<void> {
-    try {
-      if (this.#bound && this.#handle !== null) await this.clearFdWait();
-    } finally {
-      await closeOffThread(this);
-    }
+    if (!this.#bound) return closeOffThread(this);
+    // One trip to the pool for the verified detach and the close after it.
+    const { timeoutMs, waitMs } = clearOptions({});
+    await this.#close((h) => native.loopDisposeAsync(h, timeoutMs, waitMs));
   }
 }
 

@@ -109,6 +109,15 @@ pub fn detach_async(env: Env, args: &[Value]) -> JsResult<Value> {
     crate::task::spawn(env, "loopdev.detach", move || Ok(lo.detach(timeout, wait)?), done)
 }
 
+/// loopDisposeAsync(h, timeoutMs, waitMs): `await using`'s end in one trip to the pool: the handle is
+/// closed for JS at once; the verified detach and then the close (the device's teardown) run on the pool.
+/// Rejects with the detach's error, the device closed all the same.
+pub fn dispose_async(env: Env, args: &[Value]) -> JsResult<Value> {
+    let (timeout, wait) = detach_args(env, args)?;
+    let lo = handle::take_loop(env, arg(env, args, 0)?)?;
+    crate::task::spawn(env, "loopdev.dispose", move || Ok(lo.map_or(Ok(()), |lo| lo.detach(timeout, wait))?), done)
+}
+
 pub fn change_fd(env: Env, args: &[Value]) -> JsResult<Value> {
     this(env, args)?.change_fd(borrow(fd_at(env, args, 1, "fd")?))?;
     env.undefined()

@@ -46,6 +46,15 @@ pub fn lo(env: Env, v: Value) -> JsResult<Arc<Loop>> {
     }
 }
 
+/// JS's reference to a Loop, taken out of its handle (None when it was closed already).
+pub fn take_loop(env: Env, v: Value) -> JsResult<Option<Arc<Loop>>> {
+    const WHAT: &str = "Loop";
+    match env.external_ref::<Resource>(v, WHAT)? {
+        Resource::Loop(h) => Ok(h.take()),
+        Resource::Control(_) => Err(Failure::Type(format!("expected a {WHAT} handle"))),
+    }
+}
+
 /// What JS held of either kind of handle, taken out of it (None when it was closed already): dropping it
 /// closes the fd, unless a blocking call still running holds its own reference.
 pub fn take(env: Env, v: Value) -> JsResult<Option<Box<dyn Send>>> {

@@ -23,6 +23,7 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("init", errors::init),
     ("close", device::close),
     ("closeAsync", device::close_async),
+    ("loopDisposeAsync", device::dispose_async),
     ("controlOpen", control::open),
     ("controlAdd", control::add),
     ("controlRemove", control::remove),
