@@ -610,7 +610,8 @@ loopTest.serial("a peer whose closes are wedged cannot fill the server's fd tabl
 
 // The same wedged lane, then connections instead of fds. 'refused': up to its connection limit, then
 // thousands more that the server turns away. 'stuffed': one at a time, each with a request (so the server
-// reads no further) and then 200 empty packets queued behind it, then a hang-up. Each is a socket the
+// reads no further) and then 200 empty packets queued behind it, then a hang-up. 'reset': turned away too,
+// each with its send buffer full of empty packets, hung up (our refusal unread) while the server drains it. Each is a socket the
 // server must close; it holds nothing of the peer's, so it must not wait on the wedged lane (a socket that
 // does hold fds still does: see README, "Not guaranteed").
 const CONNECT_FLOOD = String.raw`
@@ -622,30 +623,42 @@ sendfds(s, b"{}", [c.fileno()])
 wedged = close_first(c)
 s.close()
 time.sleep(0.5)
-held = [connect(sock) for _ in range(limit)] if mode == "refused" else []
+held = [connect(sock) for _ in range(limit)] if mode != "stuffed" else []
 null = os.open("/dev/null", os.O_RDONLY)
 made = 0
-for i in range(6000 if mode == "refused" else 2000):
+for i in range({"refused": 6000, "stuffed": 2000, "reset": 800}[mode]):
     f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
+        if mode == "reset":
+            f.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         f.connect(sock)
         made += 1
+        if mode == "reset":
+            f.setblocking(False)
+            try:
+                while True:
+                    f.send(b"")
+            except BlockingIOError:
+                f.settimeout(3)
+                while True:
+                    f.send(b"")  # until the server's drain makes room and its shutdown says EPIPE
         if mode == "stuffed":
             f.send(b"x")
             for _ in range(200):
                 f.send(b"")
     except OSError:
-        time.sleep(0.001)  # refused at connect, or the server closed it already (EPIPE)
-    f.close()
+        pass  # refused at connect, or the server shut it already (EPIPE)
+    f.close()  # at once: for 'reset', while the server may still be draining it
     if mode == "stuffed":
         time.sleep(0.001)
 emit({"connects": made, "wedged": wedged})
 sys.stdin.readline()
 `;
 
-for (const [mode, what, minimum] of [
-  ['refused', 'its turned-away connections', 5000],
-  ['stuffed', 'connections it hung up on with packets queued', 1500],
+for (const [mode, what, minimum, most] of [
+  ['refused', 'its turned-away connections', 5000, 600],
+  ['stuffed', 'connections it hung up on with packets queued', 1500, 600],
+  ['reset', 'connections that hang up while it drains them', 700, 150],
 ] as const) {
   loopTest.serial(`a peer whose closes are wedged cannot make the server hold ${what}`, async (t) => {
     t.timeout(60_000);
@@ -661,7 +674,7 @@ for (const [mode, what, minimum] of [
     const held = fds() - before;
     t.log(`${report.connects} connections closed (${mode}); the server holds ${held} more fds than before`);
     // The wedged lane may hold up to UID_BACKLOG fds it read, plus the peer's open connections.
-    t.true(held < 600, `the sockets are not kept in the server's fd table (${held} more fds)`);
+    t.true(held < most, `the sockets are not kept in the server's fd table (${held} more fds)`);
     await rootIsServedThenClose(t, srv, img, peer, backing);
   });
 }

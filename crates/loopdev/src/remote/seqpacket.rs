@@ -241,8 +241,6 @@ pub fn disarm(fd: BorrowedFd) -> Leftover {
                     return Leftover::Fds;
                 }
             }
-            // The peer hung up with our reply unread: reported once (and cleared) by the next receive.
-            Err(Errno::ECONNRESET) => {}
             Ok(Head::Fds) | Err(_) => return Leftover::Fds,
         }
     }
@@ -272,11 +270,15 @@ fn credentials_only(fd: BorrowedFd, peek: bool) -> std::result::Result<Head, Err
     // SAFETY: CMSG_SPACE only computes a size.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32) } as usize;
     let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+    let mut resets = 0;
     loop {
         // SAFETY: msg points at `iov` and `control`, which outlive the call and are as long as it says.
         let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
         match Errno::result(n) {
             Err(Errno::EINTR) => continue,
+            // The peer hung up with our reply unread: the error is reported once, by whichever receive
+            // comes next (a peek or a take), takes nothing off the queue, and is cleared.
+            Err(Errno::ECONNRESET) if resets < 2 => resets += 1,
             Err(Errno::EAGAIN) => return Ok(Head::Empty),
             Err(e) => return Err(e),
             Ok(_) if msg.msg_flags & libc::MSG_CTRUNC != 0 => return Ok(Head::Fds),
@@ -434,6 +436,19 @@ mod tests {
         assert_eq!((p.len, p.fds.len()), (0, 1), "the packet with the fd is still queued, its fd not taken");
         let n = recv(b.as_fd(), &mut buf, 0).unwrap().len;
         assert_eq!(&buf[..n], b"after");
+    }
+
+    #[test]
+    fn a_reset_is_retried_by_a_take_as_by_a_peek() {
+        // The peer queued a packet, then hung up without reading ours: the next receive, here a take (disarm
+        // takes what it has just peeked), reports ECONNRESET once.
+        let (a, b) = socketpair().unwrap();
+        socket::setsockopt(b.as_raw_fd(), socket::sockopt::PassCred, &true).unwrap();
+        send(b.as_fd(), b"reply", &[]).unwrap();
+        send(a.as_fd(), b"plain", &[]).unwrap();
+        drop(a);
+        assert_eq!(credentials_only(b.as_fd(), false), Ok(Head::Plain));
+        assert_eq!(credentials_only(b.as_fd(), true), Ok(Head::Empty));
     }
 
     #[test]

@@ -48,6 +48,8 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Fds of one uid waiting to be closed (see `closer`) beyond which its connections are not read.
 const UID_BACKLOG: usize = 256;
+/// Connections accepted per turn of the poll loop at most.
+const ACCEPT_BATCH: usize = 64;
 /// How often the poll loop looks at backed-up lanes again.
 const CONGESTION_POLL_MS: i32 = 50;
 
@@ -455,7 +457,7 @@ impl Serve {
             self.time_out(now);
             self.reap();
             if pfds[2].revents != 0 {
-                self.accept_all();
+                self.accept_batch();
             }
         }
     }
@@ -665,8 +667,13 @@ impl Serve {
         self.start_queued(peer.uid);
     }
 
-    fn accept_all(&mut self) {
-        while self.conns.len() < self.options.max_connections {
+    fn accept_batch(&mut self) {
+        // A batch per turn of the poll loop: turning a flood of connections away (each drained before it is
+        // closed) must not keep the connections already open from being served.
+        for _ in 0..ACCEPT_BATCH {
+            if self.conns.len() >= self.options.max_connections {
+                return;
+            }
             let sock = match seqpacket::accept(self.listener.as_fd()) {
                 Ok(s) => s,
                 Err(e) if e.is(Errno::EMFILE) || e.is(Errno::ENFILE) => {
