@@ -15,6 +15,8 @@
 //! reverted: the parked sockets counted against every root process's fds in flight, host-wide.)
 
 use super::seqpacket::{self, Leftover};
+use crate::error::{Error, Result};
+use nix::errno::Errno;
 use std::collections::HashMap;
 use std::os::unix::io::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,11 +59,21 @@ pub(super) struct Closer {
 }
 
 impl Closer {
-    /// Drops `what` on `uid`'s lane. Should no thread start (the system is out of them), it is dropped here:
-    /// there is no better place left.
+    /// A closer with its shared lane started, so that a later shortage of threads still has a lane to use.
+    pub fn new() -> Result<Closer> {
+        let mut closer = Closer::default();
+        closer.lane(ANY_UID).ok_or_else(|| Error::os(Errno::EAGAIN, "pthread_create"))?;
+        Ok(closer)
+    }
+
+    /// Drops `what` on `uid`'s lane; on the shared lane if no thread can be started for it (the system is
+    /// out of them). Only if the shared lane is gone too is it dropped here: there is no better place left.
     pub fn close(&mut self, uid: u32, what: impl Closable) {
         let fds = what.fds();
-        let uid = if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES { uid } else { ANY_UID };
+        let mut uid = if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES { uid } else { ANY_UID };
+        if self.lane(uid).is_none() {
+            uid = ANY_UID;
+        }
         let what: Droppable = Box::new(what);
         let total = Arc::clone(&self.total);
         let what = match self.lane(uid) {

@@ -115,7 +115,7 @@ impl Server {
             next_id: 1,
             options,
             counters: Arc::clone(&counters),
-            closer: Closer::default(),
+            closer: Closer::new()?,
             global_backlog: fd_limit() / 4,
         };
         let (tx, done) = mpsc::channel();
