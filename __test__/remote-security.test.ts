@@ -679,6 +679,62 @@ for (const [mode, what, minimum, most] of [
   });
 }
 
+// Two processes connect over and over, each connection turned away (over the per-uid limit) with its send
+// buffer full of empty packets: taking them costs the server as many receives as they cost the peer sends.
+// Done on the thread that answers, that slowed every reply down to a second and more.
+const STUFFED_FLOOD = String.raw`
+import multiprocessing
+sock, limit = sys.argv[1], int(sys.argv[2])
+held = [connect(sock) for _ in range(limit)]
+def flood(seconds):
+    end, n = time.time() + seconds, 0
+    while time.time() < end:
+        f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        f.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        try:
+            f.connect(sock)
+            f.setblocking(False)
+            try:
+                while True:
+                    f.send(b"")
+            except BlockingIOError:
+                n += 1
+        except OSError:
+            pass
+        f.close()
+    return n
+emit({"flooding": True})
+with multiprocessing.Pool(2) as pool:
+    counts = pool.map(flood, [6, 6])
+emit({"stuffed": sum(counts)})
+sys.stdin.readline()
+`;
+
+loopTest.serial('a flood of connections with full queues does not slow down the replies to others', async (t) => {
+  t.timeout(60_000);
+  const img = image(t);
+  const limit = 8;
+  const srv = await openServer(t, img.dir, { maxConnectionsPerUid: limit });
+  const peer = attacker(t, STUFFED_FLOOD, [srv.socketPath, String(limit)]);
+  await peer.next();
+  await new Promise((resolve) => setTimeout(resolve, 1000)); // the flood is under way
+  const replies: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const start = performance.now();
+    using client = new LoopClient(srv.socketPath);
+    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
+    replies.push(Math.round(performance.now() - start));
+    await dev.remove();
+  }
+  const { stuffed } = await peer.next();
+  t.log(`${stuffed} stuffed connections turned away; root's requests took ${replies.join(', ')} ms`);
+  t.true(stuffed > 200, `the peer stuffed ${stuffed} connections`);
+  t.true(Math.max(...replies) < 400, `root was answered promptly (${replies.join(', ')} ms)`);
+  await srv.close();
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(img.path), []);
+});
+
 /** Starts `code` as the attacker until it reports that it wedged the server's closing lane. */
 async function wedgedAttacker(t: ExecutionContext, code: string, args: string[]) {
   let peer = attacker(t, code, args);

@@ -7,18 +7,19 @@
 //! A wedged lane keeps what is queued on it open, in our fd table: the server asks `backlog` and stops
 //! reading from a uid whose lane holds too much, and stops accepting while all lanes together do.
 //!
-//! A peer's socket is closed here at once if nothing of the peer's is queued on it (see
-//! `seqpacket::disarm`): a peer can open as many connections as it likes, and those that hold no fds must
-//! not pile up on its lane. One that still holds fds goes to the lane like any fd; how many a peer can
+//! A peer's socket is closed at once, by the drainer (see `drainer`), if nothing of the peer's is queued on
+//! it: a peer can open as many connections as it likes, and those that hold no fds must not pile up on its
+//! lane. One that still holds fds goes to the lane like any fd; how many a peer can
 //! make is bounded by its own fds in flight, which the kernel limits to the peer's `RLIMIT_NOFILE`.
 //! (Parking such sockets in the kernel instead, in flight through a socket pair of ours, was tried and
 //! reverted: the parked sockets counted against every root process's fds in flight, host-wide.)
 
+use super::drainer::Drainer;
 use super::seqpacket::{self, Leftover};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
 use std::collections::HashMap;
-use std::os::unix::io::{AsFd, OwnedFd};
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
@@ -51,17 +52,18 @@ struct Lane {
     pending: Arc<AtomicUsize>,
 }
 
-#[derive(Default)]
 pub(super) struct Closer {
     lanes: HashMap<u32, Lane>,
     /// Fds queued on all lanes and not closed yet.
     total: Arc<AtomicUsize>,
+    drainer: Drainer,
 }
 
 impl Closer {
-    /// A closer with its shared lane started, so that a later shortage of threads still has a lane to use.
+    /// A closer with its drainer and its shared lane started, so that a later shortage of threads still has
+    /// a lane to use.
     pub fn new() -> Result<Closer> {
-        let mut closer = Closer::default();
+        let mut closer = Closer { lanes: HashMap::new(), total: Arc::default(), drainer: Drainer::new()? };
         closer.lane(ANY_UID).ok_or_else(|| Error::os(Errno::EAGAIN, "pthread_create"))?;
         Ok(closer)
     }
@@ -95,12 +97,26 @@ impl Closer {
         drop(what);
     }
 
-    /// Closes a peer's socket: here if nothing of the peer's is queued on it (closing it cannot block),
-    /// else on `uid`'s lane.
+    /// Closes a peer's socket: on the drainer if nothing of the peer's is queued on it (closing it cannot
+    /// block), else on `uid`'s lane (after `take_drained`). Here, as a last resort, if the drainer is gone.
     pub fn close_socket(&mut self, uid: u32, sock: OwnedFd) {
-        match seqpacket::disarm(sock.as_fd()) {
-            Leftover::Nothing => drop(sock),
-            Leftover::Fds => self.close(uid, sock),
+        if let Err(sock) = self.drainer.drain(uid, sock) {
+            match seqpacket::disarm(sock.as_fd()) {
+                Leftover::Nothing => drop(sock),
+                Leftover::Fds => self.close(uid, sock),
+            }
+        }
+    }
+
+    /// Readable when the drainer handed sockets back: call `take_drained`.
+    pub fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.drainer.ready_fd()
+    }
+
+    /// Puts the sockets the drainer found fds on onto their uids' lanes.
+    pub fn take_drained(&mut self) {
+        for (uid, sock) in self.drainer.take_back() {
+            self.close(uid, sock);
         }
     }
 
@@ -110,9 +126,9 @@ impl Closer {
         self.lanes.get(&uid).map_or(0, |l| l.pending.load(Ordering::SeqCst))
     }
 
-    /// Fds still waiting to be closed on all lanes.
+    /// Fds still waiting to be closed, on all lanes and at the drainer.
     pub fn total_backlog(&self) -> usize {
-        self.total.load(Ordering::SeqCst)
+        self.total.load(Ordering::SeqCst) + self.drainer.waiting()
     }
 
     fn lane(&mut self, uid: u32) -> Option<&Lane> {

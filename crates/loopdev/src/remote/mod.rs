@@ -7,6 +7,7 @@
 mod attach;
 pub mod client;
 mod closer;
+mod drainer;
 pub mod jsoncomm;
 mod options;
 pub mod seqpacket;

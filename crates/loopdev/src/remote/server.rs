@@ -396,6 +396,7 @@ impl Serve {
             let flooded = self.closer.total_backlog() >= self.global_backlog;
             let accepting = self.conns.len() < self.options.max_connections && !flooded;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
+            pfds.push(seqpacket::pollfd(self.closer.ready_fd(), libc::POLLIN));
             let mut congested = flooded;
             for c in &self.conns {
                 let events = if !c.outbox.is_empty() {
@@ -435,9 +436,12 @@ impl Serve {
                     self.done(done);
                 }
             }
+            if pfds[3].revents != 0 {
+                self.closer.take_drained();
+            }
             let now = Instant::now();
             for i in 0..self.conns.len() {
-                let revents = pfds[3 + i].revents;
+                let revents = pfds[4 + i].revents;
                 if revents != 0 {
                     self.service(i, revents);
                     continue;

@@ -1,0 +1,80 @@
+//! Draining the sockets of peers we are done with, off the poll thread (see `seqpacket::disarm`). A peer can
+//! stuff a socket's queue with as many empty packets as its send buffer holds, and taking them costs as many
+//! receives: on the poll thread, a few processes doing that slowed every reply down to seconds. The drainer
+//! closes a socket that has nothing of the peer's left on it (that close cannot block) and hands one that
+//! still holds fds back to the poll thread, for its uid's closing lane.
+
+use super::seqpacket::{self, Leftover};
+use crate::error::{Error, Result};
+use nix::errno::Errno;
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+
+type Job = (u32, OwnedFd);
+
+pub(super) struct Drainer {
+    tx: mpsc::Sender<Job>,
+    back: mpsc::Receiver<Job>,
+    /// Signalled when a socket is handed back.
+    ready: Arc<OwnedFd>,
+    /// Sockets given to the drainer and not closed or taken back yet: they are in our fd table.
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Drainer {
+    pub fn new() -> Result<Drainer> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (back_tx, back) = mpsc::channel::<Job>();
+        let ready = Arc::new(seqpacket::eventfd()?);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (signal, count) = (Arc::clone(&ready), Arc::clone(&waiting));
+        std::thread::Builder::new()
+            .name("loopdev-drain".into())
+            .spawn(move || {
+                for (uid, sock) in rx {
+                    match seqpacket::disarm(sock.as_fd()) {
+                        Leftover::Nothing => {
+                            drop(sock);
+                            count.fetch_sub(1, Ordering::SeqCst);
+                        }
+                        // With the poll thread gone, closing it here can only hold up this thread.
+                        Leftover::Fds => {
+                            if back_tx.send((uid, sock)).is_ok() {
+                                let _ = seqpacket::eventfd_signal(signal.as_fd());
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::os(e.raw_os_error().map_or(Errno::EAGAIN, Errno::from_i32), "pthread_create"))?;
+        Ok(Drainer { tx, back, ready, waiting })
+    }
+
+    /// Gives `sock` (of a peer with `uid`) to the drainer; back to the caller if the drainer is gone.
+    pub fn drain(&self, uid: u32, sock: OwnedFd) -> std::result::Result<(), OwnedFd> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.tx.send((uid, sock)).map_err(|mpsc::SendError((_, sock))| {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            sock
+        })
+    }
+
+    /// Readable when sockets that still hold fds were handed back (`take_back`).
+    pub fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.ready.as_fd()
+    }
+
+    /// The sockets handed back since the last call, with their peer's uid.
+    pub fn take_back(&self) -> Vec<Job> {
+        seqpacket::eventfd_take(self.ready.as_fd());
+        let back: Vec<Job> = self.back.try_iter().collect();
+        self.waiting.fetch_sub(back.len(), Ordering::SeqCst);
+        back
+    }
+
+    /// Sockets given to the drainer and still in our fd table.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+}
