@@ -710,18 +710,21 @@ emit({"stuffed": sum(counts)})
 sys.stdin.readline()
 `;
 
-loopTest.serial('a flood of connections with full queues does not slow down the replies to others', async (t) => {
+// New connections may wait while the drainer is behind (it bounds how many sockets wait for it); the
+// replies on open connections must not.
+loopTest.serial('a flood of connections with full queues does not slow down the replies on open connections', async (t) => {
   t.timeout(60_000);
   const img = image(t);
   const limit = 8;
   const srv = await openServer(t, img.dir, { maxConnectionsPerUid: limit });
+  using client = new LoopClient(srv.socketPath);
+  await (await client.device(img.path, { devDir: img.dir })).remove();
   const peer = attacker(t, STUFFED_FLOOD, [srv.socketPath, String(limit)]);
   await peer.next();
   await new Promise((resolve) => setTimeout(resolve, 1000)); // the flood is under way
   const replies: number[] = [];
   for (let i = 0; i < 5; i++) {
     const start = performance.now();
-    using client = new LoopClient(srv.socketPath);
     const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
     replies.push(Math.round(performance.now() - start));
     await dev.remove();
@@ -729,7 +732,7 @@ loopTest.serial('a flood of connections with full queues does not slow down the 
   const { stuffed } = await peer.next();
   t.log(`${stuffed} stuffed connections turned away; root's requests took ${replies.join(', ')} ms`);
   t.true(stuffed > 200, `the peer stuffed ${stuffed} connections`);
-  t.true(Math.max(...replies) < 400, `root was answered promptly (${replies.join(', ')} ms)`);
+  t.true(Math.max(...replies) < 250, `root was answered promptly (${replies.join(', ')} ms)`);
   await srv.close();
   t.is(await peer.finish(), 0);
   t.deepEqual(await boundAfterSettling(img.path), []);

@@ -13,9 +13,15 @@ use std::sync::{mpsc, Arc};
 
 type Job = (u32, OwnedFd);
 
+/// Sockets waiting for the drainer beyond which the server accepts no more until it catches up: each may
+/// hold a queue of several MiB, kept in memory by our fd (the peer pays for the sends, but while it floods,
+/// accept would otherwise run far ahead of the drainer).
+const MAX_WAITING: usize = 64;
+
 pub(super) struct Drainer {
     tx: mpsc::Sender<Job>,
-    back: mpsc::Receiver<Job>,
+    /// Taken by `into_rest` at the end: dropping it with sockets in it would close them on the dropping thread.
+    back: Option<mpsc::Receiver<Job>>,
     /// Signalled when a socket is handed back.
     ready: Arc<OwnedFd>,
     /// Sockets given to the drainer and not closed or taken back yet: they are in our fd table.
@@ -48,7 +54,7 @@ impl Drainer {
                 }
             })
             .map_err(|e| Error::os(e.raw_os_error().map_or(Errno::EAGAIN, Errno::from_i32), "pthread_create"))?;
-        Ok(Drainer { tx, back, ready, waiting })
+        Ok(Drainer { tx, back: Some(back), ready, waiting })
     }
 
     /// Gives `sock` (of a peer with `uid`) to the drainer; back to the caller if the drainer is gone.
@@ -68,13 +74,28 @@ impl Drainer {
     /// The sockets handed back since the last call, with their peer's uid.
     pub fn take_back(&self) -> Vec<Job> {
         seqpacket::eventfd_take(self.ready.as_fd());
-        let back: Vec<Job> = self.back.try_iter().collect();
+        let back: Vec<Job> = self.back.as_ref().map_or_else(Vec::new, |b| b.try_iter().collect());
         self.waiting.fetch_sub(back.len(), Ordering::SeqCst);
         back
+    }
+
+    /// At the end: what is handed back from now on, as something to drop where blocking does no harm (a
+    /// closing lane). The drainer finishes its queue and then stops, its channel closed.
+    pub fn into_rest(mut self) -> Rest {
+        Rest(self.back.take())
     }
 
     /// Sockets given to the drainer and still in our fd table.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::SeqCst)
     }
+
+    /// Whether so many sockets wait for the drainer that no more should be accepted for now.
+    pub fn full(&self) -> bool {
+        self.waiting() >= MAX_WAITING
+    }
 }
+
+/// The hand-back channel, once the server is done: held only to be dropped, which closes whatever it
+/// still holds.
+pub(super) struct Rest(#[allow(dead_code)] Option<mpsc::Receiver<Job>>);

@@ -137,6 +137,12 @@ pub fn shutdown(fd: BorrowedFd) -> Result<()> {
     socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Both).map_err(|e| Error::os(e, "shutdown"))
 }
 
+/// shutdown(SHUT_RD): on a listener, new connections are refused (ECONNREFUSED); on a connection, the peer
+/// can queue nothing more (EPIPE).
+pub fn shutdown_read(fd: BorrowedFd) -> Result<()> {
+    socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Read).map_err(|e| Error::os(e, "shutdown"))
+}
+
 /// sendmsg(2) of one packet, `fds` in one `SCM_RIGHTS` message (none when empty). `MSG_NOSIGNAL`: a peer
 /// that went away is EPIPE, never SIGPIPE. On a non-blocking socket a full peer is EAGAIN. A signal that
 /// interrupts a blocking send (nothing was sent) is retried.

@@ -374,6 +374,16 @@ impl Serve {
     /// clients), requests being served are abandoned, and the workers release every connection's devices.
     fn run(mut self) -> Result<()> {
         let result = self.serve();
+        // Closing a listener closes the connections still pending on it, and the fds queued on those, here.
+        // So first no new ones (a listener that is ours only: an adopted one stays its owner's, and our
+        // close of it is not the last), then the pending ones go the way every peer socket goes.
+        if self.socket_file.is_some() {
+            let _ = seqpacket::shutdown_read(self.listener.as_fd());
+            while let Ok(sock) = seqpacket::accept(self.listener.as_fd()) {
+                let uid = seqpacket::peer_cred(sock.as_fd()).map_or(ANY_UID, |p| p.uid);
+                self.closer.close_socket(uid, sock);
+            }
+        }
         drop(self.listener);
         drop(self.socket_file);
         for (uid, queue) in self.queued.drain() {
@@ -393,7 +403,7 @@ impl Serve {
             pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
             // Peers' fds still waiting to be closed are in our fd table: past the bounds, stop taking more
             // (from that uid; from anyone while all lanes together hold too many) until they drain.
-            let flooded = self.closer.total_backlog() >= self.global_backlog;
+            let flooded = self.closer.total_backlog() >= self.global_backlog || self.closer.draining_full();
             let accepting = self.conns.len() < self.options.max_connections && !flooded;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
             pfds.push(seqpacket::pollfd(self.closer.ready_fd(), libc::POLLIN));
