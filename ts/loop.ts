@@ -112,7 +112,7 @@ export class Loop implements Disposable, AsyncDisposable {
 
   /** Closes the device fd (idempotent). An autoclear device is detached by the kernel at its last close. */
   close(): void {
-    void this.#close(native.close);
+    this.#close(native.close);
   }
 
   #close<R>(closeHandle: (h: Handle) => R): R | undefined {

@@ -56,8 +56,7 @@ pub(super) struct Closer {
     lanes: HashMap<u32, Lane>,
     /// Fds queued on all lanes and not closed yet.
     total: Arc<AtomicUsize>,
-    /// None only while being dropped.
-    drainer: Option<Drainer>,
+    drainer: Drainer,
 }
 
 impl Closable for Rest {
@@ -70,9 +69,8 @@ impl Drop for Closer {
     /// What the drainer hands back from now on is dropped on the shared lane, never here.
     fn drop(&mut self) {
         self.take_drained();
-        if let Some(drainer) = self.drainer.take() {
-            self.close(ANY_UID, drainer.into_rest());
-        }
+        let rest = self.drainer.rest();
+        self.close(ANY_UID, rest);
     }
 }
 
@@ -80,7 +78,7 @@ impl Closer {
     /// A closer with its drainer and its shared lane started, so that a later shortage of threads still has
     /// a lane to use.
     pub fn new() -> Result<Closer> {
-        let mut closer = Closer { lanes: HashMap::new(), total: Arc::default(), drainer: Some(Drainer::new()?) };
+        let mut closer = Closer { lanes: HashMap::new(), total: Arc::default(), drainer: Drainer::new()? };
         closer.lane(ANY_UID).ok_or_else(|| Error::os(Errno::EAGAIN, "pthread_create"))?;
         Ok(closer)
     }
@@ -117,11 +115,7 @@ impl Closer {
     /// Closes a peer's socket: on the drainer if nothing of the peer's is queued on it (closing it cannot
     /// block), else on `uid`'s lane (after `take_drained`). Here, as a last resort, if the drainer is gone.
     pub fn close_socket(&mut self, uid: u32, sock: OwnedFd) {
-        let sock = match &self.drainer {
-            Some(drainer) => drainer.drain(uid, sock),
-            None => Err(sock),
-        };
-        if let Err(sock) = sock {
+        if let Err(sock) = self.drainer.drain(uid, sock) {
             match seqpacket::disarm(sock.as_fd()) {
                 Leftover::Nothing => drop(sock),
                 Leftover::Fds => self.close(uid, sock),
@@ -131,18 +125,17 @@ impl Closer {
 
     /// Readable when the drainer handed sockets back: call `take_drained`.
     pub fn ready_fd(&self) -> BorrowedFd<'_> {
-        self.drainer.as_ref().expect("the drainer lives as long as the closer").ready_fd()
+        self.drainer.ready_fd()
     }
 
     /// Whether so many sockets wait for the drainer that no more should be accepted for now.
     pub fn draining_full(&self) -> bool {
-        self.drainer.as_ref().map_or(false, Drainer::full)
+        self.drainer.full()
     }
 
     /// Puts the sockets the drainer found fds on onto their uids' lanes.
     pub fn take_drained(&mut self) {
-        let back = self.drainer.as_ref().map_or_else(Vec::new, Drainer::take_back);
-        for (uid, sock) in back {
+        for (uid, sock) in self.drainer.take_back() {
             self.close(uid, sock);
         }
     }
@@ -155,7 +148,7 @@ impl Closer {
 
     /// Fds still waiting to be closed, on all lanes and at the drainer.
     pub fn total_backlog(&self) -> usize {
-        self.total.load(Ordering::SeqCst) + self.drainer.as_ref().map_or(0, Drainer::waiting)
+        self.total.load(Ordering::SeqCst) + self.drainer.waiting()
     }
 
     fn lane(&mut self, uid: u32) -> Option<&Lane> {

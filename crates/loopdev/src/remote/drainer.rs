@@ -20,7 +20,7 @@ const MAX_WAITING: usize = 64;
 
 pub(super) struct Drainer {
     tx: mpsc::Sender<Job>,
-    /// Taken by `into_rest` at the end: dropping it with sockets in it would close them on the dropping thread.
+    /// Taken by `rest` at the end: dropping it with sockets in it would close them on the dropping thread.
     back: Option<mpsc::Receiver<Job>>,
     /// Signalled when a socket is handed back.
     ready: Arc<OwnedFd>,
@@ -80,8 +80,8 @@ impl Drainer {
     }
 
     /// At the end: what is handed back from now on, as something to drop where blocking does no harm (a
-    /// closing lane). The drainer finishes its queue and then stops, its channel closed.
-    pub fn into_rest(mut self) -> Rest {
+    /// closing lane). Once the drainer itself is dropped, it finishes its queue and stops.
+    pub fn rest(&mut self) -> Rest {
         Rest(self.back.take())
     }
 

@@ -227,9 +227,7 @@ pub enum Leftover {
 /// credentials); telling "a packet with fds" without taking them needs a peek whose control buffer has room
 /// for the credentials and for no fd (the kernel then sets `MSG_CTRUNC` and installs none).
 pub fn disarm(fd: BorrowedFd) -> Leftover {
-    if socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Read).is_err()
-        || socket::setsockopt(fd.as_raw_fd(), socket::sockopt::PassCred, &true).is_err()
-    {
+    if shutdown_read(fd).is_err() || socket::setsockopt(fd.as_raw_fd(), socket::sockopt::PassCred, &true).is_err() {
         return Leftover::Fds;
     }
     // The queue is finite once shut: the peer's send buffer (at most twice wmem_max) holds it, and a packet
