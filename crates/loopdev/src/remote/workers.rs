@@ -9,6 +9,7 @@
 
 use super::attach::{Attacher, Counters, Held, Outgoing};
 use super::options::ServerOptions;
+use super::reaper::Reapers;
 use super::seqpacket::{self, PeerCred};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
@@ -127,6 +128,7 @@ impl Workers {
         let done = self.done_tx.clone();
         let wake = Arc::clone(&self.wake);
         let attacher = Attacher::new(Arc::clone(&self.options), Arc::clone(&self.counters));
+        let mut reapers = Reapers::default();
         std::thread::Builder::new()
             .name("loopdev-worker".into())
             .spawn(move || loop {
@@ -134,8 +136,9 @@ impl Workers {
                     Ok(w) => w,
                     Err(_) => return, // the server is gone and the queue is empty
                 };
+                let mut sent = Vec::new();
                 let result = match work {
-                    Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
+                    Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r, &mut sent) },
                     Work::Release(held) => {
                         let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
                         Done::Released
@@ -145,6 +148,8 @@ impl Workers {
                 if done.send(result).is_ok() {
                     let _ = seqpacket::eventfd_signal(wake.as_fd());
                 }
+                // After the reply is on its way: the peer may have sent a socket whose last close it delays.
+                reapers.close(sent);
             })
             .map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EAGAIN)), "clone"))?;
         self.threads += 1;
@@ -177,10 +182,12 @@ impl Workers {
     }
 }
 
-fn serve(attacher: &Attacher, r: Request) -> Option<Outgoing> {
-    if r.cancelled.load(Ordering::SeqCst) {
-        return None; // its fds close here
+/// Serves `r`, leaving in `sent` the fds of its message that are left to close.
+fn serve(attacher: &Attacher, r: Request, sent: &mut Vec<OwnedFd>) -> Option<Outgoing> {
+    let Request { peer, payload, fds, cancelled, .. } = r;
+    *sent = fds;
+    if cancelled.load(Ordering::SeqCst) {
+        return None;
     }
-    let Request { peer, payload, fds, .. } = r;
-    catch_unwind(AssertUnwindSafe(|| attacher.handle(&payload, fds, &peer))).ok()
+    catch_unwind(AssertUnwindSafe(|| attacher.handle(&payload, sent, &peer))).ok()
 }
