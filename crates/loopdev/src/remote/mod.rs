@@ -8,6 +8,7 @@ mod attach;
 pub mod client;
 mod closer;
 mod drainer;
+mod grant;
 pub mod jsoncomm;
 mod options;
 mod reaper;
