@@ -149,15 +149,18 @@ impl Drop for Held {
 }
 
 /// `LOOP_CLR_FD` on `loopN` if it still has the binding `seq`. Our fd is open while we look and clear, and a
-/// bound device stays bound while it is open (see `grant`), so the clear cannot hit a later binding.
+/// bound device stays bound while it is open (see `grant`), so the clear cannot hit a later binding. Opened
+/// read-only: a writable open would make udev probe the device again at every close.
 fn rearm_autoclear(name: &str, seq: u64) {
     let minor = match name.strip_prefix("loop").and_then(|n| n.parse::<u32>().ok()) {
         Some(minor) => minor,
         None => return,
     };
-    if let Ok(lo) = Loop::open(minor, None) {
-        if binding_seq(name) == Some(seq) {
-            let _ = lo.clear_fd();
+    let devnum = crate::inode::loop_devnum(std::path::Path::new("/sys"), minor);
+    if let Ok(fd) = open_in(None, &format!("/dev/{name}"), OFlag::O_RDONLY) {
+        let same = crate::inode::stat_fd(fd.as_fd()).map_or(false, |st| st.st_rdev == devnum);
+        if same && binding_seq(name) == Some(seq) {
+            let _ = crate::ioctl::clr_fd(fd.as_fd());
         }
     }
 }
