@@ -135,3 +135,19 @@ loopTest.serial('a reply that arrives after its request gave up is discarded; th
   }
   t.is(openFds(), before, 'no fd left behind');
 });
+
+// The client opens the backing file and the node directory on the request's own thread: an error is
+// fs.open's (code, syscall, path), nothing is sent, and no fd stays open.
+loopTest.serial('paths the client cannot open fail like fs.open, before anything is sent', async (t) => {
+  const { dir, file, server, before } = await setUp(t, 'late', 0);
+  const client = new LoopClient(server.socketPath);
+  const missing = path.join(dir, 'missing.img');
+  await t.throwsAsync(client.device(missing, { devDir: dir }), { code: 'ENOENT', message: /open/ });
+  const e = await client.device(missing, { devDir: dir }).catch((x: unknown) => x as { syscall?: string; path?: string });
+  t.like(e, { syscall: 'open', path: missing });
+  await t.throwsAsync(client.device(file, { devDir: file }), { code: 'ENOTDIR' });
+  const dev = await client.device(file, { devDir: dir, readOnly: true });
+  t.is(dev.devname, 'loop100001', 'the first request that could open its paths is the first one sent');
+  client.close();
+  t.is(openFds(), before);
+});

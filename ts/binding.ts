@@ -163,8 +163,9 @@ export interface Native {
   remoteClientConnect(socketPath: string): Handle;
   remoteClientRequest(
     h: Handle,
-    fd: number,
-    dirFd: number,
+    /** A path (opened natively, read-write unless readOnly) or an fd (duplicated before the call returns). */
+    file: string | number,
+    dir: string | number,
     o: {
       offset?: Size;
       sizeLimit?: Size;

@@ -5,7 +5,6 @@
 import * as fs from 'node:fs';
 import { constants as osConstants } from 'node:os';
 import { join, resolve } from 'node:path';
-import { promisify } from 'node:util';
 import { native, type Handle } from '../binding.js';
 import { closedError, LoopError } from '../errors.js';
 import { removeNode } from '../loop.js';
@@ -13,8 +12,6 @@ import { sysError } from '../syserr.js';
 
 type Size = number | bigint;
 
-const open = promisify(fs.open);
-const close = promisify(fs.close);
 
 export interface RemoteDeviceOptions {
   /** Start of the device in the file, bytes (0 = start). */
@@ -238,25 +235,16 @@ export class LoopClient implements Disposable {
 
   async #request(handle: Handle, file: string | number, o: RemoteDeviceOptions, deadline: number): Promise<RemoteDevice> {
     const devDir = o.devDir ?? '/dev';
-    const opened: number[] = [];
     const { signal } = o;
     const cancel = () => native.remoteClientCancel(handle);
     try {
-      const fd =
-        typeof file === 'number'
-          ? file
-          : await open(file, o.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR).then((n) => {
-              opened.push(n);
-              return n;
-            });
-      const dirFd = await open(devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-      opened.push(dirFd);
       if (signal?.aborted) throw abortError(signal);
       const left = deadline === Infinity ? undefined : Math.max(1, deadline - Date.now());
+      // Paths are opened (read-write unless readOnly) and closed on the request's own thread.
       const pending = native.remoteClientRequest(
         handle,
-        fd,
-        dirFd,
+        file,
+        devDir,
         {
           offset: o.offset,
           sizeLimit: o.sizeLimit,
@@ -276,7 +264,6 @@ export class LoopClient implements Disposable {
       return new RemoteDevice(devDir, reply.devname, reply.fd);
     } finally {
       signal?.removeEventListener('abort', cancel);
-      await Promise.all(opened.map((n) => close(n)));
     }
   }
 

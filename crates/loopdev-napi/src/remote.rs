@@ -7,11 +7,12 @@
 use crate::convert;
 use crate::js::{arg, no_unwind, Env, Failure, JsResult, Native, Value};
 use crate::sys::*;
+use loopdev::remote::client::Sent;
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::os::unix::io::{AsFd, IntoRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -261,8 +262,8 @@ fn reply(env: Env, (r, fd): (Reply, Option<OwnedFd>)) -> JsResult<Value> {
     Ok(o)
 }
 
-/// remoteClientRequest(h, fileFd, dirFd, options, timeoutMs?) → Promise<reply>. The request sends
-/// duplicates made before this returns, so the caller may close its fds at once. It waits for the server on
+/// remoteClientRequest(h, file, dir, options, timeoutMs?) → Promise<reply>. `file` and `dir` are paths,
+/// opened on the request's thread, or fds, duplicated before this returns so the caller may close them at once. It waits for the server on
 /// a thread of its own, never on the libuv pool: a server that does not answer must not starve the
 /// application's fs, dns, crypto and zlib work. ETIMEDOUT after `timeoutMs`; ECANCELED on
 /// `remoteClientCancel`.
@@ -272,9 +273,9 @@ pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .ok_or(Failure::Closed("loop client"))?;
-    let file = convert::owned_fd(env, arg(env, args, 1)?, "fd")?;
-    let dir = convert::owned_fd(env, arg(env, args, 2)?, "dirFd")?;
     let req = request(env, arg(env, args, 3)?)?;
+    let file = sent(env, arg(env, args, 1)?, "fd", |path| Sent::File(path, req.read_only))?;
+    let dir = sent(env, arg(env, args, 2)?, "dirFd", Sent::Dir)?;
     let timeout = arg(env, args, 4)?;
     let timeout = if env.is_nullish(timeout)? {
         None
@@ -284,9 +285,20 @@ pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     crate::task::spawn_thread(
         env,
         "loopdev.remoteRequest",
-        move || Ok(client.request(file.as_fd(), dir, &req, timeout)?),
+        move || {
+            let file = file.open()?;
+            Ok(client.request(file.as_fd(), dir.open()?, &req, timeout)?)
+        },
         reply,
     )
+}
+
+/// A path (opened on the request's thread) or an fd (duplicated now, so the caller may close it at once).
+fn sent(env: Env, v: Value, what: &str, path: impl FnOnce(PathBuf) -> Sent) -> JsResult<Sent> {
+    if env.type_of(v)? == NAPI_STRING {
+        return Ok(path(PathBuf::from(env.to_string(v)?)));
+    }
+    Ok(Sent::Fd(convert::owned_fd(env, v, what)?))
 }
 
 /// remoteClientCancel(h): gives up the request in progress (it rejects with ECANCELED); its late reply is

@@ -12,6 +12,7 @@ use super::seqpacket;
 use super::wire::{Reply, Request};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use std::collections::VecDeque;
 use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,31 @@ use std::time::{Duration, Instant};
 
 /// Largest reply accepted (an osbuild server's traceback can be long; nothing legitimate is this big).
 pub const MAX_REPLY: usize = 16 << 20;
+
+/// What a request sends as its backing file or node directory: an fd the caller has, or a path opened
+/// (O_CLOEXEC) where the request is made, so that the caller makes no trip of its own to open and close it.
+#[derive(Debug)]
+pub enum Sent {
+    Fd(OwnedFd),
+    /// The backing file: opened read-only if the flag says so, else read-write.
+    File(PathBuf, bool),
+    Dir(PathBuf),
+}
+
+impl Sent {
+    pub fn open(self) -> Result<OwnedFd> {
+        let (path, flags) = match self {
+            Sent::Fd(fd) => return Ok(fd),
+            Sent::File(path, true) => (path, OFlag::O_RDONLY),
+            Sent::File(path, false) => (path, OFlag::O_RDWR),
+            Sent::Dir(path) => (path, OFlag::O_RDONLY | OFlag::O_DIRECTORY),
+        };
+        let raw = nix::fcntl::open(&path, flags | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+            .map_err(|e| Error::os(e, "open").with_path(&path))?;
+        // SAFETY: open just returned this fd and nothing else owns it.
+        Ok(unsafe { <OwnedFd as std::os::unix::io::FromRawFd>::from_raw_fd(raw) })
+    }
+}
 
 #[derive(Debug)]
 pub struct Client {
