@@ -187,11 +187,13 @@ export interface Native {
 export const native: Native = loadNative<Native>();
 native.init({ LoopError, UnexpectedDeviceError });
 
-interface Watched {
+export interface Watched {
   handle: Handle;
   what: string;
   /** `loopN`, for a loop device: the warning then says what becomes of its binding. */
   devname?: string;
+  /** Cleared by the owner's close(): the callback then has nothing to do, not even read sysfs. */
+  open: boolean;
 }
 
 /**
@@ -199,7 +201,8 @@ interface Watched {
  * like Node does for a FileHandle, including what happens to the device: with autoclear that close is what
  * detaches it; without, it stays bound.
  */
-const unclosed = new FinalizationRegistry<Watched>(({ handle, what, devname }) => {
+const unclosed = new FinalizationRegistry<Watched>(({ handle, what, devname, open }) => {
+  if (!open) return;
   // Read before the close: with autoclear, the close may be what unbinds it.
   const bound = devname === undefined ? null : readLoop(devname);
   if (!native.close(handle)) return;
@@ -216,9 +219,12 @@ const unclosed = new FinalizationRegistry<Watched>(({ handle, what, devname }) =
 
 /**
  * Watches `owner`: if it is collected while its handle is still open, the handle is closed with a warning.
- * No unregister on close(): the callback sees the handle closed and stays quiet, and registering without
- * an unregister token keeps this off the bind path's cost.
+ * The owner clears `open` on the record returned when it closes, rather than unregistering: registering
+ * without an unregister token keeps this off the bind path's cost, and the callback of a closed owner
+ * returns at once.
  */
-export function watch(owner: object, handle: Handle, what: string, devname?: string): void {
-  unclosed.register(owner, { handle, what, devname });
+export function watch(owner: object, handle: Handle, what: string, devname?: string): Watched {
+  const watched = { handle, what, devname, open: true };
+  unclosed.register(owner, watched);
+  return watched;
 }

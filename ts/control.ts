@@ -1,4 +1,4 @@
-import { configureArgs, native, watch, type Handle, type NativeLoop } from './binding.js';
+import { configureArgs, native, watch, type Handle, type NativeLoop, type Watched } from './binding.js';
 import { closedError } from './errors.js';
 import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
 import { checkConfigure } from './options.js';
@@ -17,10 +17,11 @@ export interface LoopForFdOptions extends ConfigureOptions {
 /** `/dev/loop-control`: creates, removes and hands out loop devices. */
 export class LoopControl implements Disposable {
   #handle: Handle | null;
+  #watched: Watched;
 
   constructor(options: LoopOptions = {}) {
     this.#handle = native.controlOpen(options.dirFd);
-    watch(this, this.#handle, 'loop-control');
+    this.#watched = watch(this, this.#handle, 'loop-control');
   }
 
   get closed(): boolean {
@@ -35,6 +36,7 @@ export class LoopControl implements Disposable {
   close(): void {
     if (this.#handle === null) return;
     native.close(this.#handle);
+    this.#watched.open = false;
     this.#handle = null;
   }
 

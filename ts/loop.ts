@@ -1,4 +1,4 @@
-import { configureArgs, native, watch, type Handle, type NativeLoop } from './binding.js';
+import { configureArgs, native, watch, type Handle, type NativeLoop, type Watched } from './binding.js';
 import { checkConfigure } from './options.js';
 import { closedError } from './errors.js';
 import { LoopInfo } from './info.js';
@@ -62,6 +62,7 @@ export class Loop implements Disposable, AsyncDisposable {
   #fd: number;
   /** True while the device is bound by a call on this object, so dispose knows to detach it. */
   #bound = false;
+  #watched: Watched;
 
   /**
    * Opens `<dir>/loop<minor>` read-write; throws UnexpectedDeviceError unless it is the block device sysfs names
@@ -86,7 +87,7 @@ export class Loop implements Disposable, AsyncDisposable {
     this.path = raw.path;
     this.#handle = raw.handle;
     this.#fd = raw.fd;
-    watch(this, raw.handle, `loop device ${raw.path}`, this.devname);
+    this.#watched = watch(this, raw.handle, `loop device ${raw.path}`, this.devname);
   }
 
   /** The device's file descriptor; -1 once closed. */
@@ -118,6 +119,7 @@ export class Loop implements Disposable, AsyncDisposable {
   #close<R>(closeHandle: (h: Handle) => R): R | undefined {
     if (this.#handle === null) return undefined;
     const closed = closeHandle(this.#handle);
+    this.#watched.open = false;
     this.#handle = null;
     this.#fd = -1;
     this.#bound = false;
