@@ -63,6 +63,13 @@ def close_first(c):
         signal.setitimer(signal.ITIMER_REAL, 0)
 def emit(o):
     print(json.dumps(o), flush=True)
+def errno_of(f):
+    # "ok", or the errno's name: what the kernel let the peer do.
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return __import__("errno").errorcode[e.errno]
 libc = ctypes.CDLL(None, use_errno=True)
 RENAME_EXCHANGE = 2
 def exchange(a, b):
@@ -130,6 +137,15 @@ async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promi
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 5));
   }
+}
+
+/** A 4 MiB file of root's in `dir` that starts with `text`, with permissions `mode`. */
+function rootFile(dir: string, name: string, text: string, mode: number): string {
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, text);
+  fs.truncateSync(file, 4 << 20);
+  fs.chmodSync(file, mode);
+  return file;
 }
 
 const ORIGINAL = 'root:x:0:0:root:/root:/bin/bash\n';
@@ -465,16 +481,10 @@ loopTest.serial('a peer whose directory never answers (stalled FUSE) stalls only
 });
 
 // What a non-root peer holds of its device: the node (the host's, root's 0600), which it can neither open
-// nor hard-link, and an O_PATH fd of it kept past the release opens nothing later. No fd of the device:
-// with one, the kernel would let it rebind the device (LOOP_CHANGE_FD) or keep it bound for ever.
+// nor hard-link, and an O_PATH fd of it kept past the release opens nothing later. No fd of a read-only
+// binding: with one, the kernel would let it swap in a file it may only write (LOOP_CHANGE_FD).
 const HOLDINGS = String.raw`
 sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
-def errno_of(f):
-    try:
-        f()
-        return "ok"
-    except OSError as e:
-        return __import__("errno").errorcode[e.errno]
 s = connect(sock)
 out = {"want_fd": ask(s, os.open(backing, os.O_RDONLY), os.open(dev_dir, os.O_DIRECTORY), want_fd=True)}
 r = ask(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
@@ -494,9 +504,7 @@ loopTest.serial('a non-root peer gets no fd of a read-only binding, and the node
   const img = image(t);
   const srv = await openServer(t, img.dir);
   const { devDir, backing } = peerFiles(img.dir);
-  const secret = path.join(img.dir, 'root.img');
-  fs.writeFileSync(secret, 'ROOT ONLY\n', { mode: 0o600 });
-  fs.truncateSync(secret, 4 << 20);
+  const secret = rootFile(img.dir, 'root.img', 'ROOT ONLY\n', 0o600);
   const peer = attacker(t, HOLDINGS, [srv.socketPath, backing, devDir]);
   const out = await peer.next();
   t.regex(out.want_fd.exception?.value ?? '', /^\[Errno 1\] EPERM: .*writable bindings only/, JSON.stringify(out.want_fd));
@@ -522,12 +530,6 @@ import fcntl
 LOOP_SET_FD, LOOP_CLR_FD, LOOP_SET_STATUS64, LOOP_GET_STATUS64, LOOP_CHANGE_FD, LOOP_CONFIGURE = (
     0x4C00, 0x4C01, 0x4C04, 0x4C05, 0x4C06, 0x4C0A)
 sock, backing, dev_dir, write_only = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-def errno_of(f):
-    try:
-        f()
-        return "ok"
-    except OSError as e:
-        return __import__("errno").errorcode[e.errno]
 def ask_fd(s, **kw):
     send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY), want_fd=True, **kw)
     msg, anc, _, _ = s.recvmsg(1 << 20, socket.CMSG_SPACE(16))
@@ -574,10 +576,7 @@ loopTest.serial('a non-root peer holding an fd of its writable device can use it
   const img = image(t);
   const srv = await openServer(t, img.dir);
   const { devDir, backing } = peerFiles(img.dir);
-  const secret = path.join(img.dir, 'write-only.img');
-  fs.writeFileSync(secret, 'ROOT SECRET\n', { mode: 0o602 });
-  fs.truncateSync(secret, 4 << 20);
-  fs.chmodSync(secret, 0o602);
+  const secret = rootFile(img.dir, 'write-only.img', 'ROOT SECRET\n', 0o602);
   const peer = attacker(t, HELD_FD, [srv.socketPath, backing, devDir, secret]);
   const out = await peer.next();
   t.regex(out.read_only.exception?.value ?? '', /^\[Errno 1\] EPERM: .*writable bindings only/, JSON.stringify(out.read_only));
