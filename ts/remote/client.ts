@@ -29,10 +29,9 @@ export interface RemoteDeviceOptions {
   devDir?: string;
   /**
    * Also get an open fd of the device (`RemoteDevice.fd`, O_RDWR unless the binding is read-only), from our
-   * server (osbuild's ignores this). A non-root client gets one only for a writable binding (the file opened
-   * O_RDWR, no `readOnly`) and on Linux ≥ 6.11, else EPERM: any fd of a loop device lets its holder rebind a
-   * read-only binding (LOOP_CHANGE_FD), or, where the kernel unbinds at LOOP_CLR_FD, the device itself. While
-   * the fd is open the device stays bound to the file, even after the connection closes.
+   * server (osbuild's ignores this), for root clients only: any fd of a loop device lets its holder rebind
+   * it (LOOP_CHANGE_FD), so a non-root client gets EPERM. While the fd is open the device stays bound to the
+   * file, even after the connection closes.
    */
   open?: boolean;
   /**

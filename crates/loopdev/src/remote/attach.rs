@@ -2,7 +2,6 @@
 //! quotas → `loop_for_fd(autoclear)` → node in the peer's directory. Runs on a worker thread (see
 //! `workers`): everything here may block on a peer's file.
 
-use super::grant;
 use super::seqpacket::PeerCred;
 use super::untrusted;
 use super::wire::{Exception, Reply, Request, WireError};
@@ -72,25 +71,6 @@ impl Counters {
         Ok(Reservation { uid, counters: Arc::clone(self) })
     }
 
-    /// Whether devices released with their connection are still bound by a peer's fd.
-    pub fn lingering(&self) -> bool {
-        !self.lingering.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
-    }
-
-    /// Frees the devices peers kept bound through their fds once nobody has them open any more, and forgets
-    /// the ones that are gone. A peer holding a writable fd may have cleared autoclear through it, so that
-    /// closing it would leave the device bound for good: this re-arms it with `LOOP_CLR_FD` through an fd of
-    /// ours, checked to be on the same binding (diskseq), which the kernel then keeps until the last close —
-    /// ours, if the peer has closed its fds. Runs on a worker: opening a device waits for its lock.
-    pub fn sweep_lingering(&self) {
-        let list: Vec<(u32, String, u64)> = self.lingering.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for (_, name, seq) in &list {
-            rearm_autoclear(name, *seq);
-        }
-        let mut now = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
-        now.retain(|(_, name, seq)| binding_seq(name) == Some(*seq));
-    }
-
     fn release(&self, uid: u32) {
         let mut map = self.by_uid();
         if let Some(n) = map.get_mut(&uid) {
@@ -148,23 +128,6 @@ impl Drop for Held {
     }
 }
 
-/// `LOOP_CLR_FD` on `loopN` if it still has the binding `seq`. Our fd is open while we look and clear, and a
-/// bound device stays bound while it is open (see `grant`), so the clear cannot hit a later binding. Opened
-/// read-only: a writable open would make udev probe the device again at every close.
-fn rearm_autoclear(name: &str, seq: u64) {
-    let minor = match name.strip_prefix("loop").and_then(|n| n.parse::<u32>().ok()) {
-        Some(minor) => minor,
-        None => return,
-    };
-    let devnum = crate::inode::loop_devnum(std::path::Path::new("/sys"), minor);
-    if let Ok(fd) = open_in(None, &format!("/dev/{name}"), OFlag::O_RDONLY) {
-        let same = crate::inode::stat_fd(fd.as_fd()).map_or(false, |st| st.st_rdev == devnum);
-        if same && binding_seq(name) == Some(seq) {
-            let _ = crate::ioctl::clr_fd(fd.as_fd());
-        }
-    }
-}
-
 /// The diskseq of `loopN`'s current binding (it changes with every bind); None when unbound.
 fn binding_seq(name: &str) -> Option<u64> {
     std::fs::metadata(format!("/sys/block/{name}/loop/backing_file")).ok()?;
@@ -196,11 +159,6 @@ pub(super) struct Attacher {
 impl Attacher {
     pub fn new(options: Arc<ServerOptions>, counters: Arc<Counters>) -> Attacher {
         Attacher { options, counters }
-    }
-
-    /// See `Counters::sweep_lingering`.
-    pub fn sweep_lingering(&self) {
-        self.counters.sweep_lingering();
     }
 
     /// Serves one well-formed message: the reply to send and, on success, the device waiting for it. Takes
@@ -242,10 +200,17 @@ impl Attacher {
             })
         };
         let (backing, dir) = (pick(req.fd, "fd")?, pick(req.dir_fd, "dir_fd")?);
-        let access = untrusted::backing(backing)?;
-        if req.want_fd {
-            grant::may_hold_fd(peer.uid, access.writable && !req.read_only)?;
+        if req.want_fd && peer.uid != 0 {
+            // The kernel checks nothing but the fd for LOOP_CHANGE_FD, LOOP_CLR_FD and (writable) for
+            // LOOP_SET_STATUS64: with it a peer could rebind its device to a file it may only write, or keep
+            // it bound forever.
+            return Err(WireError::new(
+                Errno::EPERM,
+                "an open fd of a loop device lets its holder rebind it (LOOP_CHANGE_FD): it is given to root only",
+            )
+            .into());
         }
+        let access = untrusted::backing(backing)?;
         untrusted::node_dir(dir, peer.uid)?;
         let quota = self.counters.reserve(peer.uid, &self.options)?;
         // Opened per request, not per worker: its own open file description, so loop-control's flock

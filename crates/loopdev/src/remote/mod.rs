@@ -8,7 +8,6 @@ mod attach;
 pub mod client;
 mod closer;
 mod drainer;
-mod grant;
 pub mod jsoncomm;
 mod options;
 mod reaper;

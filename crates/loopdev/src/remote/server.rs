@@ -52,8 +52,6 @@ const UID_BACKLOG: usize = 256;
 const ACCEPT_BATCH: usize = 64;
 /// How often the poll loop looks at backed-up lanes again.
 const CONGESTION_POLL_MS: i32 = 50;
-/// How often devices released but still bound by a peer's fd are looked at (see `Counters::sweep_lingering`).
-const SWEEP_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
@@ -119,7 +117,6 @@ impl Server {
             counters: Arc::clone(&counters),
             closer: Closer::new()?,
             global_backlog: fd_limit() / 4,
-            next_sweep: None,
         };
         let (tx, done) = mpsc::channel();
         std::thread::Builder::new()
@@ -376,8 +373,6 @@ struct Serve {
     closer: Closer,
     /// Fds waiting to be closed on all lanes beyond which no connection is accepted: a share of the fd limit.
     global_backlog: usize,
-    /// When to sweep the devices peers keep bound through their fds, while there are any.
-    next_sweep: Option<Instant>,
 }
 
 impl Serve {
@@ -432,15 +427,11 @@ impl Serve {
                 };
                 pfds.push(seqpacket::pollfd(c.sock.as_fd(), events));
             }
-            if self.next_sweep.is_none() && self.counters.lingering() {
-                self.next_sweep = Some(Instant::now() + SWEEP_EVERY);
-            }
             let next_deadline = self
                 .conns
                 .iter()
                 .filter_map(|c| c.refused_until.or_else(|| c.idle_deadline(idle_timeout)))
                 .chain(self.in_flight.values().filter_map(|r| r.deadline))
-                .chain(self.next_sweep)
                 .min();
             let timeout = match next_deadline {
                 None => -1,
@@ -465,10 +456,6 @@ impl Serve {
                 self.closer.take_drained();
             }
             let now = Instant::now();
-            if self.next_sweep.map_or(false, |t| t <= now) {
-                self.workers.sweep(); // with no worker at all, the next turn tries again later
-                self.next_sweep = None;
-            }
             for i in 0..self.conns.len() {
                 let revents = pfds[4 + i].revents;
                 if revents != 0 {

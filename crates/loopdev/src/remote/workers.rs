@@ -36,8 +36,6 @@ enum Work {
     Attach(Request),
     /// Devices to release (remove the node, close the device): dropping them may block too.
     Release(Vec<Held>),
-    /// Devices released but still bound by a peer's fd: see `Counters::sweep_lingering`.
-    Sweep,
 }
 
 #[derive(Debug)]
@@ -96,7 +94,7 @@ impl Workers {
             let e = Error::os(Errno::EAGAIN, "clone").with_detail("the loop server could not start a worker thread");
             match work {
                 Work::Attach(request) => Box::new((e, request)),
-                Work::Release(_) | Work::Sweep => unreachable!("an attach was sent"),
+                Work::Release(_) => unreachable!("an attach was sent"),
             }
         })
     }
@@ -110,11 +108,6 @@ impl Workers {
         if let Err(work) = self.send(Work::Release(held)) {
             drop(work);
         }
-    }
-
-    /// Sends a sweep of the lingering devices to a worker (none if no worker can be had).
-    pub fn sweep(&mut self) {
-        let _ = self.send(Work::Sweep);
     }
 
     /// Gives the work back when no thread can take it.
@@ -148,10 +141,6 @@ impl Workers {
                     Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r, &mut sent) },
                     Work::Release(held) => {
                         let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
-                        Done::Released
-                    }
-                    Work::Sweep => {
-                        let _ = catch_unwind(AssertUnwindSafe(|| attacher.sweep_lingering()));
                         Done::Released
                     }
                 };
