@@ -201,12 +201,13 @@ impl Attacher {
         };
         let (backing, dir) = (pick(req.fd, "fd")?, pick(req.dir_fd, "dir_fd")?);
         if req.want_fd && peer.uid != 0 {
-            // The kernel checks nothing but the fd for LOOP_CHANGE_FD, LOOP_CLR_FD and (writable) for
-            // LOOP_SET_STATUS64: with it a peer could rebind its device to a file it may only write, or keep
-            // it bound forever.
+            // The kernel checks little but the fd: LOOP_CHANGE_FD, LOOP_CLR_FD, LOOP_SET_STATUS64 (writable),
+            // block tracing (kernel memory of the holder's choosing), and the device's own locks (a
+            // direct-I/O write from a mapping of the device deadlocks it). See README, "What the peer holds".
             return Err(WireError::new(
                 Errno::EPERM,
-                "an open fd of a loop device lets its holder rebind it (LOOP_CHANGE_FD): it is given to root only",
+                "an open fd of a loop device lets its holder rebind it (LOOP_CHANGE_FD), trace it into kernel \
+                 memory (BLKTRACESETUP) or deadlock it: it is given to root only",
             )
             .into());
         }

@@ -144,12 +144,15 @@ impl Workers {
                         Done::Released
                     }
                 };
+                // Before the reply: a close the peer makes block (a pipe whose lock it holds) then keeps
+                // this request, and so this worker, counted against the peer's uid until it returns, so one
+                // uid cannot wedge more workers than it may have requests. A socket's close is not among
+                // those (see `reaper`).
+                reapers.close(sent);
                 // Err: the poll thread is gone; `result` (and any device in it) is released here.
                 if done.send(result).is_ok() {
                     let _ = seqpacket::eventfd_signal(wake.as_fd());
                 }
-                // After the reply is on its way: the peer may have sent a socket whose last close it delays.
-                reapers.close(sent);
             })
             .map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EAGAIN)), "clone"))?;
         self.threads += 1;
