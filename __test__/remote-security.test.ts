@@ -755,6 +755,65 @@ loopTest.serial('a flood of connections with full queues does not slow down the 
   t.deepEqual(await boundAfterSettling(img.path), []);
 });
 
+// Any local user can make a close block uninterruptibly, without FUSE: a pipe whose lock its own splice
+// thread holds (blocked writing to a full socket), so that releasing any write-end file of it waits for
+// that lock (red team round 8). The peer sends such ends as backing files on 10 connections at once: each
+// request is refused (not a regular file), and the worker that closes the end is stuck until the peer
+// lets go. While stuck, that request still counts against the peer's uid, so it holds at most
+// maxRequestsPerUid workers; root is served by the others.
+const PIPE_WEDGE = String.raw`
+def pipe_wedge(k):
+    global _keep
+    r, w = os.pipe()
+    ends = [os.open("/proc/self/fd/%d" % w, os.O_WRONLY) for _ in range(k)]
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    a.setblocking(True)
+    os.write(w, b"y" * 4096)
+    threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
+    time.sleep(0.2)
+    _keep = (r, w, a, b)
+    return ends
+sock, dev_dir = sys.argv[1], sys.argv[2]
+conns = []
+for end in pipe_wedge(10):
+    c = connect(sock)
+    send(c, end, os.open(dev_dir, os.O_DIRECTORY))
+    os.close(end)
+    conns.append(c)
+emit({"sent": len(conns)})
+sys.stdin.readline()
+`;
+
+loopTest.serial("a peer whose closes block uninterruptibly holds at most its share of the workers", async (t) => {
+  t.timeout(60_000);
+  const img = image(t);
+  const { devDir } = peerFiles(img.dir);
+  const srv = await openServer(t, img.dir, { workers: 4, maxRequestsPerUid: 2 });
+  const peer = attacker(t, PIPE_WEDGE, [srv.socketPath, devDir]);
+  t.is((await peer.next()).sent, 10);
+  await new Promise((resolve) => setTimeout(resolve, 500)); // the workers take the peer's requests
+  const times: number[] = [];
+  using client = new LoopClient(srv.socketPath);
+  for (let i = 0; i < 3; i++) {
+    const start = performance.now();
+    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 5000 });
+    times.push(Math.round(performance.now() - start));
+    await dev.remove();
+  }
+  t.log(`root's requests took ${times.join(', ')} ms with the peer's closes stuck`);
+  t.true(Math.max(...times) < 1000, `root was served (${times.join(', ')} ms)`);
+  client.close();
+  t.is(await peer.finish(), 0); // its exit lets go of the pipe: the stuck closes return
+  await srv.close();
+  t.deepEqual(await boundAfterSettling(img.path), []);
+});
+
 /** Starts `code` as the attacker until it reports that the server will make the last close of its lingering socket. */
 async function wedgedAttacker(t: ExecutionContext, code: string, args: string[]) {
   let peer = attacker(t, code, args);
