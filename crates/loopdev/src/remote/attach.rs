@@ -161,11 +161,10 @@ impl Attacher {
         Attacher { options, counters }
     }
 
-    /// Serves one well-formed message: the reply to send and, on success, the device waiting for it. Takes
-    /// out of `fds` what the device keeps; the caller closes the rest.
-    pub fn handle(&self, payload: &[u8], fds: &mut Vec<OwnedFd>, peer: &PeerCred) -> Outgoing {
+    /// Serves one well-formed message: the reply to send and, on success, the device waiting for it.
+    pub fn handle(&self, payload: &[u8], fds: Vec<OwnedFd>, peer: &PeerCred) -> Outgoing {
         let started = std::time::Instant::now();
-        let file = if self.options.log { Some(backing_name(payload, fds)) } else { None };
+        let file = if self.options.log { Some(backing_name(payload, &fds)) } else { None };
         let (out, result) = match self.attach(payload, fds, peer) {
             Ok((held, fd)) => {
                 let name = held.devname();
@@ -190,7 +189,7 @@ impl Attacher {
     fn attach(
         &self,
         payload: &[u8],
-        fds: &mut Vec<OwnedFd>,
+        fds: Vec<OwnedFd>,
         peer: &PeerCred,
     ) -> std::result::Result<(Held, Option<OwnedFd>), Failure> {
         let req = Request::parse(payload)?;
@@ -227,9 +226,10 @@ impl Attacher {
         }
         let peer_uid = Some(peer.uid).filter(|&uid| uid != 0);
         let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.rdev(), self.options.node_mode, peer_uid)?;
-        // Every other fd of the message (the backing file: the device holds its own reference) is the
-        // caller's to close.
+        let mut fds = fds;
         let dir = fds.swap_remove(req.dir_fd);
+        // Every other fd of the message (the backing file: the device holds its own reference) closes here.
+        drop(fds);
         // A fresh open, not a dup: the peer's fd shares no file status flags or locks with ours.
         let fd = if req.want_fd {
             let mode = if options.read_only { OFlag::O_RDONLY } else { OFlag::O_RDWR };

@@ -4,20 +4,17 @@
 //! or a connection itself: it hands them here. Each uid has a lane (a thread) of its own, so a peer can only
 //! hold up its own closes; uids beyond `MAX_LANES` share one.
 //!
-//! A lane makes its closes through `reaper`, so that the last close of what a peer sent is made by an exiting
-//! thread, which the peer cannot make wait (a lingering socket). A lane can still be wedged by what holds up
-//! an exiting thread too (a FUSE file's flush), and a wedged lane keeps what is queued on it open, in our fd
-//! table: the server asks `backlog` and stops reading from a uid whose lane holds too much, and stops
-//! accepting while all lanes together do.
+//! A wedged lane keeps what is queued on it open, in our fd table: the server asks `backlog` and stops
+//! reading from a uid whose lane holds too much, and stops accepting while all lanes together do.
 //!
 //! A peer's socket is closed at once, by the drainer (see `drainer`), if nothing of the peer's is queued on
 //! it: a peer can open as many connections as it likes, and those that hold no fds must not pile up on its
-//! lane. One that still holds fds goes to the lane like any fd.
+//! lane. One that still holds fds goes to the lane like any fd; how many a peer can
+//! make is bounded by its own fds in flight, which the kernel limits to the peer's `RLIMIT_NOFILE`.
 //! (Parking such sockets in the kernel instead, in flight through a socket pair of ours, was tried and
 //! reverted: the parked sockets counted against every root process's fds in flight, host-wide.)
 
 use super::drainer::{Drainer, Rest};
-use super::reaper::Reapers;
 use super::seqpacket::{self, Leftover};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
@@ -30,30 +27,22 @@ const MAX_LANES: usize = 64;
 /// The shared lane, for uids beyond `MAX_LANES` and for sockets whose peer is unknown.
 pub(super) const ANY_UID: u32 = u32::MAX;
 
-type Droppable = Box<dyn Closable>;
+type Droppable = Box<dyn Send>;
 
 /// What a lane closes, and how many fds of ours it holds until then (the lane's backlog counts those).
 pub(super) trait Closable: Send + 'static {
     fn fds(&self) -> usize;
-    /// The fds to close; whatever else it holds is dropped with it.
-    fn into_fds(self: Box<Self>) -> Vec<OwnedFd>;
 }
 
-impl Closable for OwnedFd {
+impl Closable for std::os::unix::io::OwnedFd {
     fn fds(&self) -> usize {
         1
     }
-    fn into_fds(self: Box<Self>) -> Vec<OwnedFd> {
-        vec![*self]
-    }
 }
 
-impl Closable for Vec<OwnedFd> {
+impl Closable for Vec<std::os::unix::io::OwnedFd> {
     fn fds(&self) -> usize {
         self.len()
-    }
-    fn into_fds(self: Box<Self>) -> Vec<OwnedFd> {
-        *self
     }
 }
 
@@ -73,10 +62,6 @@ pub(super) struct Closer {
 impl Closable for Rest {
     fn fds(&self) -> usize {
         0
-    }
-    /// Waits for the drainer to finish: the sockets it still hands back.
-    fn into_fds(self: Box<Self>) -> Vec<OwnedFd> {
-        self.sockets()
     }
 }
 
@@ -174,9 +159,8 @@ impl Closer {
             std::thread::Builder::new()
                 .name(format!("loopdev-close-{uid}"))
                 .spawn(move || {
-                    let mut reapers = Reapers::default();
                     for (what, fds) in rx {
-                        reapers.close(what.into_fds());
+                        drop(what);
                         mine.fetch_sub(fds, Ordering::SeqCst);
                         total.fetch_sub(fds, Ordering::SeqCst);
                     }

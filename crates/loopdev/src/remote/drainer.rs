@@ -96,12 +96,6 @@ impl Drainer {
     }
 }
 
-/// The hand-back channel, once the server is done, for a closing lane.
-pub(super) struct Rest(Option<mpsc::Receiver<Job>>);
-
-impl Rest {
-    /// Every socket handed back from now on, until the drainer stops (once it is dropped).
-    pub fn sockets(self) -> Vec<OwnedFd> {
-        self.0.map_or_else(Vec::new, |back| back.into_iter().map(|(_, sock)| sock).collect())
-    }
-}
+/// The hand-back channel, once the server is done: held only to be dropped, which closes whatever it
+/// still holds.
+pub(super) struct Rest(#[allow(dead_code)] Option<mpsc::Receiver<Job>>);

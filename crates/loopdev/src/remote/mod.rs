@@ -10,7 +10,6 @@ mod closer;
 mod drainer;
 pub mod jsoncomm;
 mod options;
-mod reaper;
 pub mod seqpacket;
 pub mod server;
 pub mod untrusted;

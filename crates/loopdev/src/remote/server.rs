@@ -328,17 +328,11 @@ impl Closable for workers::Request {
     fn fds(&self) -> usize {
         self.fds.len()
     }
-    fn into_fds(self: Box<Self>) -> Vec<OwnedFd> {
-        self.fds
-    }
 }
 
 impl Closable for VecDeque<workers::Request> {
     fn fds(&self) -> usize {
         self.iter().map(|r| r.fds.len()).sum()
-    }
-    fn into_fds(self: Box<Self>) -> Vec<OwnedFd> {
-        self.into_iter().flat_map(|r| r.fds).collect()
     }
 }
 

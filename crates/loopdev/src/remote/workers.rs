@@ -9,7 +9,6 @@
 
 use super::attach::{Attacher, Counters, Held, Outgoing};
 use super::options::ServerOptions;
-use super::reaper::Reapers;
 use super::seqpacket::{self, PeerCred};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
@@ -128,7 +127,6 @@ impl Workers {
         let done = self.done_tx.clone();
         let wake = Arc::clone(&self.wake);
         let attacher = Attacher::new(Arc::clone(&self.options), Arc::clone(&self.counters));
-        let mut reapers = Reapers::default();
         std::thread::Builder::new()
             .name("loopdev-worker".into())
             .spawn(move || loop {
@@ -136,19 +134,13 @@ impl Workers {
                     Ok(w) => w,
                     Err(_) => return, // the server is gone and the queue is empty
                 };
-                let mut sent = Vec::new();
                 let result = match work {
-                    Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r, &mut sent) },
+                    Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
                     Work::Release(held) => {
                         let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
                         Done::Released
                     }
                 };
-                // Before the reply: a close the peer makes block (a pipe whose lock it holds) then keeps
-                // this request, and so this worker, counted against the peer's uid until it returns, so one
-                // uid cannot wedge more workers than it may have requests. A socket's close is not among
-                // those (see `reaper`).
-                reapers.close(sent);
                 // Err: the poll thread is gone; `result` (and any device in it) is released here.
                 if done.send(result).is_ok() {
                     let _ = seqpacket::eventfd_signal(wake.as_fd());
@@ -185,12 +177,13 @@ impl Workers {
     }
 }
 
-/// Serves `r`, leaving in `sent` the fds of its message that are left to close.
-fn serve(attacher: &Attacher, r: Request, sent: &mut Vec<OwnedFd>) -> Option<Outgoing> {
-    let Request { peer, payload, fds, cancelled, .. } = r;
-    *sent = fds;
-    if cancelled.load(Ordering::SeqCst) {
-        return None;
+/// Closes the request's fds before it returns, so before its `Done`: a close the peer makes block (a pipe
+/// whose lock its own splice holds) then keeps the request, and so this worker, counted against the peer's
+/// uid, and one uid cannot wedge more workers than it may have requests (red team round 8, w1).
+fn serve(attacher: &Attacher, r: Request) -> Option<Outgoing> {
+    if r.cancelled.load(Ordering::SeqCst) {
+        return None; // its fds close here
     }
-    catch_unwind(AssertUnwindSafe(|| attacher.handle(&payload, sent, &peer))).ok()
+    let Request { peer, payload, fds, .. } = r;
+    catch_unwind(AssertUnwindSafe(|| attacher.handle(&payload, fds, &peer))).ok()
 }
