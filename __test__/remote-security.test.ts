@@ -62,6 +62,25 @@ def close_first(c):
         signal.setitimer(signal.ITIMER_REAL, 0)
 def emit(o):
     print(json.dumps(o), flush=True)
+def pipe_wedge(k):
+    # k write-end files of one pipe whose lock a thread of ours holds (splicing into a full socket nobody
+    # reads) for as long as we live: releasing any of them blocks, uninterruptibly (red team round 8).
+    global _keep
+    r, w = os.pipe()
+    ends = [os.open("/proc/self/fd/%d" % w, os.O_WRONLY) for _ in range(k)]
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    a.setblocking(True)
+    os.write(w, b"y" * 4096)
+    threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
+    time.sleep(0.2)
+    _keep = (r, w, a, b)
+    return ends
 def errno_of(f):
     # "ok", or the errno's name: what the kernel let the peer do.
     try:
@@ -622,9 +641,11 @@ loopTest.serial("a peer whose closes are wedged cannot fill the server's fd tabl
 // The same wedged lane, then connections instead of fds. 'refused': up to its connection limit, then
 // thousands more that the server turns away. 'stuffed': one at a time, each with a request (so the server
 // reads no further) and then 200 empty packets queued behind it, then a hang-up. 'reset': turned away too,
-// each with its send buffer full of empty packets, hung up (our refusal unread) while the server drains it. Each is a socket the
-// server must close; it holds nothing of the peer's, so it must not wait on the wedged lane (a socket that
-// does hold fds still does: see README, "Not guaranteed").
+// each with its send buffer full of empty packets, hung up (our refusal unread) while the server drains
+// it. Each is a socket the server must close; it holds nothing of the peer's, so it must not wait on the
+// wedged lane. 'holding' (red team rounds 6 and 8, r4 and l1): like 'stuffed' with a packet carrying an fd
+// queued instead, after a first such connection whose queued pipe end wedges the closes of these too.
+// They wait in the keeper's fd table (see crates/loopdev/src/remote/keeper.rs), not the server's.
 const CONNECT_FLOOD = String.raw`
 sock, backing, dev_dir, limit, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 c = lingering_socket()
@@ -634,10 +655,19 @@ sendfds(s, b"{}", [c.fileno()])
 wedged = close_first(c)
 s.close()
 time.sleep(0.5)
-held = [connect(sock) for _ in range(limit)] if mode != "stuffed" else []
+held = [connect(sock) for _ in range(limit)] if mode not in ("stuffed", "holding") else []
+if mode == "holding":
+    # Wedge the closes of our hung-up connections too: one with a pipe end queued behind a request.
+    end = pipe_wedge(1)[0]
+    f = connect(sock)
+    send(f, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+    sendfds(f, b"", [end])
+    os.close(end)
+    f.close()
+    time.sleep(0.5)
 null = os.open("/dev/null", os.O_RDONLY)
 made = 0
-for i in range({"refused": 6000, "stuffed": 2000, "reset": 800}[mode]):
+for i in range({"refused": 6000, "stuffed": 2000, "reset": 800, "holding": 2000}[mode]):
     f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         if mode == "reset":
@@ -657,10 +687,13 @@ for i in range({"refused": 6000, "stuffed": 2000, "reset": 800}[mode]):
             f.send(b"x")
             for _ in range(200):
                 f.send(b"")
+        if mode == "holding":
+            f.send(b"x")
+            sendfds(f, b"", [null])
     except OSError:
         pass  # refused at connect, or the server shut it already (EPIPE)
     f.close()  # at once: for 'reset', while the server may still be draining it
-    if mode == "stuffed":
+    if mode in ("stuffed", "holding"):
         time.sleep(0.001)
 emit({"connects": made, "wedged": wedged})
 sys.stdin.readline()
@@ -670,6 +703,7 @@ for (const [mode, what, minimum, most] of [
   ['refused', 'its turned-away connections', 5000, 600],
   ['stuffed', 'connections it hung up on with packets queued', 1500, 600],
   ['reset', 'connections that hang up while it drains them', 700, 150],
+  ['holding', 'connections it hung up on with an fd queued, its keeper wedged too', 1500, 150],
 ] as const) {
   loopTest.serial(`a peer whose closes are wedged cannot make the server hold ${what}`, async (t) => {
     t.timeout(60_000);
@@ -686,6 +720,14 @@ for (const [mode, what, minimum, most] of [
     t.log(`${report.connects} connections closed (${mode}); the server holds ${held} more fds than before`);
     // The wedged lane may hold up to UID_BACKLOG fds it read, plus the peer's open connections.
     t.true(held < most, `the sockets are not kept in the server's fd table (${held} more fds)`);
+    if (mode === 'holding') {
+      // What proves the keeper's table took them: its closing thread is stuck in a close (the lingering
+      // socket's or the pipe's), not waiting for work.
+      const stuck = fs
+        .readdirSync('/proc/self/task')
+        .filter((task) => readTask(task, 'comm').startsWith('loopdev-kclose') && !readTask(task, 'wchan').startsWith('futex'));
+      t.true(stuck.length > 0, "the keeper's closing thread is wedged (else this proves nothing)");
+    }
     await rootIsServedThenClose(t, srv, img, peer, backing);
   });
 }
@@ -757,23 +799,6 @@ loopTest.serial('a flood of connections with full queues does not slow down the 
 // until the peer lets go. While stuck, that request still counts against the peer's uid, so it holds at
 // most maxRequestsPerUid workers; root is served by the others.
 const PIPE_WEDGE = String.raw`
-def pipe_wedge(k):
-    global _keep
-    r, w = os.pipe()
-    ends = [os.open("/proc/self/fd/%d" % w, os.O_WRONLY) for _ in range(k)]
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    a.setblocking(False)
-    try:
-        while True:
-            a.send(b"\0" * 65536)
-    except BlockingIOError:
-        pass
-    a.setblocking(True)
-    os.write(w, b"y" * 4096)
-    threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
-    time.sleep(0.2)
-    _keep = (r, w, a, b)
-    return ends
 def closed_first(fd):
     # True if our close returned: the server still had the end, so its close will be the last one. Else
     # ours was, and it is what blocks (in a thread of ours, until we exit).
@@ -818,6 +843,14 @@ loopTest.serial("a peer whose closes block uninterruptibly holds at most its sha
   t.deepEqual(await boundAfterSettling(img.path), []);
   t.deepEqual(await boundAfterSettling(backing), []);
 });
+
+function readTask(task: string, file: string): string {
+  try {
+    return fs.readFileSync(`/proc/self/task/${task}/${file}`, 'utf8');
+  } catch {
+    return ''; // the thread is gone
+  }
+}
 
 /** Starts `code` as the attacker until it reports that it wedged the server's closing lane. */
 async function wedgedAttacker(t: ExecutionContext, code: string, args: string[]) {

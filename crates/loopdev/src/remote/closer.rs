@@ -9,12 +9,14 @@
 //!
 //! A peer's socket is closed at once, by the drainer (see `drainer`), if nothing of the peer's is queued on
 //! it: a peer can open as many connections as it likes, and those that hold no fds must not pile up on its
-//! lane. One that still holds fds goes to the lane like any fd; how many a peer can
-//! make is bounded by its own fds in flight, which the kernel limits to the peer's `RLIMIT_NOFILE`.
+//! lane. One that still holds fds goes to the uid's keeper (see `keeper`), whose last close is made in an fd
+//! table of its own; to the lane like any fd only if the keeper cannot take it. How many a peer can make
+//! is bounded by its own fds in flight, which the kernel limits to the peer's `RLIMIT_NOFILE`.
 //! (Parking such sockets in the kernel instead, in flight through a socket pair of ours, was tried and
 //! reverted: the parked sockets counted against every root process's fds in flight, host-wide.)
 
 use super::drainer::{Drainer, Rest};
+use super::keeper::Keeper;
 use super::seqpacket::{self, Leftover};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
@@ -54,6 +56,8 @@ struct Lane {
 
 pub(super) struct Closer {
     lanes: HashMap<u32, Lane>,
+    /// Per uid, like the lanes; None where no thread could be started.
+    keepers: HashMap<u32, Option<Keeper>>,
     /// Fds queued on all lanes and not closed yet.
     total: Arc<AtomicUsize>,
     drainer: Drainer,
@@ -78,7 +82,8 @@ impl Closer {
     /// A closer with its drainer and its shared lane started, so that a later shortage of threads still has
     /// a lane to use.
     pub fn new() -> Result<Closer> {
-        let mut closer = Closer { lanes: HashMap::new(), total: Arc::default(), drainer: Drainer::new()? };
+        let mut closer =
+            Closer { lanes: HashMap::new(), keepers: HashMap::new(), total: Arc::default(), drainer: Drainer::new()? };
         closer.lane(ANY_UID).ok_or_else(|| Error::os(Errno::EAGAIN, "pthread_create"))?;
         Ok(closer)
     }
@@ -118,9 +123,23 @@ impl Closer {
         if let Err(sock) = self.drainer.drain(uid, sock) {
             match seqpacket::disarm(sock.as_fd()) {
                 Leftover::Nothing => drop(sock),
-                Leftover::Fds => self.close(uid, sock),
+                Leftover::Fds => self.keep(uid, sock),
             }
         }
+    }
+
+    /// A socket that still holds the peer's fds: to `uid`'s keeper, else its lane.
+    fn keep(&mut self, uid: u32, sock: OwnedFd) {
+        let uid = if self.keepers.contains_key(&uid) || self.keepers.len() < MAX_LANES { uid } else { ANY_UID };
+        let keeper = self.keepers.entry(uid).or_insert_with(|| Keeper::start(&format!("loopdev-keep-{uid}")));
+        let sock = match keeper {
+            Some(keeper) => match keeper.close(sock) {
+                Ok(()) => return,
+                Err(sock) => sock,
+            },
+            None => sock,
+        };
+        self.close(uid, sock);
     }
 
     /// Readable when the drainer handed sockets back: call `take_drained`.
@@ -136,7 +155,7 @@ impl Closer {
     /// Puts the sockets the drainer found fds on onto their uids' lanes.
     pub fn take_drained(&mut self) {
         for (uid, sock) in self.drainer.take_back() {
-            self.close(uid, sock);
+            self.keep(uid, sock);
         }
     }
 
@@ -174,6 +193,11 @@ impl Closer {
 
 impl std::fmt::Debug for Closer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Closer").field("lanes", &self.lanes.len()).field("backlog", &self.total_backlog()).finish()
+        let kept: usize = self.keepers.values().flatten().map(Keeper::held).sum();
+        f.debug_struct("Closer")
+            .field("lanes", &self.lanes.len())
+            .field("backlog", &self.total_backlog())
+            .field("kept", &kept)
+            .finish()
     }
 }

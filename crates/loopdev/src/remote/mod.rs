@@ -9,6 +9,7 @@ pub mod client;
 mod closer;
 mod drainer;
 pub mod jsoncomm;
+mod keeper;
 mod options;
 pub mod seqpacket;
 pub mod server;
