@@ -574,3 +574,58 @@ loopTest('LoopServer: listen errors, double listen, close before listen', async 
   t.throws(() => new LoopServer({ socketPath: '' }), { instanceOf: TypeError });
   await new LoopServer({ socketPath: path.join(img.dir, 'never') }).close();
 });
+
+// A server killed while one of its closes is stuck in the kernel (a pipe whose lock another process holds)
+// cannot finish exiting: its fd table, listening socket included, lives on, and connecting still succeeds
+// (red team round 8, x1). Here a Python process plays that server; its parent holds the pipe's lock.
+const STUCK_LISTENER = String.raw`
+import os, socket, sys, threading, time
+path = sys.argv[1]
+r, w = os.pipe()
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+a.setblocking(False)
+try:
+    while True:
+        a.send(b"\0" * 65536)
+except BlockingIOError:
+    pass
+a.setblocking(True)
+os.write(w, b"y" * 4096)
+threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
+time.sleep(0.2)
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(8)
+    os.read(go_r, 1)  # the parent closed its copy: ours is the last reference to the write end
+    threading.Thread(target=os.close, args=(w,), daemon=True).start()
+    time.sleep(3600)
+os.close(w)
+os.write(go_w, b"g")
+time.sleep(0.3)
+print(pid, flush=True)
+sys.stdin.readline()
+`;
+
+loopTest('a socket whose server was killed but cannot finish exiting is replaced on restart', async (t) => {
+  const img = image(t);
+  const socketPath = path.join(img.dir, 'remoteloop');
+  const holder = spawn('python3', ['-c', STUCK_LISTENER, socketPath], { stdio: ['pipe', 'pipe', 'inherit'] });
+  t.teardown(() => holder.kill('SIGKILL'));
+  const pid = Number(await new Promise<string>((resolve) => createInterface({ input: holder.stdout! }).once('line', resolve)));
+  const live = new LoopServer({ socketPath });
+  await t.throwsAsync(live.listen(), { code: 'EADDRINUSE', message: /listening on it already/ }, 'not killed yet: live');
+  await live.close();
+  process.kill(pid, 'SIGKILL');
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  t.regex(fs.readFileSync(`/proc/${pid}/status`, 'utf8'), /State:\s+Z/, 'killed, and stuck exiting (else this proves nothing)');
+  const srv = await server(t, img.dir);
+  using client = new LoopClient(srv.socketPath);
+  const dev = await client.device(img.path, { devDir: img.dir });
+  t.is(sysfs(Number(dev.devname.slice(4)), 'loop/backing_file'), img.path);
+  await dev.remove();
+  holder.stdin!.end(); // lets go of the pipe: the stuck close returns and the killed process is gone
+  await srv.close();
+});

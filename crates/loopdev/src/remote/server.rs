@@ -219,8 +219,9 @@ impl SocketFile {
     }
 }
 
-/// When the name is taken: a socket nobody listens on any more (a server killed with SIGKILL leaves it) is
-/// removed and true returned; a live server, or anything that is not a socket, is an error that says so.
+/// When the name is taken: a socket nobody listens on any more (a server killed with SIGKILL leaves it), or
+/// one whose server was killed but cannot finish exiting, is removed and true returned; a live server, or
+/// anything that is not a socket, is an error that says so.
 fn remove_stale(dir: BorrowedFd, name: &std::ffi::OsStr, path: &Path) -> Result<bool> {
     let st = nix::sys::stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
         .map_err(|e| Error::os(e, "stat").with_path(path))?;
@@ -230,19 +231,54 @@ fn remove_stale(dir: BorrowedFd, name: &std::ffi::OsStr, path: &Path) -> Result<
     }
     let probe = seqpacket::socket(false)?;
     match seqpacket::connect(probe.as_fd(), path) {
-        Ok(()) => Err(in_use("a server is listening on it already")),
-        Err(e) if e.is(Errno::ECONNREFUSED) => {
-            // Only the socket we looked at: if someone replaced it meanwhile, leave theirs.
-            let same = nix::sys::stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map_or(false, |now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino));
-            if same {
-                unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
-                    .map_err(|e| Error::os(e, "unlink").with_path(path))?;
+        Ok(()) => {
+            // Someone accepts: a live server, unless it is one killed but stuck (then no one ever answers).
+            if !seqpacket::peer_cred(probe.as_fd()).map_or(false, |p| killed_but_stuck(p.pid)) {
+                return Err(in_use("a server is listening on it already"));
             }
-            Ok(true)
         }
-        Err(e) => Err(in_use(&format!("a socket is there and connecting to it failed ({})", e.code()))),
+        Err(e) if e.is(Errno::ECONNREFUSED) => {}
+        Err(e) => return Err(in_use(&format!("a socket is there and connecting to it failed ({})", e.code()))),
     }
+    // Only the socket we looked at: if someone replaced it meanwhile, leave theirs.
+    let same = nix::sys::stat::fstatat(dir.as_raw_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_or(false, |now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino));
+    if same {
+        unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir)
+            .map_err(|e| Error::os(e, "unlink").with_path(path))?;
+    }
+    Ok(true)
+}
+
+/// Whether `pid` was killed and cannot finish exiting: its main thread is a zombie and every other thread
+/// has SIGKILL pending. A close stuck in the kernel (a pipe whose lock a peer holds) keeps such a process's
+/// fd table, with its listening socket, alive until the close returns: the socket accepts, but nobody will
+/// ever answer. A process whose main thread merely exited while others serve is not that.
+fn killed_but_stuck(pid: i32) -> bool {
+    let state = |task: &str| -> Option<(char, u64)> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).ok()?;
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        let state = field("State:")?.chars().next()?;
+        let pending =
+            u64::from_str_radix(field("SigPnd:")?, 16).ok()? | u64::from_str_radix(field("ShdPnd:")?, 16).ok()?;
+        Some((state, pending))
+    };
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    let tasks = match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks,
+        Err(_) => return false,
+    };
+    let mut leader_zombie = false;
+    for task in tasks.flatten() {
+        let name = task.file_name().to_string_lossy().into_owned();
+        match state(&name) {
+            Some(('Z', _)) if name == pid.to_string() => leader_zombie = true,
+            Some(('Z', _)) | Some(('X', _)) => {}
+            Some((_, pending)) if pending & sigkill != 0 => {}
+            _ => return false,
+        }
+    }
+    leader_zombie
 }
 
 impl Drop for SocketFile {
@@ -959,6 +995,12 @@ mod tests {
         assert!(Client::connect(&path).is_ok(), "the live server keeps its socket");
         server.shutdown().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_live_process_is_not_taken_for_one_killed_but_stuck() {
+        assert!(!killed_but_stuck(std::process::id() as i32));
+        assert!(!killed_but_stuck(i32::MAX), "no such process");
     }
 
     #[test]
