@@ -65,7 +65,23 @@ export function configureArgs(o: NativeAttach | null | undefined): ConfigureArgs
   if (typeof o !== 'object') {
     throw Object.assign(new TypeError('options must be an object'), { code: 'ERR_INVALID_ARG_TYPE' });
   }
-  return [o.offset, o.sizeLimit, o.blockSize, o.autoclear, o.partscan, o.readOnly, o.directIo, o.fileName, o.lock, o.ownsFd];
+  const args: [...ConfigureArgs] = [
+    o.offset,
+    o.sizeLimit,
+    o.blockSize,
+    o.autoclear,
+    o.partscan,
+    o.readOnly,
+    o.directIo,
+    o.fileName,
+    o.lock,
+    o.ownsFd,
+  ];
+  // Trailing defaults left out: the native side reads only what is there (none at all for `{}`).
+  let given = args.length;
+  while (given > 0 && args[given - 1] === undefined) given--;
+  args.length = given;
+  return args;
 }
 
 /** What the kernel applied to a device `attach` bound, read back and verified natively. */

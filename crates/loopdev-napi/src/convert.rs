@@ -58,7 +58,9 @@ pub fn attach_options(env: Env, args: Value) -> JsResult<AttachOptions> {
         return Err(Failure::Type("configure options must come as an array (optionArgs)".into()));
     }
     let mut v = [std::ptr::null_mut(); OPTION_FIELDS.len()];
-    for (i, slot) in v.iter_mut().enumerate() {
+    // The TS side leaves trailing defaults out: with no options, nothing is read.
+    let given = env.array_length(args)? as usize;
+    for (i, slot) in v.iter_mut().enumerate().take(given) {
         let field = env.element(args, i as u32)?;
         *slot = if env.is_nullish(field)? { std::ptr::null_mut() } else { field };
     }

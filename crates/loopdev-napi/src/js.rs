@@ -107,6 +107,10 @@ impl Env {
         Ok(out!(self, napi_is_array(v)))
     }
 
+    pub fn array_length(self, arr: Value) -> JsResult<u32> {
+        Ok(out!(self, napi_get_array_length(arr)))
+    }
+
     /// `arr[i]` (undefined past the end).
     pub fn element(self, arr: Value, i: u32) -> JsResult<Value> {
         Ok(out!(self, napi_get_element(arr, i)))
