@@ -173,3 +173,30 @@ export function losetupAttach(file: string, args: string[] = []): string {
     execFileSync('sleep', ['0.05']);
   }
 }
+
+/**
+ * Python: `locked_pipe(k)` → `(r, w, ends)`, a pipe whose lock a thread of the calling process holds for as
+ * long as the process lives (splicing into a full socket nobody reads), and `k` more write-end files of it
+ * (opened before the lock is taken: opening one takes it too). The last release of any of these files
+ * blocks, uninterruptibly: how any user can make a close block (red team round 8). Needs `os`, `socket`,
+ * `threading` and `time` imported.
+ */
+export const LOCKED_PIPE = String.raw`
+_locked = []
+def locked_pipe(k=0):
+    r, w = os.pipe()
+    ends = [os.open("/proc/self/fd/%d" % w, os.O_WRONLY) for _ in range(k)]
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    a.setblocking(True)
+    os.write(w, b"y" * 4096)
+    threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
+    time.sleep(0.2)
+    _locked.append((a, b))
+    return r, w, ends
+`;

@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { LoopClient, LoopServer, RemoteLoopError, removeNode, type LoopServerQuotas } from '../ts/index.js';
+import { LOCKED_PIPE } from './fixtures.js';
 import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs, type Image } from './helpers.js';
 
 const NOBODY = 65534;
@@ -62,25 +63,10 @@ def close_first(c):
         signal.setitimer(signal.ITIMER_REAL, 0)
 def emit(o):
     print(json.dumps(o), flush=True)
+${LOCKED_PIPE}
 def pipe_wedge(k):
-    # k write-end files of one pipe whose lock a thread of ours holds (splicing into a full socket nobody
-    # reads) for as long as we live: releasing any of them blocks, uninterruptibly (red team round 8).
-    global _keep
-    r, w = os.pipe()
-    ends = [os.open("/proc/self/fd/%d" % w, os.O_WRONLY) for _ in range(k)]
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    a.setblocking(False)
-    try:
-        while True:
-            a.send(b"\0" * 65536)
-    except BlockingIOError:
-        pass
-    a.setblocking(True)
-    os.write(w, b"y" * 4096)
-    threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
-    time.sleep(0.2)
-    _keep = (r, w, a, b)
-    return ends
+    # k write-end files of a locked pipe: releasing any of them blocks, uninterruptibly.
+    return locked_pipe(k)[2]
 def errno_of(f):
     # "ok", or the errno's name: what the kernel let the peer do.
     try:

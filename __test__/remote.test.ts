@@ -10,7 +10,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
 import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs } from './helpers.js';
-import { CLI, partitionImage, ROOT } from './fixtures.js';
+import { CLI, LOCKED_PIPE, partitionImage, ROOT } from './fixtures.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
 // osbuild's client and server in Python, passed inline (python3 -c): a child running as another uid then
@@ -580,19 +580,9 @@ loopTest('LoopServer: listen errors, double listen, close before listen', async 
 // (red team round 8, x1). Here a Python process plays that server; its parent holds the pipe's lock.
 const STUCK_LISTENER = String.raw`
 import os, socket, sys, threading, time
+${LOCKED_PIPE}
 path = sys.argv[1]
-r, w = os.pipe()
-a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-a.setblocking(False)
-try:
-    while True:
-        a.send(b"\0" * 65536)
-except BlockingIOError:
-    pass
-a.setblocking(True)
-os.write(w, b"y" * 4096)
-threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
-time.sleep(0.2)
+r, w, _ = locked_pipe()
 go_r, go_w = os.pipe()
 pid = os.fork()
 if pid == 0:
