@@ -56,8 +56,8 @@ struct Lane {
 
 pub(super) struct Closer {
     lanes: HashMap<u32, Lane>,
-    /// Per uid, like the lanes; None where no thread could be started.
-    keepers: HashMap<u32, Option<Keeper>>,
+    /// Per uid, like the lanes.
+    keepers: HashMap<u32, Keeper>,
     /// Fds queued on all lanes and not closed yet.
     total: Arc<AtomicUsize>,
     drainer: Drainer,
@@ -131,8 +131,14 @@ impl Closer {
     /// A socket that still holds the peer's fds: to `uid`'s keeper, else its lane.
     fn keep(&mut self, uid: u32, sock: OwnedFd) {
         let uid = if self.keepers.contains_key(&uid) || self.keepers.len() < MAX_LANES { uid } else { ANY_UID };
-        let keeper = self.keepers.entry(uid).or_insert_with(|| Keeper::start(&format!("loopdev-keep-{uid}")));
-        let sock = match keeper {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.keepers.entry(uid) {
+            // Tried again next time if no thread can be had now: a shortage (a peer taking every pid for a
+            // moment, red team round 10) must not cost the uid its keeper for good.
+            if let Some(keeper) = Keeper::start(&format!("loopdev-keep-{uid}")) {
+                slot.insert(keeper);
+            }
+        }
+        let sock = match self.keepers.get(&uid) {
             Some(keeper) => match keeper.close(sock) {
                 Ok(()) => return,
                 Err(sock) => sock,
@@ -193,7 +199,7 @@ impl Closer {
 
 impl std::fmt::Debug for Closer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kept: usize = self.keepers.values().flatten().map(Keeper::held).sum();
+        let kept: usize = self.keepers.values().map(Keeper::held).sum();
         f.debug_struct("Closer")
             .field("lanes", &self.lanes.len())
             .field("backlog", &self.total_backlog())

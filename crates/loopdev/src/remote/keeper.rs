@@ -33,10 +33,12 @@ pub(super) struct Keeper {
 }
 
 impl Keeper {
-    /// The keeper thread and its closing thread; None if no thread can be started.
+    /// The keeper thread and its closing thread, once both run in their own table; None if either cannot be
+    /// started (no thread to be had, a kernel without these calls), to be tried again later.
     pub fn start(name: &str) -> Option<Keeper> {
         let (take, requests) = mpsc::channel::<Ask>();
         let (answer, taken) = mpsc::channel::<bool>();
+        let ready = answer.clone();
         let held = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&held);
         let closer_name = name.replacen("keep", "kclose", 1);
@@ -45,7 +47,7 @@ impl Keeper {
             .spawn(move || {
                 let pidfd = match own_table() {
                     Some(pidfd) => pidfd,
-                    None => return, // answers stay unsent: `keep` sees the channel closed
+                    None => return, // `ready` is dropped unsent: `start` says None
                 };
                 // Started after the unshare, so it shares this thread's table, not the server's.
                 let (close, closing) = mpsc::channel::<OwnedFd>();
@@ -56,9 +58,10 @@ impl Keeper {
                         left.fetch_sub(1, Ordering::SeqCst);
                     }
                 });
-                if started.is_err() {
+                if started.is_err() || ready.send(true).is_err() {
                     return;
                 }
+                drop(ready);
                 let mut copy = None;
                 for ask in requests {
                     match ask {
@@ -80,6 +83,9 @@ impl Keeper {
                 }
             })
             .ok()?;
+        if taken.recv() != Ok(true) {
+            return None;
+        }
         Some(Keeper { take, taken, held })
     }
 
