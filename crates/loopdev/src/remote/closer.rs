@@ -79,12 +79,15 @@ impl Drop for Closer {
 }
 
 impl Closer {
-    /// A closer with its drainer and its shared lane started, so that a later shortage of threads still has
-    /// a lane to use.
+    /// A closer with its drainer, its shared lane and its shared keeper started, so that a later shortage of
+    /// threads still has a lane and a keeper to use. (Only a kernel without `pidfd_getfd` has no keeper.)
     pub fn new() -> Result<Closer> {
         let mut closer =
             Closer { lanes: HashMap::new(), keepers: HashMap::new(), total: Arc::default(), drainer: Drainer::new()? };
         closer.lane(ANY_UID).ok_or_else(|| Error::os(Errno::EAGAIN, "pthread_create"))?;
+        if let Some(keeper) = Keeper::start(&format!("loopdev-keep-{ANY_UID}")) {
+            closer.keepers.insert(ANY_UID, keeper);
+        }
         Ok(closer)
     }
 
@@ -132,13 +135,14 @@ impl Closer {
     fn keep(&mut self, uid: u32, sock: OwnedFd) {
         let uid = if self.keepers.contains_key(&uid) || self.keepers.len() < MAX_LANES { uid } else { ANY_UID };
         if let std::collections::hash_map::Entry::Vacant(slot) = self.keepers.entry(uid) {
-            // Tried again next time if no thread can be had now: a shortage (a peer taking every pid for a
-            // moment, red team round 10) must not cost the uid its keeper for good.
+            // Tried again next time if no thread can be had now (the shared keeper stands in meanwhile): a
+            // shortage (a peer taking every pid for a moment, red team round 10) must not cost the uid its
+            // keeper for good.
             if let Some(keeper) = Keeper::start(&format!("loopdev-keep-{uid}")) {
                 slot.insert(keeper);
             }
         }
-        let sock = match self.keepers.get(&uid) {
+        let sock = match self.keepers.get(&uid).or_else(|| self.keepers.get(&ANY_UID)) {
             Some(keeper) => match keeper.close(sock) {
                 Ok(()) => return,
                 Err(sock) => sock,
