@@ -121,7 +121,8 @@ impl Closer {
     }
 
     /// Closes a peer's socket: on the drainer if nothing of the peer's is queued on it (closing it cannot
-    /// block), else on `uid`'s lane (after `take_drained`). Here, as a last resort, if the drainer is gone.
+    /// block), else through `uid`'s keeper (after `take_drained`). Disarmed here, as a last resort, if the
+    /// drainer is gone.
     pub fn close_socket(&mut self, uid: u32, sock: OwnedFd) {
         if let Err(sock) = self.drainer.drain(uid, sock) {
             match seqpacket::disarm(sock.as_fd()) {
