@@ -619,3 +619,38 @@ loopTest('a socket whose server was killed but cannot finish exiting is replaced
   holder.stdin!.end(); // lets go of the pipe: the stuck close returns and the killed process is gone
   await srv.close();
 });
+
+// A listener whose queue is full (anyone who can connect can fill it) must not keep a starting server
+// waiting in connect (red team round 11, x2): EADDRINUSE at once.
+loopTest('a socket whose listener never accepts and has a full queue is refused at once, not waited on', async (t) => {
+  const img = image(t);
+  const socketPath = path.join(img.dir, 'remoteloop');
+  const FULL = String.raw`
+import socket, sys
+path = sys.argv[1]
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+listener.bind(path)
+listener.listen(1)
+queued = []
+for _ in range(8):
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c.setblocking(False)
+    try:
+        c.connect(path)
+        queued.append(c)
+    except BlockingIOError:
+        break
+print(len(queued), flush=True)
+sys.stdin.readline()
+`;
+  const holder = spawn('python3', ['-c', FULL, socketPath], { stdio: ['pipe', 'pipe', 'inherit'] });
+  t.teardown(() => holder.kill('SIGKILL'));
+  const queued = Number(await new Promise<string>((resolve) => createInterface({ input: holder.stdout! }).once('line', resolve)));
+  t.true(queued >= 1, 'the queue is full (else this proves nothing)');
+  const start = performance.now();
+  const s = new LoopServer({ socketPath });
+  await t.throwsAsync(s.listen(), { code: 'EADDRINUSE', message: /queue is full/ });
+  t.true(performance.now() - start < 1000, `refused in ${Math.round(performance.now() - start)} ms`);
+  await s.close();
+  holder.stdin!.end();
+});

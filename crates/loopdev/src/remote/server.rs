@@ -27,7 +27,7 @@ use nix::fcntl::{AtFlags, OFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -229,15 +229,17 @@ fn remove_stale(dir: BorrowedFd, name: &std::ffi::OsStr, path: &Path) -> Result<
     if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(in_use("the path exists and is not a socket; left alone"));
     }
-    let probe = seqpacket::socket(false)?;
+    // Non-blocking: a listener whose queue a peer filled must not keep us waiting (red team round 11, x2).
+    let probe = seqpacket::socket(true)?;
     match seqpacket::connect(probe.as_fd(), path) {
         Ok(()) => {
             // Someone accepts: a live server, unless it is one killed but stuck (then no one ever answers).
-            if !seqpacket::peer_cred(probe.as_fd()).map_or(false, |p| killed_but_stuck(p.pid)) {
+            if !listener_killed_but_stuck(probe.as_fd()) {
                 return Err(in_use("a server is listening on it already"));
             }
         }
         Err(e) if e.is(Errno::ECONNREFUSED) => {}
+        Err(e) if e.is(Errno::EAGAIN) => return Err(in_use("a server is listening on it already (its queue is full)")),
         Err(e) => return Err(in_use(&format!("a socket is there and connecting to it failed ({})", e.code()))),
     }
     // Only the socket we looked at: if someone replaced it meanwhile, leave theirs.
@@ -248,6 +250,42 @@ fn remove_stale(dir: BorrowedFd, name: &std::ffi::OsStr, path: &Path) -> Result<
             .map_err(|e| Error::os(e, "unlink").with_path(path))?;
     }
     Ok(true)
+}
+
+/// SO_PEERPIDFD (Linux 6.5; asm-generic, so x86-64 and arm64): a pidfd of the process that called listen().
+const SO_PEERPIDFD: libc::c_int = 77;
+
+/// Whether the process that called listen() on the socket `probe` is connected to was killed and cannot
+/// finish exiting. Asked through a pidfd, not the pid SO_PEERCRED gives: that process may be long gone (a
+/// launcher that handed the socket to the server), and its pid number reused by anyone (round 11, x3). The
+/// pidfd's fdinfo says -1 once the process was reaped; while it shows the pid, the number is that process's.
+/// Without SO_PEERPIDFD (before 6.5) the answer is no.
+fn listener_killed_but_stuck(probe: BorrowedFd) -> bool {
+    let mut raw: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `raw` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            &mut raw as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc != 0 || raw < 0 {
+        return false;
+    }
+    // SAFETY: getsockopt just gave us this fd.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let pid_of = || -> Option<i32> {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|p| p.trim().parse().ok()).filter(|&p| p > 0)
+    };
+    match pid_of() {
+        Some(pid) => killed_but_stuck(pid) && pid_of() == Some(pid),
+        None => false,
+    }
 }
 
 /// Whether `pid` was killed and cannot finish exiting: its main thread is a zombie and every other thread
