@@ -263,10 +263,10 @@ fn reply(env: Env, (r, fd): (Reply, Option<OwnedFd>)) -> JsResult<Value> {
 }
 
 /// remoteClientRequest(h, file, dir, options, timeoutMs?) → Promise<reply>. `file` and `dir` are paths,
-/// opened on the request's thread, or fds, duplicated before this returns so the caller may close them at once. It waits for the server on
-/// a thread of its own, never on the libuv pool: a server that does not answer must not starve the
-/// application's fs, dns, crypto and zlib work. ETIMEDOUT after `timeoutMs`; ECANCELED on
-/// `remoteClientCancel`.
+/// opened on the request's thread, or fds, duplicated before this returns so the caller may close them at
+/// once. It waits for the server on a thread of its own, never on the libuv pool: a server that does not
+/// answer must not starve the application's fs, dns, crypto and zlib work. ETIMEDOUT after `timeoutMs`;
+/// ECANCELED on `remoteClientCancel`.
 pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     let client = client_slot(env, args)?
         .lock()

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use std::collections::VecDeque;
-use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::io::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ impl Sent {
         let raw = nix::fcntl::open(&path, flags | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
             .map_err(|e| Error::os(e, "open").with_path(&path))?;
         // SAFETY: open just returned this fd and nothing else owns it.
-        Ok(unsafe { <OwnedFd as std::os::unix::io::FromRawFd>::from_raw_fd(raw) })
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 }
 

@@ -163,7 +163,7 @@ impl Closer {
         self.drainer.full()
     }
 
-    /// Puts the sockets the drainer found fds on onto their uids' lanes.
+    /// Hands the sockets the drainer found fds on to their uids' keepers (see `keep`).
     pub fn take_drained(&mut self) {
         for (uid, sock) in self.drainer.take_back() {
             self.keep(uid, sock);
