@@ -148,6 +148,15 @@ export function configuredLoop(
   return bindFresh((lo) => lo.configureSync(fd, options));
 }
 
+/** Polls `ok` every 5 ms until it holds; throws after `timeoutMs`, naming what it waited for. */
+export async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ok()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
 /**
  * `devicesBoundUnder(file)` once it is empty, or after `timeoutMs`. The kernel finishes a detach at the
  * last close of the device, and another process probing free devices may hold ours open for a moment.

@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer } from '../ts/index.js';
-import { boundAfterSettling, image, loopTest, openFds, sysfs } from './helpers.js';
+import { boundAfterSettling, image, loopTest, openFds, sysfs, until } from './helpers.js';
 
 const PEER = fileURLToPath(new URL('./fixtures/osbuild_remoteloop.py', import.meta.url));
 const COUNT = 1000;
@@ -32,14 +32,6 @@ async function fuzz(socketPath: string, file: string, dir: string): Promise<Repo
     throw new Error(`fuzzer failed (${child.exitCode}): ${lines.join('\n')}`);
   }
   return JSON.parse(lines[0]!) as Report;
-}
-
-async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!ok()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
 }
 
 const TITLE = `${COUNT} malformed packets: each refused or closed, then the server still works with no fd leaked`;

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { LoopClient, LoopServer, RemoteLoopError, removeNode, type LoopServerQuotas } from '../ts/index.js';
 import { LOCKED_PIPE } from './fixtures.js';
-import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs, type Image } from './helpers.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs, type Image, until } from './helpers.js';
 
 const NOBODY = 65534;
 
@@ -133,14 +133,6 @@ function peerFiles(dir: string): { devDir: string; backing: string } {
   fs.truncateSync(backing, 4 << 20);
   fs.chownSync(backing, NOBODY, NOBODY);
   return { devDir, backing };
-}
-
-async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!ok()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
 }
 
 /** A 4 MiB file of root's in `dir` that starts with `text`, with permissions `mode`. */

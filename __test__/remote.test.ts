@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
-import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs } from './helpers.js';
+import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs, until } from './helpers.js';
 import { CLI, LOCKED_PIPE, partitionImage, ROOT } from './fixtures.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
@@ -75,14 +75,6 @@ function nodeMinor(p: string): number {
 }
 
 /** Polls `ok` every 5 ms; throws after `timeoutMs`. */
-async function until(what: string, ok: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!ok()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 5));
-  }
-}
-
 /**
  * Holds flock(LOCK_EX) on /dev/loop-control, which loopForFd takes, until `release()` (or teardown, or
  * this process dying: the holder exits when its stdin closes). Tests using it are serial: while the lock
@@ -181,6 +173,34 @@ loopTest('closing the server frees every device it attached', async (t) => {
   t.is(srv.stats().devices, 3);
   await srv.close();
   for (const img of images) t.deepEqual(await boundAfterSettling(img.dir), [], `${img.path} is free`);
+});
+
+// A hung-up client's devices are released by a worker while the poll thread goes on: close() must wait for
+// that work too, not only for the connections still open when it was called.
+loopTest('closing the server waits for the devices of a client that hung up just before', async (t) => {
+  const img = image(t);
+  const srv = await server(t, img.dir);
+  const client = new LoopClient(srv.socketPath);
+  const names = new Set<string>();
+  for (let i = 0; i < 60; i++) {
+    // Nodes left for the server to remove make the release take longer, so the race is seen more often.
+    const dev = await client.device(img.path, { devDir: img.dir });
+    names.add(`/dev/${dev.devname}`);
+  }
+  client.close();
+  // Spin rather than poll on a timer: close() must start while the worker is still releasing the devices.
+  const deadline = Date.now() + 5000;
+  while (srv.stats().connections > 0) if (Date.now() > deadline) throw new Error('the server missed the hang-up');
+  await srv.close();
+  const ours = fs.readdirSync('/proc/self/fd').filter((fd) => {
+    try {
+      return names.has(fs.readlinkSync(`/proc/self/fd/${fd}`));
+    } catch {
+      return false; // closed meanwhile
+    }
+  });
+  t.deepEqual(ours, [], 'no fd of those devices is open once close() has resolved');
+  t.deepEqual(await boundAfterSettling(img.dir), []);
 });
 
 loopTest.serial('loopdev serve under socket activation (systemd-socket-activate): one log line per request', async (t) => {

@@ -58,6 +58,8 @@ pub(super) struct Workers {
     threads: usize,
     /// Work sent and not done yet.
     busy: usize,
+    /// Of that, releases: shutdown waits for them all, including those of connections that hung up before.
+    releasing: usize,
     max: usize,
     options: Arc<ServerOptions>,
     counters: Arc<Counters>,
@@ -75,6 +77,7 @@ impl Workers {
             wake: Arc::new(seqpacket::eventfd()?),
             threads: 0,
             busy: 0,
+            releasing: 0,
             max: max.max(1),
             options,
             counters,
@@ -104,8 +107,21 @@ impl Workers {
         }
         // Only with no worker at all (none could be started): release here rather than leak. It may
         // block, but then there is no one else to serve anyway.
-        if let Err(work) = self.send(Work::Release(held)) {
-            drop(work);
+        match self.send(Work::Release(held)) {
+            Ok(()) => self.releasing += 1,
+            Err(work) => drop(work),
+        }
+    }
+
+    /// Releases sent and not done yet.
+    pub fn releasing(&self) -> usize {
+        self.releasing
+    }
+
+    fn count(&mut self, done: &Done) {
+        self.busy -= 1;
+        if let Done::Released = done {
+            self.releasing -= 1;
         }
     }
 
@@ -158,14 +174,14 @@ impl Workers {
             Some(rx) => rx.try_iter().collect(),
             None => Vec::new(),
         };
-        self.busy -= done.len();
+        done.iter().for_each(|d| self.count(d));
         done
     }
 
     /// Waits up to `timeout` for one piece of work to finish (shutdown only: the poll loop uses `ready_fd`).
     pub fn wait_done(&mut self, timeout: std::time::Duration) -> Option<Done> {
         let done = self.done_rx.as_ref()?.recv_timeout(timeout).ok()?;
-        self.busy -= 1;
+        self.count(&done);
         Some(done)
     }
 
