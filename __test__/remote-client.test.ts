@@ -70,6 +70,24 @@ function openFds(): number {
   return fs.readdirSync('/proc/self/fd').length;
 }
 
+/** Threads of ours waiting for a server's replies (one per client, named `loopdev.remoteRequest`). */
+function requestThreads(): number {
+  const named = (task: string) => {
+    try {
+      return fs.readFileSync(`/proc/self/task/${task}/comm`, 'utf8').startsWith('loopdev.remoteR');
+    } catch {
+      return false; // the thread ended meanwhile
+    }
+  };
+  return fs.readdirSync('/proc/self/task').filter(named).length;
+}
+
+/** Closed clients' request threads end once their last request is done: poll for that, up to 2 s. */
+async function requestThreadsSettle(): Promise<number> {
+  for (let i = 0; i < 40 && requestThreads() > 0; i++) await new Promise((r) => setTimeout(r, 50));
+  return requestThreads();
+}
+
 /** A fake server, a file to send it and a dir for nodes, and the fd count before any client. */
 async function setUp(t: ExecutionContext, mode: 'silent' | 'late', delaySeconds = 0) {
   const dir = tempDir(t);
@@ -92,12 +110,14 @@ loopTest.serial('16 requests to a server that never answers take no pool thread:
   for (let i = 0; i < 8; i++) t.is(await fs.promises.readFile(file, 'utf8'), 'x');
   t.truthy(await dns.promises.lookup('localhost'));
   t.is(settled, 0, 'fs and dns completed while all 16 requests were still waiting');
+  t.is(requestThreads(), 16, 'each client waits on a thread of its own');
   for (const r of await Promise.allSettled(pending)) {
     t.is(r.status, 'rejected');
     t.like((r as PromiseRejectedResult).reason, { code: 'ETIMEDOUT', syscall: 'recvmsg', path: server.socketPath });
   }
   for (const c of clients) c.close();
   t.is(openFds(), before, 'no fd left behind');
+  t.is(await requestThreadsSettle(), 0, 'no request thread left behind by a closed client');
 });
 
 loopTest.serial('abort: before the call, while queued (never sent), and in flight', async (t) => {

@@ -12,7 +12,6 @@ import { sysError } from '../syserr.js';
 
 type Size = number | bigint;
 
-
 export interface RemoteDeviceOptions {
   /** Start of the device in the file, bytes (0 = start). */
   offset?: Size;
@@ -170,6 +169,8 @@ export class LoopClient implements Disposable {
   #handle: Handle | null;
   /** One request at a time (replies carry no id): settles when every request made so far is done. */
   #queue: Promise<unknown> = Promise.resolve();
+  /** Requests made and not settled yet: with none, a request skips the queue (and its timer). */
+  #pending = 0;
 
   /** Connects (autobound SOCK_SEQPACKET) to the server at `socketPath`. */
   constructor(socketPath: string) {
@@ -199,9 +200,17 @@ export class LoopClient implements Disposable {
     const { signal } = options;
     if (signal?.aborted) return Promise.reject(abortError(signal));
     const turn = this.#queue;
-    const run = this.#waitTurn(turn, deadline, signal).then(() => this.#request(handle, file, options, deadline));
+    const run =
+      this.#pending === 0
+        ? this.#request(handle, file, options, deadline)
+        : this.#waitTurn(turn, deadline, signal).then(() => this.#request(handle, file, options, deadline));
+    this.#pending++;
+    const settled = run.then(
+      () => void this.#pending--,
+      () => void this.#pending--,
+    );
     // The next request waits for this one and for the one before (still in flight if this one gave up).
-    this.#queue = Promise.all([turn, run.catch(() => undefined)]);
+    this.#queue = this.#pending === 1 ? settled : Promise.all([turn, settled]);
     return run;
   }
 

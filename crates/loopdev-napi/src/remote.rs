@@ -1,12 +1,13 @@
 //! Exports for the osbuild-compatible remote loop server and client. The server runs on its own Rust
 //! thread (see `loopdev::remote::server`); JS only starts it, reads its counters and stops it. The stop
 //! waits for that thread (seconds, if a request is stuck), so it never runs on the JS thread: remoteServerClose
-//! runs it as async work, and a handle collected without close() hands it to a thread of its own. A client request blocks until the reply, so it runs
-//! as async work too.
+//! runs it as async work, and a handle collected without close() hands it to a thread of its own. A client
+//! request blocks until the reply, so it runs on the client's own request thread.
 
 use crate::convert;
 use crate::js::{arg, no_unwind, Env, Failure, JsResult, Native, Value};
 use crate::sys::*;
+use crate::task::JobThread;
 use loopdev::remote::client::Sent;
 use loopdev::remote::{Client, Reply, Request, Server, ServerOptions};
 use std::cell::Cell;
@@ -19,7 +20,19 @@ use std::time::Duration;
 /// What a remote handle holds. close() takes the value out; work already running keeps its own `Arc`.
 enum Remote {
     Server(ServerSlot),
-    Client(Mutex<Option<Arc<Client>>>),
+    Client(ClientSlot),
+}
+
+struct ClientSlot {
+    client: Mutex<Option<Arc<Client>>>,
+    /// Where the requests wait for their replies.
+    requests: JobThread,
+}
+
+impl ClientSlot {
+    fn get(&self) -> Option<Arc<Client>> {
+        self.client.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 struct ServerSlot {
@@ -83,7 +96,7 @@ fn server_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a ServerSlot> {
     }
 }
 
-fn client_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a Mutex<Option<Arc<Client>>>> {
+fn client_slot<'a>(env: Env, args: &[Value]) -> JsResult<&'a ClientSlot> {
     const WHAT: &str = "LoopClient";
     match env.external_ref::<Remote>(arg(env, args, 0)?, WHAT)? {
         Remote::Client(c) => Ok(c),
@@ -219,7 +232,8 @@ pub fn server_stats(env: Env, args: &[Value]) -> JsResult<Value> {
 pub fn client_connect(env: Env, args: &[Value]) -> JsResult<Value> {
     let path = env.to_string(arg(env, args, 0)?)?;
     let client = Client::connect(Path::new(&path))?;
-    env.external(Remote::Client(Mutex::new(Some(Arc::new(client)))))
+    let requests = JobThread::new("loopdev.remoteRequest");
+    env.external(Remote::Client(ClientSlot { client: Mutex::new(Some(Arc::new(client))), requests }))
 }
 
 /// `{ offset?, sizeLimit?, lock?, partscan?, readOnly?, sectorSize?, open? }` → the wire request.
@@ -264,15 +278,12 @@ fn reply(env: Env, (r, fd): (Reply, Option<OwnedFd>)) -> JsResult<Value> {
 
 /// remoteClientRequest(h, file, dir, options, timeoutMs?) → Promise<reply>. `file` and `dir` are paths,
 /// opened on the request's thread, or fds, duplicated before this returns so the caller may close them at
-/// once. It waits for the server on a thread of its own, never on the libuv pool: a server that does not
+/// once. It waits for the server on the client's request thread, never on the libuv pool: a server that does not
 /// answer must not starve the application's fs, dns, crypto and zlib work. ETIMEDOUT after `timeoutMs`;
 /// ECANCELED on `remoteClientCancel`.
 pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
-    let client = client_slot(env, args)?
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .ok_or(Failure::Closed("loop client"))?;
+    let slot = client_slot(env, args)?;
+    let client = slot.get().ok_or(Failure::Closed("loop client"))?;
     let req = request(env, arg(env, args, 3)?)?;
     let file = sent(env, arg(env, args, 1)?, "fd", |path| Sent::File(path, req.read_only))?;
     let dir = sent(env, arg(env, args, 2)?, "dirFd", Sent::Dir)?;
@@ -282,9 +293,8 @@ pub fn client_request(env: Env, args: &[Value]) -> JsResult<Value> {
     } else {
         Some(Duration::from_millis(env.to_int(timeout, "timeoutMs", 0, i64::from(u32::MAX))? as u64))
     };
-    crate::task::spawn_thread(
+    slot.requests.run(
         env,
-        "loopdev.remoteRequest",
         move || {
             let file = file.open()?;
             Ok(client.request(file.as_fd(), dir.open()?, &req, timeout)?)
@@ -304,7 +314,7 @@ fn sent(env: Env, v: Value, what: &str, path: impl FnOnce(PathBuf) -> Sent) -> J
 /// remoteClientCancel(h): gives up the request in progress (it rejects with ECANCELED); its late reply is
 /// discarded by the next request.
 pub fn client_cancel(env: Env, args: &[Value]) -> JsResult<Value> {
-    if let Some(client) = client_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    if let Some(client) = client_slot(env, args)?.get() {
         client.cancel();
     }
     env.undefined()
@@ -312,8 +322,10 @@ pub fn client_cancel(env: Env, args: &[Value]) -> JsResult<Value> {
 
 /// remoteClientClose(h): shuts the socket down (a pending request fails with ECONNRESET) and drops it.
 pub fn client_close(env: Env, args: &[Value]) -> JsResult<Value> {
-    if let Some(client) = client_slot(env, args)?.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    let slot = client_slot(env, args)?;
+    if let Some(client) = slot.client.lock().unwrap_or_else(|e| e.into_inner()).take() {
         let _ = client.shutdown();
     }
+    slot.requests.stop();
     env.undefined()
 }

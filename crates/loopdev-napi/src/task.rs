@@ -4,6 +4,7 @@ use crate::js::{no_unwind, Env, Failure, JsResult, Value};
 use crate::sys::*;
 use std::ffi::c_void;
 use std::ptr;
+use std::sync::{mpsc, Mutex};
 
 struct Job<T> {
     run: Option<Box<dyn FnOnce() -> JsResult<T> + Send>>,
@@ -121,7 +122,7 @@ fn settle(env: Env, deferred: napi_deferred, settled: JsResult<Value>) {
     };
 }
 
-/// A result on its way from a thread of `spawn_thread` to the JS thread.
+/// A result on its way from a `JobThread` to the JS thread.
 struct Delivery<T> {
     output: JsResult<T>,
     finish: fn(Env, T) -> JsResult<Value>,
@@ -134,61 +135,104 @@ struct Channel(napi_threadsafe_function, napi_deferred);
 // SAFETY: see above.
 unsafe impl Send for Channel {}
 
-/// Like `spawn`, but `run` gets a thread of its own instead of one of libuv's four pool threads: for work
-/// that waits on something outside the process for as long as that takes (a remote server's reply), which
-/// would otherwise hold up the application's fs, dns, crypto and zlib work queued behind it.
-pub fn spawn_thread<T: Send + 'static>(
-    env: Env,
-    name: &str,
-    run: impl FnOnce() -> JsResult<T> + Send + 'static,
-    finish: fn(Env, T) -> JsResult<Value>,
-) -> JsResult<Value> {
-    let resource_name = env.string(name)?;
-    let (deferred, promise) = new_promise(env)?;
-    let mut tsfn = ptr::null_mut();
-    // SAFETY: no JS function (deliver settles the promise itself), one thread count, deliver matches the
-    // Delivery<T> the thread sends. The tsfn keeps the event loop alive until released, like a pending socket.
-    let status = unsafe {
-        napi_create_threadsafe_function(
-            env.0,
-            ptr::null_mut(),
-            ptr::null_mut(),
-            resource_name,
-            0,
-            1,
-            ptr::null_mut(),
-            None,
-            ptr::null_mut(),
-            Some(deliver::<T>),
-            &mut tsfn,
-        )
-    };
-    if status != NAPI_OK {
-        settle(env, deferred, Err(Failure::Pending));
-        return Ok(promise);
+type ThreadJob = Box<dyn FnOnce() + Send>;
+
+/// A thread of its own for work that waits on something outside the process for as long as that takes (a
+/// remote server's reply), which on one of libuv's four pool threads would hold up the application's fs,
+/// dns, crypto and zlib work queued behind it. Its jobs run one after another, as a client's requests do
+/// anyway; it is started at the first job and kept, because a clone and exit per job cost about 45 µs here.
+/// It ends once stopped (or dropped) and its queue is empty.
+pub struct JobThread {
+    name: &'static str,
+    jobs: Mutex<Option<mpsc::Sender<ThreadJob>>>,
+}
+
+impl JobThread {
+    pub fn new(name: &'static str) -> JobThread {
+        JobThread { name, jobs: Mutex::new(None) }
     }
-    let channel = Channel(tsfn, deferred);
-    let spawned = std::thread::Builder::new().name(name.into()).spawn(move || {
-        let channel = channel;
-        let output = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| Err(panicked()));
-        let delivery = Box::into_raw(Box::new(Delivery { output, finish, deferred: channel.1 }));
-        // SAFETY: the tsfn is alive until released below; ownership of `delivery` passes to deliver on success.
-        unsafe {
-            if napi_call_threadsafe_function(channel.0, delivery.cast(), NAPI_TSFN_BLOCKING) != NAPI_OK {
-                // The environment is closing: its promises go with it.
-                drop(Box::from_raw(delivery));
-            }
-            napi_release_threadsafe_function(channel.0, NAPI_TSFN_RELEASE);
+
+    /// Returns a promise settled with `finish(run())`, `run` having run on this thread after the jobs before
+    /// it; `run` must not touch JS.
+    pub fn run<T: Send + 'static>(
+        &self,
+        env: Env,
+        run: impl FnOnce() -> JsResult<T> + Send + 'static,
+        finish: fn(Env, T) -> JsResult<Value>,
+    ) -> JsResult<Value> {
+        let resource_name = env.string(self.name)?;
+        let (deferred, promise) = new_promise(env)?;
+        let mut tsfn = ptr::null_mut();
+        // SAFETY: no JS function (deliver settles the promise itself), one thread count, deliver matches the
+        // Delivery<T> the job sends. The tsfn keeps the event loop alive until released, like a pending socket.
+        let status = unsafe {
+            napi_create_threadsafe_function(
+                env.0,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                resource_name,
+                0,
+                1,
+                ptr::null_mut(),
+                None,
+                ptr::null_mut(),
+                Some(deliver::<T>),
+                &mut tsfn,
+            )
+        };
+        if status != NAPI_OK {
+            settle(env, deferred, Err(Failure::Pending));
+            return Ok(promise);
         }
-    });
-    if let Err(e) = spawned {
-        // The closure (and what `run` owns) is dropped; the tsfn and deferred are still ours.
-        // SAFETY: we hold the tsfn's one thread count.
-        unsafe { napi_release_threadsafe_function(tsfn, NAPI_TSFN_RELEASE) };
-        let errno = nix::errno::Errno::from_i32(e.raw_os_error().unwrap_or(nix::libc::EAGAIN));
-        settle(env, deferred, Err(Failure::Loop(loopdev::Error::os(errno, "pthread_create"))));
+        let channel = Channel(tsfn, deferred);
+        let job: ThreadJob = Box::new(move || {
+            let channel = channel;
+            let output =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|_| Err(panicked()));
+            let delivery = Box::into_raw(Box::new(Delivery { output, finish, deferred: channel.1 }));
+            // SAFETY: the tsfn is alive until released below; ownership of `delivery` passes to deliver on
+            // success.
+            unsafe {
+                if napi_call_threadsafe_function(channel.0, delivery.cast(), NAPI_TSFN_BLOCKING) != NAPI_OK {
+                    // The environment is closing: its promises go with it.
+                    drop(Box::from_raw(delivery));
+                }
+                napi_release_threadsafe_function(channel.0, NAPI_TSFN_RELEASE);
+            }
+        });
+        if let Err(errno) = self.send(job) {
+            // The job (and what `run` owns) is dropped; the tsfn and deferred are still ours.
+            // SAFETY: we hold the tsfn's one thread count.
+            unsafe { napi_release_threadsafe_function(tsfn, NAPI_TSFN_RELEASE) };
+            settle(env, deferred, Err(Failure::Loop(loopdev::Error::os(errno, "pthread_create"))));
+        }
+        Ok(promise)
     }
-    Ok(promise)
+
+    /// Queues the job, starting the thread first if there is none (or it has gone).
+    fn send(&self, job: ThreadJob) -> Result<(), nix::errno::Errno> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match jobs.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = mpsc::channel::<ThreadJob>();
+        std::thread::Builder::new()
+            .name(self.name.into())
+            .spawn(move || rx.into_iter().for_each(|job| job()))
+            .map_err(|e| nix::errno::Errno::from_i32(e.raw_os_error().unwrap_or(nix::libc::EAGAIN)))?;
+        tx.send(job).map_err(|_| nix::errno::Errno::EPIPE)?;
+        *jobs = Some(tx);
+        Ok(())
+    }
+
+    /// No more jobs: the thread ends once the queued ones are done.
+    pub fn stop(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
 }
 
 unsafe extern "C" fn deliver<T>(env: napi_env, _func: napi_value, _context: *mut c_void, data: *mut c_void) {

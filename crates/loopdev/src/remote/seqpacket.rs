@@ -347,8 +347,19 @@ pub fn pollfd(fd: BorrowedFd, events: i16) -> libc::pollfd {
 }
 
 /// The `/proc/sys/net/core/wmem_max` limit jsoncomm senders use to pick the memfd path (64000 if unknown).
+/// Read once, not five syscalls per request; a limit lowered later
+/// is still met, as the sender falls back to the memfd on EMSGSIZE.
 pub fn wmem_max() -> usize {
-    std::fs::read_to_string("/proc/sys/net/core/wmem_max").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(64_000)
+    static WMEM_MAX: AtomicUsize = AtomicUsize::new(0);
+    match WMEM_MAX.load(Ordering::Relaxed) {
+        0 => {
+            let read = std::fs::read_to_string("/proc/sys/net/core/wmem_max").ok().and_then(|s| s.trim().parse().ok());
+            let limit = read.filter(|&n| n > 0).unwrap_or(64_000);
+            WMEM_MAX.store(limit, Ordering::Relaxed);
+            limit
+        }
+        limit => limit,
+    }
 }
 
 #[cfg(test)]
