@@ -25,7 +25,7 @@ pub struct ServerOptions {
     pub max_devices_per_uid: usize,
     /// A connection that holds no device and sends nothing for this long is closed (None: never).
     pub idle_timeout: Option<Duration>,
-    /// Worker threads serving requests at most (started on demand).
+    /// Worker threads serving requests, started with the server (any that cannot be, later on demand).
     pub workers: usize,
     /// Requests of one uid served at once, including ones stuck past their deadline (more get EAGAIN).
     pub max_requests_per_uid: usize,

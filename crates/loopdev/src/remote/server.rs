@@ -556,6 +556,10 @@ impl Serve {
         let (id, out) = match done {
             Done::Released => return,
             Done::Attached { id, out } => (id, out),
+            Done::Skipped { id, uid, fds } => {
+                self.closer.close(uid, fds);
+                (id, None)
+            }
         };
         let r = match self.in_flight.remove(&id) {
             Some(r) => r,
@@ -835,6 +839,7 @@ fn release_all(
             Some(Done::Attached { out: Some(Outgoing { device: Some(held), .. }), .. }) => {
                 workers.release(vec![held]);
             }
+            Some(Done::Skipped { uid, fds, .. }) => closer.close(uid, fds),
             Some(_) => {}
             None => break,
         }

@@ -3,9 +3,11 @@
 //! never on the server's poll thread, which only moves bytes and keeps time: a stuck request costs one
 //! worker and gets ETIMEDOUT at its deadline, while the others are served.
 //!
-//! Workers start on demand up to a maximum and each has its own loop-control fd (its own flock). Every
-//! piece of work sent yields exactly one `Done` (unless the poll thread has gone, in which case the worker
-//! drops what it made itself: a device nobody will be told about is released right there).
+//! All workers are started with the server (any that cannot be are started on demand later): a peer that
+//! takes every free pid must not leave the server with the one or two workers its own stuck requests hold,
+//! and everyone else queued behind them (red team round 11, p2). Each opens loop-control per request (its
+//! own flock). Every piece of work sent yields exactly one `Done` (unless the poll thread has gone, in which
+//! case the worker drops what it made itself: a device nobody will be told about is released right there).
 
 use super::attach::{Attacher, Counters, Held, Outgoing};
 use super::options::ServerOptions;
@@ -13,6 +15,8 @@ use super::seqpacket::{self, PeerCred};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
 use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
+#[cfg(test)]
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -39,10 +43,17 @@ enum Work {
 
 #[derive(Debug)]
 pub(super) enum Done {
-    /// The reply for request `id`; None if the request was skipped, or the worker failed (panicked).
+    /// The reply for request `id`; None if the worker failed (panicked).
     Attached {
         id: u64,
         out: Option<Outgoing>,
+    },
+    /// Request `id` was given up on before a worker took it: its fds come back unclosed, for the peer's
+    /// lane to close. A close the peer made block then holds the peer's own lane, not a worker.
+    Skipped {
+        id: u64,
+        uid: u32,
+        fds: Vec<OwnedFd>,
     },
     Released,
 }
@@ -69,7 +80,7 @@ impl Workers {
     pub fn new(max: usize, options: Arc<ServerOptions>, counters: Arc<Counters>) -> Result<Workers> {
         let (work, queue) = mpsc::channel();
         let (done_tx, done_rx) = mpsc::channel();
-        Ok(Workers {
+        let mut workers = Workers {
             work: Some(work),
             queue: Arc::new(Mutex::new(queue)),
             done_tx,
@@ -81,7 +92,9 @@ impl Workers {
             max: max.max(1),
             options,
             counters,
-        })
+        };
+        while workers.threads < workers.max && workers.spawn().is_ok() {}
+        Ok(workers)
     }
 
     /// Readable when work is done.
@@ -151,6 +164,9 @@ impl Workers {
                     Err(_) => return, // the server is gone and the queue is empty
                 };
                 let result = match work {
+                    Work::Attach(r) if r.cancelled.load(Ordering::SeqCst) => {
+                        Done::Skipped { id: r.id, uid: r.peer.uid, fds: r.fds }
+                    }
                     Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
                     Work::Release(held) => {
                         let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
@@ -197,9 +213,44 @@ impl Workers {
 /// whose lock its own splice holds) then keeps the request, and so this worker, counted against the peer's
 /// uid, and one uid cannot wedge more workers than it may have requests (red team round 8, w1).
 fn serve(attacher: &Attacher, r: Request) -> Option<Outgoing> {
-    if r.cancelled.load(Ordering::SeqCst) {
-        return None; // its fds close here
-    }
     let Request { peer, payload, fds, .. } = r;
     catch_unwind(AssertUnwindSafe(|| attacher.handle(&payload, fds, &peer))).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn workers(max: usize) -> Workers {
+        Workers::new(max, Arc::new(ServerOptions::default()), Arc::new(Counters::default())).unwrap()
+    }
+
+    #[test]
+    fn every_worker_starts_with_the_server() {
+        let mut w = workers(3);
+        assert_eq!((w.threads, w.busy), (3, 0), "all three started before any work was sent");
+        w.close();
+    }
+
+    /// A request given up on before a worker took it is not closed by that worker: its fds come back in the
+    /// `Done` for the peer's lane (a close the peer made block must not take a worker).
+    #[test]
+    fn a_request_given_up_on_comes_back_with_its_fds_open() {
+        let mut w = workers(1);
+        let (r, wr) = nix::unistd::pipe().unwrap();
+        // SAFETY: pipe() just returned these fds and nothing else owns them.
+        let fds = unsafe { vec![OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(wr)] };
+        let peer = PeerCred { pid: 1, uid: 4242, gid: 4242 };
+        let cancelled = Arc::new(AtomicBool::new(true));
+        w.attach(Request { id: 7, peer, payload: b"{}".to_vec(), fds, cancelled }).unwrap();
+        match w.wait_done(Duration::from_secs(10)) {
+            Some(Done::Skipped { id: 7, uid: 4242, fds }) => {
+                assert_eq!(fds.len(), 2);
+                assert_eq!(nix::unistd::write(fds[1].as_raw_fd(), b"x"), Ok(1), "the write end is still open");
+            }
+            other => panic!("expected Skipped: {other:?}"),
+        }
+        w.close();
+    }
 }
