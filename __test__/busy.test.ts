@@ -4,6 +4,7 @@
  * `losetup -d` does, and `loopdev detach` behaves like `losetup -d` unless given --wait.
  */
 import { execFileSync, spawn } from 'node:child_process';
+import { native } from '../ts/binding.js';
 import { LoopError } from '../ts/index.js';
 import { attached, cli, mount, sparseFile, tool, umount } from './fixtures.js';
 import { boundAfterSettling, devicesBoundUnder, loopTest, tempDir, unavailable } from './helpers.js';
@@ -44,8 +45,19 @@ loopTest('a verified detach of a device another process has open fails with EBUS
   const holder = spawn('sh', ['-c', `exec 3<${dev.path}; echo open; exec sleep 60`], { stdio: ['ignore', 'pipe', 'ignore'] });
   t.teardown(() => holder.kill('SIGKILL'));
   await new Promise((resolve) => holder.stdout.once('data', resolve));
+  // The scan of /proc that finds the process stats every fd of every process: the async detach has it done
+  // on the pool, never on the JS thread.
+  const scans = { sync: 0, async: 0 };
+  const { blockOpeners, blockOpenersAsync } = native;
+  native.blockOpeners = (devs) => (scans.sync++, blockOpeners(devs));
+  native.blockOpenersAsync = (devs) => (scans.async++, blockOpenersAsync(devs));
+  t.teardown(() => Object.assign(native, { blockOpeners, blockOpenersAsync }));
   const err = await t.throwsAsync(dev.detach({ timeoutMs: 60_000 }), { code: 'EBUSY' });
   t.deepEqual((err as unknown as { heldBy: string[] }).heldBy, [`open in process ${holder.pid} (sleep)`]);
+  t.is(scans.sync, 0, 'no scan of /proc on the JS thread');
+  t.true(scans.async > 0);
+  t.deepEqual(dev.heldBy(), [`open in process ${holder.pid} (sleep)`], 'heldBy() scans in place');
+  t.is(scans.sync, 1);
   holder.kill('SIGKILL');
   t.deepEqual(await boundAfterSettling(file), []);
 });

@@ -168,6 +168,9 @@ export interface Native {
   loopSetCapacity(h: Handle): void;
   loopMknod(h: Handle, dirFd: number, mode: number): void;
   removeNode(dirFd: number, name: string): void;
+  /** Processes with an fd open on one of `devs` (`major:minor`), from /proc, in pid order. */
+  blockOpeners(devs: string[]): { pid: number; comm: string }[];
+  blockOpenersAsync(devs: string[]): Promise<{ pid: number; comm: string }[]>;
   loopPartitionTable(h: Handle): NativeTable | null;
   /** BLKPG_ADD_PARTITION for each partition of the table the kernel lacks; `added` are ours to remove. */
   loopAddPartitions(h: Handle): { table: NativeTable | null; added: number[]; warnings: string[] };

@@ -7,7 +7,8 @@ import { deviceInfoSync, loopName } from './list.js';
 import { closeOffThread, DETACH_TIMEOUT_MS, handleOf, Loop } from './loop.js';
 import { findPartition, fromNative, type Partition, type PartitionQuery, type PartitionTable } from './partitions.js';
 import type { LoopBinding, LoopDeviceInfo } from './state.js';
-import { bindingGone, holdersOf, loopNumber, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
+import { holders, holdersOf } from './holders.js';
+import { bindingGone, loopNumber, readAttr, readLoop, type SysfsLoop } from './sysfs.js';
 import { errnoCode, sysError, toLoopError } from './syserr.js';
 
 const POLL_MS = 5;
@@ -368,7 +369,7 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
           // Mounts and holders do not go away by themselves; a process may (udev's probe holds it briefly).
           // Times are taken before the scan of /proc, which can be slow: it must not decide the outcome.
           nextLook = lookedAt + LOOK_EVERY_MS;
-          const held = this.heldBy();
+          const held = yield* call(holders(this.devname));
           const lasting = held.filter((h) => !h.startsWith('open in process'));
           if (lasting.length > 0 || (held.length > 0 && lookedAt - start >= PROCESS_GRACE_MS)) {
             throw Object.assign(

@@ -11,6 +11,7 @@ mod entry;
 mod errors;
 mod handle;
 mod js;
+mod openers;
 mod partitions;
 mod remote;
 mod sys;
@@ -52,6 +53,8 @@ const EXPORTS: &[(&str, Exported)] = &[
     ("loopSetCapacity", device::set_capacity),
     ("loopMknod", device::mknod),
     ("removeNode", device::remove_node),
+    ("blockOpeners", openers::block_openers),
+    ("blockOpenersAsync", openers::block_openers_async),
     ("loopPartitionTable", partitions::table),
     ("loopAddPartitions", partitions::add),
     ("loopRemovePartition", partitions::remove),

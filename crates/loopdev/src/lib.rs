@@ -9,6 +9,7 @@ pub mod info;
 mod inode;
 pub mod ioctl;
 pub mod node;
+pub mod openers;
 pub mod partition;
 pub mod remote;
 pub mod uapi;
