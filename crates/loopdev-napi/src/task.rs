@@ -1,4 +1,5 @@
-//! Blocking kernel calls as promises: `run` executes on the libuv pool, `finish` converts on the JS thread.
+//! Blocking kernel calls as promises: `run` executes on the libuv pool (or on a `JobThread`, for waits on
+//! something outside the process), `finish` converts on the JS thread.
 
 use crate::js::{no_unwind, Env, Failure, JsResult, Value};
 use crate::sys::*;
