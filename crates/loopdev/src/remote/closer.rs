@@ -20,7 +20,7 @@ use super::keeper::Keeper;
 use super::seqpacket::{self, Leftover};
 use crate::error::{Error, Result};
 use nix::errno::Errno;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -56,6 +56,9 @@ struct Lane {
 
 pub(super) struct Closer {
     lanes: HashMap<u32, Lane>,
+    /// Uids whose fds went to the shared lane (no lane of their own could be had): the shared lane's
+    /// backlog counts against them, and only against them. Forgotten once that lane is empty.
+    on_shared: HashSet<u32>,
     /// Per uid, like the lanes.
     keepers: HashMap<u32, Keeper>,
     /// Fds queued on all lanes and not closed yet.
@@ -81,10 +84,20 @@ impl Drop for Closer {
 impl Closer {
     /// A closer with its drainer, its shared lane and its shared keeper started, so that a later shortage of
     /// threads still has a lane and a keeper to use. (Only a kernel without `pidfd_getfd` has no keeper.)
-    pub fn new() -> Result<Closer> {
-        let mut closer =
-            Closer { lanes: HashMap::new(), keepers: HashMap::new(), total: Arc::default(), drainer: Drainer::new()? };
+    /// The uids in `own_lanes` get their lanes now too: a peer that takes every pid and wedges the shared
+    /// lane then still cannot make them share it (red team round 12).
+    pub fn new(own_lanes: &[u32]) -> Result<Closer> {
+        let mut closer = Closer {
+            lanes: HashMap::new(),
+            on_shared: HashSet::new(),
+            keepers: HashMap::new(),
+            total: Arc::default(),
+            drainer: Drainer::new()?,
+        };
         closer.lane(ANY_UID).ok_or_else(|| Error::os(Errno::EAGAIN, "pthread_create"))?;
+        for &uid in own_lanes.iter().take(MAX_LANES / 2) {
+            let _ = closer.lane(uid);
+        }
         if let Some(keeper) = Keeper::start(&format!("loopdev-keep-{ANY_UID}")) {
             closer.keepers.insert(ANY_UID, keeper);
         }
@@ -95,9 +108,13 @@ impl Closer {
     /// out of them). Only if the shared lane is gone too is it dropped here: there is no better place left.
     pub fn close(&mut self, uid: u32, what: impl Closable) {
         let fds = what.fds();
+        let peer = uid;
         let mut uid = if self.lanes.contains_key(&uid) || self.lanes.len() < MAX_LANES { uid } else { ANY_UID };
         if self.lane(uid).is_none() {
             uid = ANY_UID;
+        }
+        if uid == ANY_UID && peer != ANY_UID {
+            self.on_shared.insert(peer);
         }
         let what: Droppable = Box::new(what);
         let total = Arc::clone(&self.total);
@@ -170,10 +187,17 @@ impl Closer {
         }
     }
 
-    /// Fds still waiting to be closed for `uid` (its lane's backlog).
-    pub fn backlog(&self, uid: u32) -> usize {
-        let uid = if self.lanes.contains_key(&uid) { uid } else { ANY_UID };
-        self.lanes.get(&uid).map_or(0, |l| l.pending.load(Ordering::SeqCst))
+    /// Fds still waiting to be closed for `uid`: its lane's backlog, plus the shared lane's if some of its
+    /// fds went there. A uid that never needed a lane has none (it used to be judged by the shared lane's,
+    /// which a peer could wedge to stop root being read: red team round 12).
+    pub fn backlog(&mut self, uid: u32) -> usize {
+        let pending = |closer: &Closer, uid| closer.lanes.get(&uid).map_or(0, |l| l.pending.load(Ordering::SeqCst));
+        let shared = pending(self, ANY_UID);
+        if shared == 0 {
+            self.on_shared.clear();
+        }
+        let own = if uid == ANY_UID { 0 } else { pending(self, uid) };
+        own + if uid == ANY_UID || self.on_shared.contains(&uid) { shared } else { 0 }
     }
 
     /// Fds still waiting to be closed, on all lanes and at the drainer.
@@ -210,5 +234,53 @@ impl std::fmt::Debug for Closer {
             .field("backlog", &self.total_backlog())
             .field("kept", &kept)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Stands for `fds` of a peer's fds whose close blocks until the sender is dropped.
+    struct Wedged {
+        fds: usize,
+        until: mpsc::Receiver<()>,
+    }
+
+    impl Closable for Wedged {
+        fn fds(&self) -> usize {
+            self.fds
+        }
+    }
+
+    impl Drop for Wedged {
+        fn drop(&mut self) {
+            let _ = self.until.recv();
+        }
+    }
+
+    /// Red team round 12: a uid without a lane of its own was judged by the shared lane's backlog, so a peer
+    /// that wedged the shared lane stopped the server reading from root.
+    #[test]
+    fn the_shared_lane_backlog_counts_only_against_uids_whose_fds_are_on_it() {
+        let mut closer = Closer::new(&[0]).unwrap();
+        assert!(closer.lanes.contains_key(&0), "root's lane is started with the closer");
+        // Fill every lane, so that the next uid's fds go to the shared lane, and wedge that.
+        for uid in 1000..1000 + MAX_LANES as u32 {
+            closer.close(uid, Vec::<OwnedFd>::new());
+        }
+        let (release, until) = mpsc::channel();
+        closer.close(9999, Wedged { fds: 300, until });
+        assert_eq!(closer.backlog(9999), 300, "the peer whose fds wait there is throttled");
+        assert_eq!(closer.backlog(0), 0, "root is not");
+        assert_eq!(closer.backlog(4242), 0, "nor a uid that never needed a lane");
+        drop(release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while closer.backlog(9999) > 0 {
+            assert!(Instant::now() < deadline, "the shared lane did not drain");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(closer.on_shared.is_empty(), "forgotten once the shared lane is empty");
     }
 }

@@ -102,6 +102,11 @@ impl Server {
         counters.running.store(true, Ordering::SeqCst);
         let options = Arc::new(options);
         let workers = Workers::new(options.workers, Arc::clone(&options), Arc::clone(&counters))?;
+        // Root and the peers allowed in get closing lanes of their own now, while threads can be had.
+        let mut own_lanes = vec![0, nix::unistd::geteuid().as_raw()];
+        own_lanes.extend(&options.allow_uids);
+        own_lanes.sort_unstable();
+        own_lanes.dedup();
         let serve = Serve {
             socket_file: file,
             listener,
@@ -115,7 +120,7 @@ impl Server {
             next_id: 1,
             options,
             counters: Arc::clone(&counters),
-            closer: Closer::new()?,
+            closer: Closer::new(&own_lanes)?,
             global_backlog: fd_limit() / 4,
         };
         let (tx, done) = mpsc::channel();
