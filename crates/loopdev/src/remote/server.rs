@@ -117,6 +117,7 @@ impl Server {
             in_flight: HashMap::new(),
             busy_by_uid: HashMap::new(),
             queued: HashMap::new(),
+            last_started: 0,
             next_id: 1,
             options,
             counters: Arc::clone(&counters),
@@ -436,8 +437,11 @@ struct Serve {
     in_flight: HashMap<u64, InFlight>,
     /// Requests at a worker per uid (stuck ones included), for `max_requests_per_uid`.
     busy_by_uid: HashMap<u32, usize>,
-    /// Requests waiting for one of their uid's places, oldest first (also in `in_flight`, with a deadline).
+    /// Requests waiting for a place (see `has_place`), per uid, oldest first (also in `in_flight`, with a
+    /// deadline).
     queued: HashMap<u32, VecDeque<workers::Request>>,
+    /// The uid whose request went to a worker last: `start_others` begins after it.
+    last_started: u32,
     /// Ids of connections and requests.
     next_id: u64,
     options: Arc<ServerOptions>,
@@ -577,6 +581,9 @@ impl Serve {
             }
         }
         self.start_queued(r.uid);
+        if r.uid != 0 {
+            self.start_others();
+        }
         let conn = self.conns.iter_mut().find(|c| c.id == r.conn && c.waiting == Some(id) && !c.dead);
         match (conn, out) {
             (Some(conn), Some(out)) => {
@@ -595,9 +602,20 @@ impl Serve {
         }
     }
 
+    /// Whether `uid` may have one more request at a worker: fewer than its share, and for anyone but root, one
+    /// worker left over. Peers that stall their requests (a file that never answers) then cannot take every
+    /// worker between them, however many uids they have: root is still served.
+    fn has_place(&self, uid: u32) -> bool {
+        if self.busy_by_uid.get(&uid).copied().unwrap_or(0) >= self.options.max_requests_per_uid {
+            return false;
+        }
+        let not_root: usize = self.busy_by_uid.iter().filter(|(&u, _)| u != 0).map(|(_, &n)| n).sum();
+        uid == 0 || not_root < self.options.workers.saturating_sub(1).max(1)
+    }
+
     /// Sends `uid`'s oldest queued requests to workers while it has places.
     fn start_queued(&mut self, uid: u32) {
-        while self.busy_by_uid.get(&uid).copied().unwrap_or(0) < self.options.max_requests_per_uid {
+        while self.has_place(uid) {
             let request = match self.queued.get_mut(&uid).and_then(VecDeque::pop_front) {
                 Some(r) => r,
                 None => break,
@@ -609,11 +627,26 @@ impl Serve {
         }
     }
 
+    /// A place that is not root's came free: the requests of other uids that waited for one, in turn from the
+    /// uid after the last one started.
+    fn start_others(&mut self) {
+        let mut uids: Vec<u32> = self.queued.keys().copied().collect();
+        uids.sort_unstable();
+        let after = uids.partition_point(|&u| u <= self.last_started);
+        uids.rotate_left(after);
+        for uid in uids {
+            self.start_queued(uid);
+        }
+    }
+
     /// Hands a request to a worker; if none can start, it is answered at once.
     fn start(&mut self, request: workers::Request) {
         let (id, peer) = (request.id, request.peer);
         match self.workers.attach(request) {
-            Ok(()) => *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1,
+            Ok(()) => {
+                *self.busy_by_uid.entry(peer.uid).or_insert(0) += 1;
+                self.last_started = peer.uid;
+            }
             Err(failed) => {
                 let (e, request) = *failed;
                 self.closer.close(peer.uid, request);
@@ -747,9 +780,9 @@ impl Serve {
         flush(conn);
     }
 
-    /// Hands a request to a worker, or queues it while its uid has as many being served as it may (one
-    /// request per connection at most, so the queue is bounded by the uid's connections). It is answered
-    /// when done, or with ETIMEDOUT at its deadline.
+    /// Hands a request to a worker, or queues it while it has no place (see `has_place`; one request per
+    /// connection at most, so the queue is bounded by the connections). It is answered when done, or with
+    /// ETIMEDOUT at its deadline.
     fn dispatch(&mut self, i: usize, msg: jsoncomm::Message) {
         let peer = self.conns[i].peer;
         let id = self.next_id;
