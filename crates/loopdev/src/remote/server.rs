@@ -485,7 +485,7 @@ impl Serve {
             pfds.push(seqpacket::pollfd(self.wake.as_fd(), libc::POLLIN));
             pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
             // Peers' fds still waiting to be closed are in our fd table: past the bounds, stop taking more
-            // (from that uid; from anyone while all lanes together hold too many) until they drain.
+            // (from that uid; from anyone but root while all lanes together hold too many) until they drain.
             let flooded = self.closer.total_backlog() >= self.global_backlog || self.closer.draining_full();
             let accepting = self.conns.len() < self.options.max_connections && !flooded;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
@@ -496,7 +496,7 @@ impl Serve {
                     libc::POLLOUT
                 } else if c.waiting.is_some() {
                     0 // hang-ups are reported anyway
-                } else if self.closer.backlog(c.peer.uid) >= UID_BACKLOG {
+                } else if !may_read(&mut self.closer, c.peer.uid, self.global_backlog) {
                     congested = true;
                     0
                 } else {
@@ -741,6 +741,12 @@ impl Serve {
             }
             return;
         }
+        // Asked again before each read, not only when the poll set was made: a uid's connections ready in the
+        // same turn each added a message's fds, 25 of them 6,325 fds past the bound of 256 and past the
+        // global one (red team round 12).
+        if !may_read(&mut self.closer, conn.peer.uid, self.global_backlog) {
+            return;
+        }
         let msg = match jsoncomm::recv_message(conn.sock.as_fd(), &self.options.limits) {
             Err(e) if e.is(Errno::EAGAIN) || e.is(Errno::EINTR) => return,
             Err(_) | Ok(Incoming::Closed) => {
@@ -852,6 +858,13 @@ impl Serve {
             self.conns.push(Conn::new(id, sock, peer, None, counters));
         }
     }
+}
+
+/// Whether to read `uid`'s next message now. What a refused message carries waits on the uid's lane, in our fd
+/// table: a uid whose lane holds `UID_BACKLOG` fds is not read until it drains, and while all lanes together
+/// hold `global` no one is but root (whose fds go to workers, and who must still be served).
+fn may_read(closer: &mut Closer, uid: u32, global: usize) -> bool {
+    closer.backlog(uid) < UID_BACKLOG && (uid == 0 || closer.total_backlog() < global)
 }
 
 /// At shutdown: abandons the requests being served, has the workers release every connection's devices,
