@@ -67,6 +67,13 @@ ${LOCKED_PIPE}
 def pipe_wedge(k):
     # k write-end files of a locked pipe: releasing any of them blocks, uninterruptibly.
     return locked_pipe(k)[2]
+def closed_first(fd):
+    # True if our close returned: the server still had the end, so its close will be the last one. Else
+    # ours was, and it is what blocks (in a thread of ours, until we exit).
+    t = threading.Thread(target=os.close, args=(fd,), daemon=True)
+    t.start()
+    t.join(0.5)
+    return not t.is_alive()
 def errno_of(f):
     # "ok", or the errno's name: what the kernel let the peer do.
     try:
@@ -569,19 +576,34 @@ for (const how of ['refused-message', 'queued-at-hangup', 'refused-uid'] as cons
   });
 }
 
-// The peer wedges its own closing lane (a lingering socket whose close is the server's last, as above),
-// then floods: messages of 253 fds each, which the server refuses (E2BIG) and must close, on that lane.
+// The peer wedges its own closing lane, then floods: messages of 253 fds each, which the server refuses
+// (E2BIG) and must close, on that lane. The wedge is a locked pipe end, sent three times (refused the same
+// way: a request has two fds; a well-formed one would go to a worker, and wedge that instead), behind a
+// valid request on a connection kept open (hung up, the message would go to the keeper), so the server
+// reads it after our close and its close is the last. 'one by one': up to 16 connections, each filled in
+// turn. 'all at once' (red team round 12): 16 connections opened first, then a message on each in turn, so
+// that many are ready in the same turn of the server's poll loop, which read one from each (25 × 253 fds
+// past the uid's bound of 256).
 const FLOOD = String.raw`
-sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
-c = lingering_socket()
+sock, backing, dev_dir, how = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+end = pipe_wedge(1)[0]
+ready = [connect(sock) for _ in range(16)] if how == "all at once" else []
 s = connect(sock)
 send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
-sendfds(s, b"{}", [c.fileno()])
-wedged = close_first(c)  # else ours was the last close after all: no lane is wedged
-s.close()
+sendfds(s, b"{}", [end] * 3)
+wedged = closed_first(end)  # else ours was the last close after all: no lane is wedged
 time.sleep(0.5)
 spare = os.open("/dev/null", os.O_RDONLY)
 sent, deadline = 0, time.time() + 3
+for f in ready:
+    f.setblocking(False)
+while ready and time.time() < deadline:
+    for f in ready:
+        try:
+            sendfds(f, b"{}", [spare] * 253)
+            sent += 253
+        except (BlockingIOError, OSError):
+            pass
 conns = []
 while time.time() < deadline and len(conns) < 16:
     try:
@@ -600,21 +622,31 @@ emit({"sent_fds": sent, "wedged": wedged})
 sys.stdin.readline()
 `;
 
-loopTest.serial("a peer whose closes are wedged cannot fill the server's fd table, and root is still served", async (t) => {
+for (const how of ['one by one', 'all at once'] as const) {
+  loopTest.serial(`a peer whose closes are wedged cannot fill the server's fd table, and root is still served: ${how}`, (t) =>
+    flood(t, how),
+  );
+}
+
+async function flood(t: ExecutionContext, how: string): Promise<void> {
   t.timeout(60_000);
   const img = image(t);
   const { devDir, backing } = peerFiles(img.dir);
   const srv = await openServer(t, img.dir);
   const fds = () => fs.readdirSync('/proc/self/fd').length;
   const before = fds();
-  const { peer, report } = await wedgedAttacker(t, FLOOD, [srv.socketPath, backing, devDir]);
+  const { peer, report } = await wedgedAttacker(t, FLOOD, [srv.socketPath, backing, devDir, how]);
   const { sent_fds } = report;
   t.true(sent_fds > 2000, `the peer sent ${sent_fds} fds`);
   const held = fds() - before;
   t.log(`the peer sent ${sent_fds} fds; the server holds ${held} more fds than before`);
+  t.true(held >= 256, `the lane was wedged: the server holds what it could not close (${held} more fds)`);
   t.true(held < 1000, `the server's fd table is bounded (${held} more fds)`);
+  // Past the uid's bound of 256 by at most one message: it is asked before every read.
+  const queued = held - srv.stats().connections;
+  t.true(queued < 256 + 253, `at most one message past the bound (${queued} fds besides the connections)`);
   await rootIsServedThenClose(t, srv, img, peer, backing);
-});
+}
 
 // The same wedged lane, then connections instead of fds. 'refused': up to its connection limit, then
 // thousands more that the server turns away. 'stuffed': one at a time, each with a request (so the server
@@ -777,13 +809,6 @@ loopTest.serial('a flood of connections with full queues does not slow down the 
 // until the peer lets go. While stuck, that request still counts against the peer's uid, so it holds at
 // most maxRequestsPerUid workers; root is served by the others.
 const PIPE_WEDGE = String.raw`
-def closed_first(fd):
-    # True if our close returned: the server still had the end, so its close will be the last one. Else
-    # ours was, and it is what blocks (in a thread of ours, until we exit).
-    t = threading.Thread(target=os.close, args=(fd,), daemon=True)
-    t.start()
-    t.join(0.5)
-    return not t.is_alive()
 sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 conns, wedged = [], 0
 for end in pipe_wedge(10):
