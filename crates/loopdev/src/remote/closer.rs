@@ -237,28 +237,31 @@ impl std::fmt::Debug for Closer {
     }
 }
 
+/// Stands for `fds` of a peer's fds whose close blocks until the sender of `until` is dropped.
+#[cfg(test)]
+pub(super) struct Wedged {
+    pub fds: usize,
+    pub until: mpsc::Receiver<()>,
+}
+
+#[cfg(test)]
+impl Closable for Wedged {
+    fn fds(&self) -> usize {
+        self.fds
+    }
+}
+
+#[cfg(test)]
+impl Drop for Wedged {
+    fn drop(&mut self) {
+        let _ = self.until.recv();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
-
-    /// Stands for `fds` of a peer's fds whose close blocks until the sender is dropped.
-    struct Wedged {
-        fds: usize,
-        until: mpsc::Receiver<()>,
-    }
-
-    impl Closable for Wedged {
-        fn fds(&self) -> usize {
-            self.fds
-        }
-    }
-
-    impl Drop for Wedged {
-        fn drop(&mut self) {
-            let _ = self.until.recv();
-        }
-    }
 
     /// Red team round 12: a uid without a lane of its own was judged by the shared lane's backlog, so a peer
     /// that wedged the shared lane stopped the server reading from root.
