@@ -618,9 +618,23 @@ while time.time() < deadline and len(conns) < 16:
             sent += 253
     except (BlockingIOError, OSError):
         pass
+# Hang up with messages unread: the server must notice without reading them (round 14, P1: it spun).
+for f in ready + conns:
+    f.close()
 emit({"sent_fds": sent, "wedged": wedged})
 sys.stdin.readline()
 `;
+
+/** CPU time (ms) of this process's threads named `comm`, summed. */
+function cpuMs(comm: string): number {
+  let ticks = 0;
+  for (const task of fs.readdirSync('/proc/self/task')) {
+    if (readTask(task, 'comm').trim() !== comm) continue;
+    const fields = readTask(task, 'stat').split(') ')[1]?.split(' ') ?? [];
+    ticks += Number(fields[11] ?? 0) + Number(fields[12] ?? 0); // utime, stime (fields 14 and 15)
+  }
+  return ticks * 10; // USER_HZ is 100
+}
 
 for (const how of ['one by one', 'all at once'] as const) {
   loopTest.serial(`a peer whose closes are wedged cannot fill the server's fd table, and root is still served: ${how}`, (t) =>
@@ -645,6 +659,11 @@ async function flood(t: ExecutionContext, how: string): Promise<void> {
   // Past the uid's bound of 256 by at most one message: it is asked before every read.
   const queued = held - srv.stats().connections;
   t.true(queued < 256 + 253, `at most one message past the bound (${queued} fds besides the connections)`);
+  const cpu = cpuMs('loopdev-server');
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const spent = cpuMs('loopdev-server') - cpu;
+  t.log(`the serving thread used ${spent} ms of CPU in the second after the hang-ups`);
+  t.true(spent < 300, `the serving thread does not spin on hung-up connections it may not read (${spent} ms)`);
   await rootIsServedThenClose(t, srv, img, peer, backing);
 }
 
