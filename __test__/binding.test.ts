@@ -53,7 +53,7 @@ const TAKES_HANDLE: Record<string, { wants: Kind[]; args: (fd: number, dirFd: nu
   remoteClientClose: { wants: ['client'], args: () => [] },
 };
 
-const NO_HANDLE = ['init', 'controlOpen', 'attach', 'attachAsync', 'loopOpen', 'removeNode', 'remoteServerListen', 'remoteServerAdopt', 'remoteClientConnect'];
+const NO_HANDLE = ['init', 'controlOpen', 'attach', 'attachAsync', 'loopOpen', 'removeNode', 'blockOpeners', 'blockOpenersAsync', 'remoteServerListen', 'remoteServerAdopt', 'remoteClientConnect'];
 
 type Raw = Record<string, (...args: unknown[]) => unknown>;
 const raw = native as unknown as Raw;
@@ -132,6 +132,17 @@ loopTest.serial('a value that is no handle at all is a TypeError from every func
       t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE', `${name}(${what})`);
     }
   }
+});
+
+loopTest('blockOpeners takes only an array of major:minor strings: anything else is a TypeError', async (t) => {
+  for (const name of ['blockOpeners', 'blockOpenersAsync']) {
+    for (const value of [undefined, null, 7, '7:0', {}, [7], ['/dev/loop0'], ['7'], ['7:x']]) {
+      const err = await failure(() => raw[name]!(value));
+      t.true(err instanceof TypeError, `${name}(${JSON.stringify(value)}) → ${String(err)}`);
+      t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE', `${name}(${JSON.stringify(value)})`);
+    }
+  }
+  t.deepEqual(native.blockOpeners([]), []);
 });
 
 /**

@@ -5,6 +5,9 @@ use loopdev::openers::{openers, Opener};
 
 /// `devs`: an array of `"major:minor"` strings, as sysfs `dev` has them.
 fn devs(env: Env, v: Value) -> JsResult<Vec<u64>> {
+    if !env.is_array(v)? {
+        return Err(Failure::Type("devs: expected an array of 'major:minor' strings".into()));
+    }
     (0..env.array_length(v)?)
         .map(|i| {
             let s = env.to_string(env.element(v, i)?)?;
