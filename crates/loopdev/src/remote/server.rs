@@ -487,9 +487,13 @@ impl Serve {
             // Peers' fds still waiting to be closed are in our fd table: past the bounds, stop taking more
             // (from that uid; from anyone but root while all lanes together hold too many) until they drain.
             let flooded = self.closer.total_backlog() >= self.global_backlog || self.closer.draining_full();
-            // Past the lanes' bound others are turned away at accept (root is kept); while the drainer is
-            // full, no one is accepted.
-            let accepting = self.conns.len() < self.options.max_connections && !self.closer.draining_full();
+            // Past the lanes' bound others are turned away at accept (root is kept). Past twice that, or while
+            // the drainer is full, no one is accepted: a connection turned away with fds still queued goes
+            // to a keeper, and to a lane (our table) once the keeper's table is full, which a peer whose fd
+            // limit is above ours can make happen (red team round 14, K1: 4,096 of 4,096 fds).
+            let overflowing = self.closer.total_backlog() >= 2 * self.global_backlog;
+            let accepting =
+                self.conns.len() < self.options.max_connections && !self.closer.draining_full() && !overflowing;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
             pfds.push(seqpacket::pollfd(self.closer.ready_fd(), libc::POLLIN));
             let mut congested = flooded;
