@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 const MAX_LANES: usize = 64;
+/// Connections a keeper may hold before a socket with only packets without fds queued is drained instead
+/// of given to it: each pins its queue, up to twice wmem_max, for as long as the keeper's closes are stuck.
+const KEEPER_UNDRAINED: usize = 64;
 /// The shared lane, for uids beyond `MAX_LANES` and for sockets whose peer is unknown.
 pub(super) const ANY_UID: u32 = u32::MAX;
 
@@ -142,15 +145,44 @@ impl Closer {
     /// drainer is gone.
     pub fn close_socket(&mut self, uid: u32, sock: OwnedFd) {
         if let Err(sock) = self.drainer.drain(uid, sock) {
-            match seqpacket::disarm(sock.as_fd()) {
-                Leftover::Nothing => drop(sock),
-                Leftover::Fds => self.keep(uid, sock),
-            }
+            self.drain_here(uid, sock);
+        }
+    }
+
+    fn drain_here(&mut self, uid: u32, sock: OwnedFd) {
+        match seqpacket::disarm(sock.as_fd(), seqpacket::EVERY_PACKET) {
+            Leftover::Nothing => drop(sock),
+            Leftover::Fds | Leftover::More => self.keep(uid, sock),
         }
     }
 
     /// A socket that still holds the peer's fds: to `uid`'s keeper, else its lane.
     fn keep(&mut self, uid: u32, sock: OwnedFd) {
+        let sock = match self.keeper(uid) {
+            Some(keeper) => match keeper.close(sock) {
+                Ok(()) => return,
+                Err(sock) => sock,
+            },
+            None => sock,
+        };
+        self.close(uid, sock);
+    }
+
+    /// A socket with more packets queued than the drainer's first pass took, none with fds so far: closed
+    /// by `uid`'s keeper (the kernel frees the queue), unless the keeper is behind, its closes perhaps
+    /// wedged by the peer; then taking every packet is what keeps the socket (and the memory its queue
+    /// pins) from waiting there.
+    fn keep_or_drain(&mut self, uid: u32, sock: OwnedFd) {
+        if self.keeper(uid).map_or(false, |k| k.held() < KEEPER_UNDRAINED) {
+            return self.keep(uid, sock);
+        }
+        if let Err(sock) = self.drainer.drain_fully(uid, sock) {
+            self.drain_here(uid, sock);
+        }
+    }
+
+    /// `uid`'s keeper (started if need be), else the shared one.
+    fn keeper(&mut self, uid: u32) -> Option<&Keeper> {
         let uid = if self.keepers.contains_key(&uid) || self.keepers.len() < MAX_LANES { uid } else { ANY_UID };
         if let std::collections::hash_map::Entry::Vacant(slot) = self.keepers.entry(uid) {
             // Tried again next time if no thread can be had now (the shared keeper stands in meanwhile): a
@@ -160,14 +192,7 @@ impl Closer {
                 slot.insert(keeper);
             }
         }
-        let sock = match self.keepers.get(&uid).or_else(|| self.keepers.get(&ANY_UID)) {
-            Some(keeper) => match keeper.close(sock) {
-                Ok(()) => return,
-                Err(sock) => sock,
-            },
-            None => sock,
-        };
-        self.close(uid, sock);
+        self.keepers.get(&uid).or_else(|| self.keepers.get(&ANY_UID))
     }
 
     /// Readable when the drainer handed sockets back: call `take_drained`.
@@ -180,10 +205,14 @@ impl Closer {
         self.drainer.full()
     }
 
-    /// Hands the sockets the drainer found fds on to their uids' keepers (see `keep`).
+    /// Hands the sockets the drainer found fds on to their uids' keepers (see `keep`), and those with more
+    /// packets than it took too, or back for a full drain (`keep_or_drain`).
     pub fn take_drained(&mut self) {
-        for (uid, sock) in self.drainer.take_back() {
-            self.keep(uid, sock);
+        for (uid, sock, left) in self.drainer.take_back() {
+            match left {
+                Leftover::More => self.keep_or_drain(uid, sock),
+                Leftover::Fds | Leftover::Nothing => self.keep(uid, sock),
+            }
         }
     }
 

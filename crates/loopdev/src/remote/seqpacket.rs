@@ -209,6 +209,9 @@ pub fn peek_len(fd: BorrowedFd, wait: bool) -> Result<usize> {
     socket::recv(fd.as_raw_fd(), &mut none, flags).map_err(|e| Error::os(e, "recvmsg"))
 }
 
+/// `disarm` to take every packet there is, however many.
+pub const EVERY_PACKET: usize = usize::MAX;
+
 /// What is still queued on a peer's socket once `disarm` has run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leftover {
@@ -217,16 +220,18 @@ pub enum Leftover {
     /// Packets with fds (or we could not tell): closing the socket closes those fds, which the peer may have
     /// made block for as long as it likes.
     Fds,
+    /// More packets than `disarm` was asked to take, none with fds so far: what follows is not known yet.
+    More,
 }
 
 /// Prepares a peer's socket we are done with for closing. Its receiving side is shut first, so the peer can
 /// queue nothing more (its sends get EPIPE); then the queued packets that carry no fds are taken off the
-/// queue, up to the first one that does. Never blocks.
+/// queue, up to the first one that does, or up to `most` of them (`EVERY_PACKET`: all). Never blocks.
 ///
 /// Telling "a packet with no bytes" from "end of queue" needs `SO_PASSCRED` (every packet then carries
 /// credentials); telling "a packet with fds" without taking them needs a peek whose control buffer has room
 /// for the credentials and for no fd (the kernel then sets `MSG_CTRUNC` and installs none).
-pub fn disarm(fd: BorrowedFd) -> Leftover {
+pub fn disarm(fd: BorrowedFd, most: usize) -> Leftover {
     if shutdown_read(fd).is_err() || socket::setsockopt(fd.as_raw_fd(), socket::sockopt::PassCred, &true).is_err() {
         return Leftover::Fds;
     }
@@ -237,7 +242,8 @@ pub fn disarm(fd: BorrowedFd) -> Leftover {
     if MOST.load(Ordering::Relaxed) == 0 {
         MOST.store((2 * wmem_max() / 256).max(4096), Ordering::Relaxed);
     }
-    for _ in 0..MOST.load(Ordering::Relaxed) {
+    let bounded = most < MOST.load(Ordering::Relaxed);
+    for _ in 0..most.min(MOST.load(Ordering::Relaxed)) {
         match credentials_only(fd, true) {
             Ok(Head::Empty) => return Leftover::Nothing,
             Ok(Head::Plain) => {
@@ -248,7 +254,11 @@ pub fn disarm(fd: BorrowedFd) -> Leftover {
             Ok(Head::Fds) | Err(_) => return Leftover::Fds,
         }
     }
-    Leftover::Fds
+    match credentials_only(fd, true) {
+        Ok(Head::Empty) => Leftover::Nothing,
+        Ok(Head::Plain) if bounded => Leftover::More,
+        _ => Leftover::Fds,
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -423,19 +433,19 @@ mod tests {
     #[test]
     fn disarm_takes_plain_packets_and_stops_at_one_with_fds() {
         let (a, b) = socketpair().unwrap();
-        assert_eq!(disarm(b.as_fd()), Leftover::Nothing, "an empty queue");
+        assert_eq!(disarm(b.as_fd(), EVERY_PACKET), Leftover::Nothing, "an empty queue");
         assert!(send(a.as_fd(), b"late", &[]).unwrap_err().is(Errno::EPIPE), "shut for reading");
 
         // The peer hung up without reading what we sent: that is ECONNRESET once, not something queued.
         let (a, b) = socketpair().unwrap();
         send(b.as_fd(), b"reply", &[]).unwrap();
         drop(a);
-        assert_eq!(disarm(b.as_fd()), Leftover::Nothing);
+        assert_eq!(disarm(b.as_fd(), EVERY_PACKET), Leftover::Nothing);
 
         let (a, b) = socketpair().unwrap();
         send(a.as_fd(), b"", &[]).unwrap();
         send(a.as_fd(), b"plain", &[]).unwrap();
-        assert_eq!(disarm(b.as_fd()), Leftover::Nothing, "an empty packet is not the end of the queue");
+        assert_eq!(disarm(b.as_fd(), EVERY_PACKET), Leftover::Nothing, "an empty packet is not the end of the queue");
         let mut buf = [0u8; 16];
         assert_eq!(recv(b.as_fd(), &mut buf, 0).unwrap().len, 0, "both taken");
 
@@ -444,13 +454,35 @@ mod tests {
         send(a.as_fd(), b"plain", &[]).unwrap();
         send(a.as_fd(), b"", &[null.as_fd()]).unwrap();
         send(a.as_fd(), b"after", &[]).unwrap();
-        assert_eq!(disarm(b.as_fd()), Leftover::Fds);
+        assert_eq!(disarm(b.as_fd(), EVERY_PACKET), Leftover::Fds);
         // Credentials would take the room of the fd below.
         socket::setsockopt(b.as_raw_fd(), socket::sockopt::PassCred, &false).unwrap();
         let p = recv(b.as_fd(), &mut buf, 1).unwrap();
         assert_eq!((p.len, p.fds.len()), (0, 1), "the packet with the fd is still queued, its fd not taken");
         let n = recv(b.as_fd(), &mut buf, 0).unwrap().len;
         assert_eq!(&buf[..n], b"after");
+    }
+
+    #[test]
+    fn disarm_stops_after_most_packets_and_says_more_may_follow() {
+        let (a, b) = socketpair().unwrap();
+        for _ in 0..5 {
+            send(a.as_fd(), b"", &[]).unwrap();
+        }
+        assert_eq!(disarm(b.as_fd(), 3), Leftover::More);
+        assert_eq!(disarm(b.as_fd(), 3), Leftover::Nothing, "two were left, then the end");
+
+        let (a, b) = socketpair().unwrap();
+        for _ in 0..3 {
+            send(a.as_fd(), b"", &[]).unwrap();
+        }
+        assert_eq!(disarm(b.as_fd(), 3), Leftover::Nothing, "exactly `most`, then the end: nothing more");
+
+        let (a, b) = socketpair().unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        send(a.as_fd(), b"", &[]).unwrap();
+        send(a.as_fd(), b"", &[null.as_fd()]).unwrap();
+        assert_eq!(disarm(b.as_fd(), 1), Leftover::Fds, "the packet after the last taken has fds");
     }
 
     #[test]
