@@ -15,6 +15,9 @@ pub struct Opener {
 /// Processes with an fd open on one of `devs` (device numbers as in `st_rdev`), in pid order. Processes that
 /// are gone, or not ours to look at, are passed over.
 pub fn openers(devs: &[u64]) -> Vec<Opener> {
+    if devs.is_empty() {
+        return Vec::new(); // nothing to look for: no scan (it takes milliseconds)
+    }
     let procs = match std::fs::read_dir("/proc") {
         Ok(procs) => procs,
         Err(_) => return Vec::new(),
