@@ -10,6 +10,7 @@
  *   TS async `await using lo = await ctl.loopForFd(fd)` (dispose = verified detach + close)
  *   Rust     LoopControl::loop_for_fd + clear_fd + drop (crates/loopdev/examples/cycle.rs)
  *   losetup  `losetup -f --show FILE` then `losetup -d DEV` (two processes per cycle)
+ *   pool trip `await fs.promises.access('/')`: not a cycle, the cost of one async call with nothing to do
  * The variants run interleaved, in a rotating order, for `--rounds` rounds; each ratio is the median over
  * rounds of (variant / baseline in the same round), so drift and other load on the machine hit both sides.
  * `--check` exits 1 when a target of issue #10 is missed: the sync TS API above 1.15× the C cycle, or the
@@ -104,6 +105,11 @@ async function tsAsyncCycle(): Promise<void> {
   }
 }
 
+/** One trip to libuv's pool and back with nothing to do there: Node's own floor for any async call. */
+async function poolTrip(): Promise<void> {
+  await fs.promises.access('/');
+}
+
 function losetupCycle(): void {
   const dev = execFileSync('losetup', ['-f', '--show', img.file], { encoding: 'utf8' }).trim();
   execFileSync('losetup', ['-d', dev]);
@@ -120,6 +126,7 @@ async function main(): Promise<void> {
     { name: 'TS async API', run: (n) => timed(n, tsAsyncCycle), n: cycles },
     ...(rustExe ? [{ name: 'Rust core', run: (n: number) => external(rustExe, n), n: cycles }] : []),
     { name: 'losetup CLI', run: (n) => timed(n, losetupCycle), n: losetupCycles },
+    { name: 'pool trip (fs.access)', run: (n) => timed(n, poolTrip), n: cycles },
   ];
   // Warm-up: JIT, page cache, the kernel's first-use allocations for each minor.
   for (const v of variants) await v.run(Math.min(200, v.n));
@@ -166,6 +173,15 @@ async function main(): Promise<void> {
     against('TS sync API / C', sync, c, TARGET_SYNC_VS_C),
     against('TS async API / TS sync API', async, sync, TARGET_ASYNC_VS_SYNC),
   ].every(Boolean);
+  // The async cycle makes two calls that each go to the pool and back (bind; verified detach and close):
+  // what a trip costs on this machine bounds how close to the sync cycle it can get.
+  const trip = median(perRound.get('pool trip (fs.access)')!.map((x) => x.mean));
+  const extra = median(async.map((x, i) => x.mean - sync[i]!.mean));
+  console.log(
+    `TS async − TS sync: ${(extra / 1000).toFixed(1)} µs (mean) = ${(extra / trip).toFixed(1)} × a pool trip with ` +
+      `nothing to do (${(trip / 1000).toFixed(1)} µs, fs.promises.access); two trips put async at ` +
+      `${(1 + (2 * trip) / median(sync.map((x) => x.mean))).toFixed(2)}× sync at best`,
+  );
   if (asyncTimeouts) console.log(`# ${asyncTimeouts} async detach(es) timed out (10 s each, inflating that round)`);
   img.cleanup();
   if (check && !ok) process.exitCode = 1;
