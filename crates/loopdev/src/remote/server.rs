@@ -354,7 +354,7 @@ struct Conn {
     last_reply: bool,
     dead: bool,
     /// Allowed peers' connections count in `counters.connections` while this is held.
-    _counted: Option<Counted>,
+    counted: Option<Counted>,
 }
 
 /// One count in `counters.connections`, given back when dropped.
@@ -380,7 +380,7 @@ impl Conn {
             last_active: Instant::now(),
             last_reply: false,
             dead: false,
-            _counted: refused_until.is_none().then(|| Counted(Arc::clone(counters))),
+            counted: refused_until.is_none().then(|| Counted(Arc::clone(counters))),
         }
     }
 
@@ -722,6 +722,9 @@ impl Serve {
                     gave_up.push((conn.peer.uid, id));
                 }
             }
+            // Uncounted before its devices go to a worker: a caller that saw them released (stats().devices
+            // back to 0) must not then see the connection still open (a CI run did, once).
+            conn.counted = None;
             let held = conn.take_devices();
             self.workers.release(held);
         }
