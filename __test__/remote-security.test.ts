@@ -752,10 +752,7 @@ for (const [mode, what, minimum, most] of [
     if (mode === 'holding') {
       // What proves the keeper's table took them: its closing thread is stuck in a close (the lingering
       // socket's or the pipe's), not waiting for work.
-      const stuck = fs
-        .readdirSync('/proc/self/task')
-        .filter((task) => readTask(task, 'comm').startsWith('loopdev-kclose') && !readTask(task, 'wchan').startsWith('futex'));
-      t.true(stuck.length > 0, "the keeper's closing thread is wedged (else this proves nothing)");
+      t.true(keeperStuck(), "the keeper's closing thread is wedged (else this proves nothing)");
     }
     await rootIsServedThenClose(t, srv, img, peer, backing);
   });
@@ -765,9 +762,34 @@ for (const [mode, what, minimum, most] of [
 // send buffer full of empty packets: taking them all costs the server two receives for each send of the
 // peer's. Done on the thread that answers, that slowed every reply down to a second and more; done in full
 // on the drainer, it kept the drainer so far behind that root's new connections waited for seconds.
+// With "wedge", the peer first wedges its keeper (a pipe end queued on a connection it hung up on) and
+// stacks 80 connections with an fd queued behind it, so that the keeper cannot close what it is given.
 const STUFFED_FLOOD = String.raw`
 import multiprocessing
-sock, procs = sys.argv[1], int(sys.argv[2])
+sock, procs, wedge = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "wedge"
+def hang_up_holding(fd):
+    # A connection turned away whose next packet (after one the server reads to refuse it) carries fd.
+    f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        f.connect(sock)
+        f.send(b"x")
+        sendfds(f, b"", [fd])
+        return True
+    except OSError:
+        return False  # the server shut it first
+    finally:
+        f.close()
+if wedge:
+    end = pipe_wedge(1)[0]
+    while not hang_up_holding(end):
+        pass
+    wedged = closed_first(end)
+    null = os.open("/dev/null", os.O_RDONLY)
+    stacked = 0
+    while stacked < 80:
+        stacked += hang_up_holding(null)
+    time.sleep(0.5)
+    emit({"wedged": wedged, "stacked": stacked})
 def flood(seconds):
     # Connections made, those filled up to the send buffer, packets queued.
     end, made, full, sent = time.time() + seconds, 0, 0, 0
@@ -796,14 +818,26 @@ sys.stdin.readline()
 `;
 
 // Neither the replies on open connections nor new connections may wait on it: four processes of one uid
-// once kept the drainer so far behind that root's new connections waited up to 6.5 s (red team round 14, D1).
-loopTest.serial('a flood of connections with full queues slows down neither replies nor new connections', async (t) => {
+// once kept the drainer so far behind that root's new connections waited up to 6.5 s (red team round 14, D1),
+// and again while its keeper was wedged, when such queues were still taken in full (round 15, B: 2.4-6.5 s).
+for (const wedge of [false, true]) {
+  const title = 'a flood of connections with full queues slows down neither replies nor new connections';
+  loopTest.serial(wedge ? `${title}, its keeper wedged too` : title, (t) => stuffedFlood(t, wedge));
+}
+
+async function stuffedFlood(t: ExecutionContext, wedge: boolean): Promise<void> {
   t.timeout(60_000);
   const img = image(t);
   const srv = await openServer(t, img.dir, { allowUids: [0] });
   using client = new LoopClient(srv.socketPath);
   await (await client.device(img.path, { devDir: img.dir })).remove();
-  const peer = attacker(t, STUFFED_FLOOD, [srv.socketPath, '4']);
+  const peer = attacker(t, STUFFED_FLOOD, [srv.socketPath, '4', wedge ? 'wedge' : '']);
+  if (wedge) {
+    const { wedged, stacked } = await peer.next();
+    t.true(wedged, "the keeper's close is the last of the pipe end (else this proves nothing)");
+    t.true(keeperStuck(), "the keeper's closing thread is wedged (else this proves nothing)");
+    t.log(`the peer wedged its keeper and stacked ${stacked} connections with an fd queued behind it`);
+  }
   await peer.next();
   await new Promise((resolve) => setTimeout(resolve, 1000)); // the flood is under way
   const timed = async (c: LoopClient) => {
@@ -830,7 +864,7 @@ loopTest.serial('a flood of connections with full queues slows down neither repl
   await srv.close();
   t.is(await peer.finish(), 0);
   t.deepEqual(await boundAfterSettling(img.path), []);
-});
+}
 
 // Any local user can make a close block uninterruptibly, without FUSE: a pipe whose lock its own splice
 // thread holds (blocked writing to a full socket), so that releasing any write-end file of it waits for
@@ -897,6 +931,13 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
   await step('server close', srv.close());
   t.deepEqual(await boundAfterSettling(img.path), []);
   t.deepEqual(await step('released', boundAfterSettling(backing)), []);
+}
+
+/** Whether a keeper's closing thread is stuck in a close (a lingering socket's, a pipe's), not waiting for work. */
+function keeperStuck(): boolean {
+  return fs
+    .readdirSync('/proc/self/task')
+    .some((task) => readTask(task, 'comm').startsWith('loopdev-kclose') && !readTask(task, 'wchan').startsWith('futex'));
 }
 
 function readTask(task: string, file: string): string {
