@@ -42,8 +42,7 @@ pub enum Incoming {
     Invalid(WireError, Vec<OwnedFd>),
 }
 
-/// The most fds one SCM_RIGHTS message can carry (the kernel's SCM_MAX_FD).
-pub const SCM_MAX_FD: usize = 253;
+pub use super::seqpacket::SCM_MAX_FD;
 
 /// Sends `payload` with `fds`: in one packet when it fits, else through a memfd like osbuild (chosen up
 /// front above `wmem_max`, or after the kernel said EMSGSIZE).
