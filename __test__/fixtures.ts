@@ -195,8 +195,18 @@ def locked_pipe(k=0):
         pass
     a.setblocking(True)
     os.write(w, b"y" * 4096)
-    threading.Thread(target=lambda: os.splice(r, a.fileno(), 4096), daemon=True).start()
-    time.sleep(0.2)
+    tid = []
+    def splice():
+        tid.append(threading.get_native_id())
+        os.splice(r, a.fileno(), 4096)
+    threading.Thread(target=splice, daemon=True).start()
+    # Locked once the thread waits for room in the socket, holding the pipe's lock: a fixed 0.2 s was not
+    # always enough on a loaded machine (CI: 1 of 10 closes wedged, and the test proved nothing).
+    deadline = time.time() + 30
+    while not tid or not any(name in open("/proc/self/task/%d/wchan" % tid[0]).read() for name in ("sock", "unix")):
+        if time.time() > deadline:
+            raise RuntimeError("the splice thread never waited for the socket")
+        time.sleep(0.005)
     _locked.append((a, b))
     return r, w, ends
 `;
