@@ -907,8 +907,12 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
   const srv = await openServer(t, img.dir, { workers, maxRequestsPerUid: 2, requestTimeoutMs: 5000 });
   const peer = attacker(t, PIPE_WEDGE, [srv.socketPath, backing, devDir]);
   const { wedged } = await peer.next();
-  t.true(wedged >= 4, `the server's close is the last of ${wedged} pipe ends (else this proves nothing)`);
+  // Past the requests the server holds unread, a later end may be refused at once (the uid's queue is full)
+  // and closed before the peer closes its own copy: how many of the 10 is up to the scheduler (CI: 2).
+  t.true(wedged >= 2, `the server's close is the last of ${wedged} pipe ends (else this proves nothing)`);
   await new Promise((resolve) => setTimeout(resolve, 500)); // the workers take the peer's requests
+  const [share, stuck] = [Math.min(2, workers - 1), stuckThreads('loopdev-worker')];
+  t.true(stuck >= share, `${stuck} of the ${share} workers the peer may take are stuck (else this proves nothing)`);
   const times: number[] = [];
   using client = new LoopClient(srv.socketPath);
   for (let i = 0; i < 3; i++) {
@@ -917,7 +921,7 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
     times.push(Math.round(performance.now() - start));
     await dev.remove();
   }
-  t.log(`root's requests took ${times.join(', ')} ms with ${wedged} of the peer's closes stuck`);
+  t.log(`root's requests took ${times.join(', ')} ms with ${wedged} of the peer's closes stuck, ${stuck} workers`);
   t.true(Math.max(...times) < 1000, `root was served (${times.join(', ')} ms)`);
   client.close();
   const steps: string[] = [];
@@ -936,9 +940,14 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
 
 /** Whether a keeper's closing thread is stuck in a close (a lingering socket's, a pipe's), not waiting for work. */
 function keeperStuck(): boolean {
+  return stuckThreads('loopdev-kclose') > 0;
+}
+
+/** Threads of ours whose name starts with `name` that are not waiting for work (a futex) but stuck elsewhere. */
+function stuckThreads(name: string): number {
   return fs
     .readdirSync('/proc/self/task')
-    .some((task) => readTask(task, 'comm').startsWith('loopdev-kclose') && !readTask(task, 'wchan').startsWith('futex'));
+    .filter((task) => readTask(task, 'comm').startsWith(name) && !readTask(task, 'wchan').startsWith('futex')).length;
 }
 
 function readTask(task: string, file: string): string {
