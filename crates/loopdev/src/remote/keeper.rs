@@ -151,11 +151,21 @@ mod tests {
         nix::unistd::write(w.as_raw_fd(), &[b'y'; 4096]).unwrap();
         let (from, to) = (r.as_raw_fd(), a.as_raw_fd());
         std::mem::forget((r, a, b));
+        let (tid_tx, tid) = mpsc::channel();
         std::thread::spawn(move || {
+            // SAFETY: no arguments.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
             // SAFETY: integer arguments; both fds stay open for as long as this process lives.
             unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), 4096, 0) };
         });
-        std::thread::sleep(Duration::from_millis(200));
+        // Locked once the thread waits for room in the socket, holding the pipe's lock (a fixed wait was not
+        // always long enough on a loaded machine).
+        let wchan = format!("/proc/self/task/{}/wchan", tid.recv().unwrap());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&wchan).unwrap_or_default().contains("sock") {
+            assert!(std::time::Instant::now() < deadline, "the splice thread never waited for the socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         w
     }
 
