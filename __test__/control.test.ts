@@ -356,7 +356,9 @@ loopTest.serial('loopForFd: when every free device it is offered is taken, it gi
     { instanceOf: LoopError, code: 'EBUSY' },
   );
   t.regex(err!.message, /no free loop device after 64 attempts/);
-  t.is(offered, 64);
+  // An attempt whose device another process (a concurrent test file) binds before it is opened never reaches
+  // setup: 64 offered on a quiet machine, fewer in a busy suite.
+  t.true(offered > 32 && offered <= 64, `${offered} of the 64 attempts reached setup`);
   const ours = devicesBoundUnder(theirs.path);
   t.true(bound > 32, `${bound} of the offered devices taken by the other binder`);
   t.is(ours.length, bound, 'none of them cleared');

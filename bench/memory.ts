@@ -1,7 +1,7 @@
 /**
  * Memory and file descriptors over many attach/detach cycles.
  *
- *   npx tsx bench/memory.ts [CYCLES=100000] [--check]
+ *   npx tsx bench/memory.ts [CYCLES=100000] [--kind NAME] [--check]
  *
  * Cycles rotate, in blocks of 500, through the ways the API is used:
  *   sync          `using lo = ctl.loopForFdSync(fd)`
@@ -41,7 +41,7 @@ const ctl = new LoopControl();
 let detachTimeouts = 0;
 
 type Kind = { name: string; cycle: () => void | Promise<void> };
-const kinds: Kind[] = [
+const allKinds: Kind[] = [
   {
     name: 'sync',
     cycle: () => {
@@ -93,6 +93,11 @@ const kinds: Kind[] = [
     },
   },
 ];
+
+// --kind sync: only that way (with BENCH_TAG=sync, its own results file), to tell the kinds' costs apart.
+const only = opts.get('kind');
+const kinds = only === undefined ? allKinds : allKinds.filter((k) => k.name === only);
+if (kinds.length === 0) throw new RangeError(`--kind must be one of ${allKinds.map((k) => k.name).join(', ')}`);
 
 interface Snapshot {
   cycles: number;

@@ -236,14 +236,37 @@ const unclosed = new FinalizationRegistry<Watched>(({ handle, what, devname, ope
   });
 });
 
+/** Owners watched in the last `REGISTER_AFTER_MS`, not registered yet; held strongly meanwhile. */
+const young = new Map<Watched, object>();
+const REGISTER_AFTER_MS = 100;
+let registering: ReturnType<typeof setTimeout> | null = null;
+
 /**
  * Watches `owner`: if it is collected while its handle is still open, the handle is closed with a warning.
- * The owner clears `open` on the record returned when it closes, rather than unregistering: registering
- * without an unregister token keeps this off the bind path's cost, and the callback of a closed owner
- * returns at once.
+ * Registered only if still open `REGISTER_AFTER_MS` later: registering every Loop at once made V8 grow its
+ * young generation to the maximum (new space 4 → 32 MB, with or without unregistering at close), which was
+ * the RSS growth of #10 (`bench/memory.ts --kind sync`, 100,000 cycles: +24 MB, +2 MB now). Until then
+ * `young` holds the owner, so none is collected unregistered. The owner clears `open` when it closes
+ * (`unwatch`); one closed after registration costs its callback a look at `open`.
  */
 export function watch(owner: object, handle: Handle, what: string, devname?: string): Watched {
   const watched = { handle, what, devname, open: true };
-  unclosed.register(owner, watched);
+  young.set(watched, owner);
+  if (registering === null) {
+    registering = setTimeout(registerYoung, REGISTER_AFTER_MS);
+    (registering as { unref?: () => void }).unref?.();
+  }
   return watched;
+}
+
+/** The owner of `watched` closed its handle. */
+export function unwatch(watched: Watched): void {
+  watched.open = false;
+  young.delete(watched);
+}
+
+function registerYoung(): void {
+  registering = null;
+  for (const [watched, owner] of young) unclosed.register(owner, watched);
+  young.clear();
 }

@@ -1,4 +1,4 @@
-import { configureArgs, native, watch, type Handle, type NativeLoop, type Watched } from './binding.js';
+import { configureArgs, native, unwatch, watch, type Handle, type NativeLoop, type Watched } from './binding.js';
 import { closedError } from './errors.js';
 import { Loop, type ConfigureOptions, type LoopOptions } from './loop.js';
 import { checkConfigure } from './options.js';
@@ -36,7 +36,7 @@ export class LoopControl implements Disposable {
   close(): void {
     if (this.#handle === null) return;
     native.close(this.#handle);
-    this.#watched.open = false;
+    unwatch(this.#watched);
     this.#handle = null;
   }
 
@@ -83,9 +83,17 @@ export class LoopControl implements Disposable {
   }
 }
 
-/** The callback sees a Loop on a temporary handle that is closed when it returns. A non-function is passed on
- * as is, for the native side to reject with ERR_INVALID_ARG_TYPE. */
+/** The callback sees a Loop on a temporary handle that is closed when it returns (here, so that the Loop is
+ * not left watched for garbage collection). A non-function is passed on as is, for the native side to reject
+ * with ERR_INVALID_ARG_TYPE. */
 function wrapSetup(setup: unknown): ((raw: NativeLoop) => void) | undefined {
   if (typeof setup !== 'function') return setup as undefined;
-  return (raw) => setup(new Loop(raw, false));
+  return (raw) => {
+    const lo = new Loop(raw, false);
+    try {
+      setup(lo);
+    } finally {
+      lo.close();
+    }
+  };
 }

@@ -1,4 +1,4 @@
-import { configureArgs, native, watch, type Handle, type NativeLoop, type Watched } from './binding.js';
+import { configureArgs, native, unwatch, watch, type Handle, type NativeLoop, type Watched } from './binding.js';
 import { checkConfigure } from './options.js';
 import { closedError } from './errors.js';
 import { LoopInfo } from './info.js';
@@ -119,7 +119,7 @@ export class Loop implements Disposable, AsyncDisposable {
   #close<R>(closeHandle: (h: Handle) => R): R | undefined {
     if (this.#handle === null) return undefined;
     const closed = closeHandle(this.#handle);
-    this.#watched.open = false;
+    unwatch(this.#watched);
     this.#handle = null;
     this.#fd = -1;
     this.#bound = false;

@@ -210,7 +210,7 @@ mod setup {
         let view_handle = env.get(view, "handle")?;
         let called = env.call(func, &[view]);
         let thrown = if env.exception_pending() { Some(env.take_exception()?) } else { None };
-        drop(handle::take(env, view_handle)?); // always still open: JS cannot have closed the view
+        drop(handle::take(env, view_handle)?); // closed already if JS closed the view (the TS wrapper does)
         match (called, thrown) {
             (_, Some(t)) => Err(Failure::Thrown(t)),
             (result, None) => result.map(drop),
