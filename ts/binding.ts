@@ -254,7 +254,7 @@ export function watch(owner: object, handle: Handle, what: string, devname?: str
   young.set(watched, owner);
   if (registering === null) {
     registering = setTimeout(registerYoung, REGISTER_AFTER_MS);
-    (registering as { unref?: () => void }).unref?.();
+    unref(registering);
   }
   return watched;
 }
@@ -263,6 +263,13 @@ export function watch(owner: object, handle: Handle, what: string, devname?: str
 export function unwatch(watched: Watched): void {
   watched.open = false;
   young.delete(watched);
+}
+
+/** The timer must not keep the process alive: node and bun return an object with `unref`, Deno a number. */
+function unref(timer: ReturnType<typeof setTimeout>): void {
+  const deno = (globalThis as { Deno?: { unrefTimer?: (id: number) => void } }).Deno;
+  if (typeof timer === 'number') deno?.unrefTimer?.(timer);
+  else (timer as { unref?: () => void }).unref?.();
 }
 
 function registerYoung(): void {
