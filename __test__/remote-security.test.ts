@@ -759,6 +759,41 @@ for (const [mode, what, minimum, most] of [
   });
 }
 
+// An empty packet ends a connection (as in osbuild), and the fds it carries were closed where it was read:
+// on the thread that accepts and answers. A locked pipe end sent that way, behind a request so that it is
+// read after the peer closed its own copy, stopped the whole server for as long as the peer liked.
+const EMPTY_WITH_FD = String.raw`
+sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+end = pipe_wedge(1)[0]
+s = connect(sock)
+send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+sendfds(s, b"", [end])
+emit({"wedged": closed_first(end)})
+sys.stdin.readline()
+`;
+
+loopTest.serial('a peer that ends its connection with an empty packet carrying a wedged fd does not stop the server', async (t) => {
+  t.timeout(60_000);
+  const img = image(t);
+  const { devDir, backing } = peerFiles(img.dir);
+  const srv = await openServer(t, img.dir);
+  const { peer } = await wedgedAttacker(t, EMPTY_WITH_FD, [srv.socketPath, backing, devDir]);
+  await new Promise((resolve) => setTimeout(resolve, 200)); // the server reads the empty packet
+  {
+    using client = new LoopClient(srv.socketPath);
+    const start = performance.now();
+    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 3000 }); // ETIMEDOUT before
+    const ms = Math.round(performance.now() - start);
+    await dev.remove();
+    t.log(`root was served in ${ms} ms`);
+    t.true(ms < 1000, `root was served promptly (${ms} ms)`);
+  }
+  t.true(stuckThreads('loopdev-close') > 0, "the fd's close is stuck on the peer's closing lane (else this proves nothing)");
+  await srv.close();
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
+
 // Processes connect over and over, each connection turned away (a uid the server does not serve) with its
 // send buffer full of empty packets: taking them all costs the server two receives for each send of the
 // peer's. Done on the thread that answers, that slowed every reply down to a second and more; done in full

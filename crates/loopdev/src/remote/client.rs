@@ -186,7 +186,7 @@ impl Client {
         }
         let limits = Limits { max_packet: len.min(MAX_REPLY), max_payload: MAX_REPLY, max_fds: 1 };
         match jsoncomm::recv_message(self.sock.as_fd(), &limits).map_err(|e| e.with_path(&self.path))? {
-            Incoming::Closed => Err(closed()),
+            Incoming::Closed(_) => Err(closed()),
             Incoming::Invalid(w, _) => Err(err(w.errno, w.message)),
             Incoming::Message(m) => {
                 let reply = Reply::parse(&m.payload).map_err(|w| err(w.errno, w.message))?;

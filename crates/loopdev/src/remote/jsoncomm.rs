@@ -34,8 +34,10 @@ pub struct Message {
 
 #[derive(Debug)]
 pub enum Incoming {
-    /// End of stream (an empty packet means the same, as in osbuild).
-    Closed,
+    /// End of stream (an empty packet means the same, as in osbuild), and the fds an empty packet carried:
+    /// for the caller to close where it may block, like `Invalid`'s. Dropped here, on the server's poll
+    /// thread, a locked pipe end sent in an empty packet stopped the whole server.
+    Closed(Vec<OwnedFd>),
     Message(Message),
     /// A packet that broke the framing or the limits, and the fds it carried: closing a peer's fd can block
     /// (a socket with SO_LINGER), so the caller decides where they are closed.
@@ -74,7 +76,7 @@ pub fn recv_message(sock: BorrowedFd, limits: &Limits) -> Result<Incoming> {
     // Room for every fd a packet can carry: fds the kernel could not deliver it closes itself, on this thread.
     let Packet { len, mut fds, truncated, fds_truncated } = seqpacket::recv(sock, &mut buf, SCM_MAX_FD)?;
     if len == 0 && !truncated {
-        return Ok(Incoming::Closed);
+        return Ok(Incoming::Closed(fds));
     }
     let too_many =
         WireError::new(Errno::E2BIG, format!("too many file descriptors in one message (at most {})", limits.max_fds));
@@ -201,7 +203,13 @@ mod tests {
         seqpacket::send(a.as_fd(), ARGS_VIA_FD, &[f.as_fd()]).unwrap();
         assert!(invalid(recv_message(b.as_fd(), &LIMITS).unwrap()).message.contains("not a memfd"));
 
+        let null = std::fs::File::open("/dev/null").unwrap();
+        seqpacket::send(a.as_fd(), b"", &[null.as_fd()]).unwrap();
+        match recv_message(b.as_fd(), &LIMITS).unwrap() {
+            Incoming::Closed(fds) => assert_eq!(fds.len(), 1, "an empty packet's fds are the caller's to close"),
+            other => panic!("{other:?}"),
+        }
         drop(a);
-        assert!(matches!(recv_message(b.as_fd(), &LIMITS).unwrap(), Incoming::Closed));
+        assert!(matches!(recv_message(b.as_fd(), &LIMITS).unwrap(), Incoming::Closed(fds) if fds.is_empty()));
     }
 }

@@ -763,8 +763,14 @@ impl Serve {
         }
         let msg = match jsoncomm::recv_message(conn.sock.as_fd(), &self.options.limits) {
             Err(e) if e.is(Errno::EAGAIN) || e.is(Errno::EINTR) => return,
-            Err(_) | Ok(Incoming::Closed) => {
+            Err(_) => {
                 conn.dead = true;
+                return;
+            }
+            Ok(Incoming::Closed(fds)) => {
+                conn.dead = true;
+                let uid = conn.peer.uid;
+                self.closer.close(uid, fds);
                 return;
             }
             Ok(msg) => msg,
@@ -783,7 +789,7 @@ impl Serve {
                 self.closer.close(uid, fds);
                 refusal(&self.counters, &conn.peer, not_allowed(&conn.peer))
             }
-            Incoming::Closed => unreachable!("handled above"),
+            Incoming::Closed(_) => unreachable!("handled above"),
             Incoming::Invalid(why, fds) => {
                 self.counters.requests.fetch_add(1, Ordering::SeqCst);
                 self.closer.close(uid, fds);
