@@ -922,7 +922,9 @@ fn release_all(
         }
     }
     let pending = workers.releasing();
-    workers.close();
+    if let Some(rest) = workers.close() {
+        closer.close(ANY_UID, rest);
+    }
     if pending > 0 {
         return Err(Error::os(Errno::ETIMEDOUT, "shutdown").with_detail(format!(
             "{pending} releases of devices are still running (a peer's directory does not answer?)"

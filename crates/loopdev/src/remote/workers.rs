@@ -201,11 +201,19 @@ impl Workers {
         Some(done)
     }
 
-    /// No more work: idle workers exit, busy ones when they finish; results not taken yet are dropped by the
-    /// workers themselves (releasing their devices).
-    pub fn close(&mut self) {
+    /// No more work: idle workers exit, busy ones when they finish; results they send from now on are dropped
+    /// by the workers themselves (releasing their devices). Those sent already come back with the receiver,
+    /// for the caller to drop where a close may block: one holds a peer's fds or a device (red team round 17,
+    /// F1: dropped on the poll thread).
+    pub fn close(&mut self) -> Option<mpsc::Receiver<Done>> {
         self.work = None;
-        self.done_rx = None;
+        self.done_rx.take()
+    }
+}
+
+impl super::closer::Closable for mpsc::Receiver<Done> {
+    fn fds(&self) -> usize {
+        0
     }
 }
 
@@ -230,7 +238,7 @@ mod tests {
     fn every_worker_starts_with_the_server() {
         let mut w = workers(3);
         assert_eq!((w.threads, w.busy), (3, 0), "all three started before any work was sent");
-        w.close();
+        drop(w.close());
     }
 
     /// A request given up on before a worker took it is not closed by that worker: its fds come back in the
@@ -251,6 +259,26 @@ mod tests {
             }
             other => panic!("expected Skipped: {other:?}"),
         }
-        w.close();
+        drop(w.close());
+    }
+
+    /// Red team round 17, F1: results sent but not taken when the server closes come back with the receiver,
+    /// unclosed, rather than being dropped (their fds closed) by `close` on the poll thread.
+    #[test]
+    fn results_not_taken_at_close_come_back_unclosed() {
+        let mut w = workers(1);
+        let (r, wr) = nix::unistd::pipe().unwrap();
+        // SAFETY: pipe() just returned these fds and nothing else owns them.
+        let fds = unsafe { vec![OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(wr)] };
+        let peer = PeerCred { pid: 1, uid: 4242, gid: 4242 };
+        w.attach(Request { id: 8, peer, payload: b"{}".to_vec(), fds, cancelled: Arc::new(AtomicBool::new(true)) })
+            .unwrap();
+        let rest = w.close().expect("the receiver");
+        match rest.recv_timeout(Duration::from_secs(10)) {
+            Ok(Done::Skipped { id: 8, fds, .. }) => {
+                assert_eq!(nix::unistd::write(fds[1].as_raw_fd(), b"x"), Ok(1), "the write end is still open");
+            }
+            other => panic!("expected Skipped: {other:?}"),
+        }
     }
 }
