@@ -234,6 +234,15 @@ mod tests {
         Workers::new(max, Arc::new(ServerOptions::default()), Arc::new(Counters::default())).unwrap()
     }
 
+    /// Request `id` of uid 4242, given up on already, with the two ends of a pipe as its fds.
+    fn given_up(id: u64) -> Request {
+        let (r, wr) = nix::unistd::pipe().unwrap();
+        // SAFETY: pipe() just returned these fds and nothing else owns them.
+        let fds = unsafe { vec![OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(wr)] };
+        let peer = PeerCred { pid: 1, uid: 4242, gid: 4242 };
+        Request { id, peer, payload: b"{}".to_vec(), fds, cancelled: Arc::new(AtomicBool::new(true)) }
+    }
+
     #[test]
     fn every_worker_starts_with_the_server() {
         let mut w = workers(3);
@@ -246,12 +255,7 @@ mod tests {
     #[test]
     fn a_request_given_up_on_comes_back_with_its_fds_open() {
         let mut w = workers(1);
-        let (r, wr) = nix::unistd::pipe().unwrap();
-        // SAFETY: pipe() just returned these fds and nothing else owns them.
-        let fds = unsafe { vec![OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(wr)] };
-        let peer = PeerCred { pid: 1, uid: 4242, gid: 4242 };
-        let cancelled = Arc::new(AtomicBool::new(true));
-        w.attach(Request { id: 7, peer, payload: b"{}".to_vec(), fds, cancelled }).unwrap();
+        w.attach(given_up(7)).unwrap();
         match w.wait_done(Duration::from_secs(10)) {
             Some(Done::Skipped { id: 7, uid: 4242, fds }) => {
                 assert_eq!(fds.len(), 2);
@@ -267,12 +271,7 @@ mod tests {
     #[test]
     fn results_not_taken_at_close_come_back_unclosed() {
         let mut w = workers(1);
-        let (r, wr) = nix::unistd::pipe().unwrap();
-        // SAFETY: pipe() just returned these fds and nothing else owns them.
-        let fds = unsafe { vec![OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(wr)] };
-        let peer = PeerCred { pid: 1, uid: 4242, gid: 4242 };
-        w.attach(Request { id: 8, peer, payload: b"{}".to_vec(), fds, cancelled: Arc::new(AtomicBool::new(true)) })
-            .unwrap();
+        w.attach(given_up(8)).unwrap();
         let rest = w.close().expect("the receiver");
         match rest.recv_timeout(Duration::from_secs(10)) {
             Ok(Done::Skipped { id: 8, fds, .. }) => {
