@@ -781,10 +781,7 @@ loopTest.serial('a peer that ends its connection with an empty packet carrying a
   await new Promise((resolve) => setTimeout(resolve, 200)); // the server reads the empty packet
   {
     using client = new LoopClient(srv.socketPath);
-    const start = performance.now();
-    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 3000 }); // ETIMEDOUT before
-    const ms = Math.round(performance.now() - start);
-    await dev.remove();
+    const ms = await timedDevice(client, img, 3000); // ETIMEDOUT before
     t.log(`root was served in ${ms} ms`);
     t.true(ms < 1000, `root was served promptly (${ms} ms)`);
   }
@@ -876,19 +873,12 @@ async function stuffedFlood(t: ExecutionContext, wedge: boolean): Promise<void> 
   }
   await peer.next();
   await new Promise((resolve) => setTimeout(resolve, 1000)); // the flood is under way
-  const timed = async (c: LoopClient) => {
-    const start = performance.now();
-    const dev = await c.device(img.path, { devDir: img.dir, timeoutMs: 10_000 });
-    const ms = Math.round(performance.now() - start);
-    await dev.remove();
-    return ms;
-  };
   const replies: number[] = [];
   const connects: number[] = [];
   for (let i = 0; i < 10; i++) {
-    replies.push(await timed(client));
+    replies.push(await timedDevice(client, img));
     using fresh = new LoopClient(srv.socketPath);
-    connects.push(await timed(fresh));
+    connects.push(await timedDevice(fresh, img));
     await new Promise((resolve) => setTimeout(resolve, 200));
   }
   const { made, full, sent } = await peer.next();
@@ -950,12 +940,7 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
   t.true(stuck >= share, `${stuck} of the ${share} workers the peer may take are stuck (else this proves nothing)`);
   const times: number[] = [];
   using client = new LoopClient(srv.socketPath);
-  for (let i = 0; i < 3; i++) {
-    const start = performance.now();
-    const dev = await client.device(img.path, { devDir: img.dir, timeoutMs: 5000 });
-    times.push(Math.round(performance.now() - start));
-    await dev.remove();
-  }
+  for (let i = 0; i < 3; i++) times.push(await timedDevice(client, img, 5000));
   t.log(`root's requests took ${times.join(', ')} ms with ${wedged} of the peer's closes stuck, ${stuck} workers`);
   t.true(Math.max(...times) < 1000, `root was served (${times.join(', ')} ms)`);
   client.close();
@@ -971,6 +956,15 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
   await step('server close', srv.close());
   t.deepEqual(await boundAfterSettling(img.path), []);
   t.deepEqual(await step('released', boundAfterSettling(backing)), []);
+}
+
+/** Milliseconds root's request for a device on `img` took through `client` (the device is removed after). */
+async function timedDevice(client: LoopClient, img: Image, timeoutMs = 10_000): Promise<number> {
+  const start = performance.now();
+  const dev = await client.device(img.path, { devDir: img.dir, timeoutMs });
+  const ms = Math.round(performance.now() - start);
+  await dev.remove();
+  return ms;
 }
 
 /** Whether a keeper's closing thread is stuck in a close (a lingering socket's, a pipe's), not waiting for work. */
