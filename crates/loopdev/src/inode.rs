@@ -77,10 +77,10 @@ pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
 /// `openat` returning an owned fd, with the path in the error.
 pub(crate) fn open_in(dir: Option<BorrowedFd>, name: &str, flags: OFlag) -> Result<OwnedFd> {
     let dirfd = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    let full = dir_path(dir).join(name);
-    let target = if dir.is_some() { PathBuf::from(name) } else { full.clone() };
+    let target = if dir.is_some() { PathBuf::from(name) } else { dir_path(None).join(name) };
+    // The directory's name is looked up only for an error: a readlink per open showed in every request.
     let raw = openat(dirfd, &target, flags | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| Error::os(e, "open").with_path(&full))?;
+        .map_err(|e| Error::os(e, "open").with_path(&dir_path(dir).join(name)))?;
     // SAFETY: openat just returned this fd and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }

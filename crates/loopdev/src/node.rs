@@ -65,10 +65,11 @@ pub(crate) fn make(
     mode: u32,
     peer: Option<u32>,
 ) -> Result<Node> {
-    let path = dir_path(Some(dir)).join(name);
+    // Named only for an error (a readlink each).
+    let path = || dir_path(Some(dir)).join(name);
     let perm = Mode::from_bits_truncate(mode & 0o7777);
     let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-    let raw = openat(dir.as_raw_fd(), name, file, perm).map_err(|e| Error::os(e, "open").with_path(&path))?;
+    let raw = openat(dir.as_raw_fd(), name, file, perm).map_err(|e| Error::os(e, "open").with_path(&path()))?;
     // SAFETY: openat returned a fresh fd that nothing else owns.
     let placeholder = unsafe { OwnedFd::from_raw_fd(raw) };
     let st = stat_fd(placeholder.as_fd())?;
@@ -82,14 +83,14 @@ pub(crate) fn make(
         }
         Err(e) => e,
     };
-    unlink_if(dir, name, |e| (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino)).map_err(|e| e.with_path(&path))?;
+    unlink_if(dir, name, |e| (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino)).map_err(|e| e.with_path(&path()))?;
     if peer.is_some() {
-        return Err(failure.with_path(&path).with_detail(
+        return Err(failure.with_path(&path()).with_detail(
             "cannot bind-mount the device into this directory (is it in another mount namespace?); \
              a device node is only made for root",
         ));
     }
-    mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path))?;
+    mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path()))?;
     Ok(Node { name: name.to_string(), rdev, mount: None, placeholder: None })
 }
 
@@ -125,14 +126,14 @@ fn unlink_if(dir: BorrowedFd, name: &str, ours: impl Fn(&FileStat) -> bool) -> R
 /// detached, through the fd; anything else under the name (a symlink to a host mount, another device) is
 /// refused with ERR_LOOP_UNEXPECTED_DEVICE and left alone.
 pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
-    let path = dir_path(Some(dir)).join(name);
+    let path = || dir_path(Some(dir)).join(name);
     let index = name
         .strip_prefix("loop")
         .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|n| n.parse::<u32>().ok())
-        .ok_or_else(|| Error::os(Errno::EINVAL, "unlink").with_path(&path).with_detail("not a loop device name"))?;
+        .ok_or_else(|| Error::os(Errno::EINVAL, "unlink").with_path(&path()).with_detail("not a loop device name"))?;
     let entry = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_NOFOLLOW)?;
-    let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path))?;
+    let st = stat_fd(entry.as_fd()).map_err(|e| e.with_path(&path()))?;
     // loopN's device number from sysfs: with loop.max_part set, its minor is not N.
     let node = crate::inode::loop_devnum(std::path::Path::new("/sys"), index);
     let is_node = |st: &FileStat| is_kind(st, SFlag::S_IFBLK) && st.st_rdev == node;
@@ -145,7 +146,7 @@ pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
                 mode: st.st_mode,
             },
             detail: Some(format!("not loop device node {}:{}; left alone", stat::major(node), stat::minor(node))),
-            ..Error::os(Errno::ENODEV, "unlink").with_path(&path)
+            ..Error::os(Errno::ENODEV, "unlink").with_path(&path())
         });
     }
     if is_node(&st) {
@@ -154,5 +155,5 @@ pub fn remove_node(dir: BorrowedFd, name: &str) -> Result<()> {
         let _ = umount2(&fd_path(entry.as_fd()), MntFlags::MNT_DETACH);
     }
     // What the unmount uncovered is mknod's placeholder.
-    unlink_if(dir, name, |now| is_node(now) || is_placeholder(now)).map_err(|e| e.with_path(&path))
+    unlink_if(dir, name, |now| is_node(now) || is_placeholder(now)).map_err(|e| e.with_path(&path()))
 }
