@@ -8,6 +8,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteLoopError, removeNode, type LoopServerQuotas } from '../ts/index.js';
 import { LOCKED_PIPE } from './fixtures.js';
 import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs, type Image, until } from './helpers.js';
@@ -958,6 +959,112 @@ async function pipeWedge(t: ExecutionContext, workers: number): Promise<void> {
   t.deepEqual(await step('released', boundAfterSettling(backing)), []);
 }
 
+// Red team round 14, K1: a peer whose fd limit is above the server's fills the wedged keeper's table (our
+// limit), after which the sockets it hangs up on wait on the closing lane, in the server's own table; the
+// server then stops accepting (past half its limit) rather than run out of fds for the connections it
+// has. Here the server runs in a process of its own at 512 fds, the peer at its hard limit: it wedges its
+// lane (a pipe end among 3 fds, refused E2BIG, then 200 more fds so that everyone but root is turned away
+// at accept), then its keeper (a pipe end queued on a connection turned away unread), then hangs up on
+// connection after connection with an fd queued, without blocking when the server no longer accepts.
+const TABLE_FLOOD = String.raw`
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+sock, backing, dev_dir, tries = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+null = os.open("/dev/null", os.O_RDONLY)
+a = connect(sock)
+def wedge_lane():
+    # Read after the valid request is answered, by which time our copy of the end is closed.
+    end = pipe_wedge(1)[0]
+    send(a, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
+    sendfds(a, b"{}", [end, null, null])
+    wedged = closed_first(end)
+    replies = [json.loads(a.recv(1 << 20)) for _ in range(2)]
+    return wedged and "devname" in replies[0] and "exception" in replies[1]
+lane = any(wedge_lane() for _ in range(10))
+sendfds(a, b"{}", [null] * 200)
+json.loads(a.recv(1 << 20))
+def hang_up_holding(fd, last=False):
+    f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    f.setblocking(False)
+    try:
+        f.connect(sock)
+        sendfds(f, b"", [fd])
+        return closed_first(fd) if last else True
+    except OSError:
+        return False  # the listen queue is full (EAGAIN), or the server shut it first
+    finally:
+        f.close()
+keeper = any(hang_up_holding(pipe_wedge(1)[0], last=True) for _ in range(20))
+emit({"lane": lane, "keeper": keeper})
+sys.stdin.readline()
+made, refused = 0, 0
+for _ in range(tries):
+    if hang_up_holding(null):
+        made += 1
+    else:
+        refused += 1
+        time.sleep(0.001)
+emit({"made": made, "refused": refused})
+sys.stdin.readline()
+`;
+
+loopTest.serial("a peer whose fd limit is above the server's cannot make it run out of fds: it stops accepting first", async (t) => {
+  t.timeout(120_000);
+  const img = image(t);
+  const { devDir, backing } = peerFiles(img.dir);
+  fs.chmodSync(img.dir, 0o711);
+  const socketPath = path.join(img.dir, 'remoteloop');
+  const LIMIT = 512;
+  const serve = fileURLToPath(new URL('./fixtures/remote-serve.ts', import.meta.url));
+  const server = spawn('prlimit', [`--nofile=${LIMIT}:${LIMIT}`, process.execPath, '--import=tsx', serve, socketPath, `0,${NOBODY}`], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  t.teardown(() => {
+    if (server.exitCode === null) server.kill('SIGKILL');
+  });
+  const lines = createInterface({ input: server.stdout! })[Symbol.asyncIterator]();
+  const ready = JSON.parse((await lines.next()).value as string);
+  t.is(ready.event, 'ready');
+  const pid = ready.pid as number;
+  fs.chmodSync(socketPath, 0o666);
+  const tableSize = (task?: number) => fs.readdirSync(task ? `/proc/${pid}/task/${task}/fd` : `/proc/${pid}/fd`).length;
+  const threads = (name: string) =>
+    fs.readdirSync(`/proc/${pid}/task`).filter((task) => readTask(task, 'comm', pid).startsWith(name));
+  const stuck = (name: string) => threads(name).filter((task) => !readTask(task, 'wchan', pid).startsWith('futex'));
+  using client = new LoopClient(socketPath);
+  await timedDevice(client, img); // root's connection, open before the flood
+
+  const peer = attacker(t, TABLE_FLOOD, [socketPath, backing, devDir, '3000']);
+  const { lane, keeper } = await peer.next();
+  t.true(lane && keeper, `the peer's closes are the server's last (lane ${lane}, keeper ${keeper}; else this proves nothing)`);
+  let most = 0;
+  const sampling = setInterval(() => (most = Math.max(most, tableSize())), 5);
+  t.teardown(() => clearInterval(sampling));
+  peer.send();
+  const { made, refused } = await peer.next();
+  await new Promise((resolve) => setTimeout(resolve, 500)); // what was queued is accepted
+  clearInterval(sampling);
+  most = Math.max(most, tableSize());
+  const keeperTable = Math.max(0, ...threads('loopdev-keep').map(Number).map((task) => tableSize(task)));
+  t.log(`${made} connections hung up with an fd queued, ${refused} connects refused; the keeper holds ${keeperTable} fds,`);
+  t.log(`the server at most ${most} of its ${LIMIT}`);
+  t.true(stuck('loopdev-close').length > 0, "the peer's closing lane is wedged (else this proves nothing)");
+  t.true(stuck('loopdev-kclose').length > 0, "the peer's keeper is wedged (else this proves nothing)");
+  t.true(keeperTable >= LIMIT - 16, `the keeper's table is full (${keeperTable} fds; else this proves nothing)`);
+  t.true(refused > 0, 'the server stopped accepting');
+  t.true(most < LIMIT - 64, `the server's fd table never filled (${most} of ${LIMIT})`);
+  const ms = await timedDevice(client, img, 5000);
+  t.log(`root's request on its open connection took ${ms} ms`);
+  t.true(ms < 1000, `root was served on its open connection (${ms} ms)`);
+  client.close();
+  peer.send();
+  t.is(await peer.finish(), 0); // its exit lets go of the pipes: the stuck closes return
+  server.kill('SIGTERM');
+  t.like(JSON.parse((await lines.next()).value as string), { event: 'stopped' });
+  t.deepEqual(await boundAfterSettling(img.path), []);
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
+
 /** Milliseconds root's request for a device on `img` took through `client` (the device is removed after). */
 async function timedDevice(client: LoopClient, img: Image, timeoutMs = 10_000): Promise<number> {
   const start = performance.now();
@@ -979,9 +1086,9 @@ function stuckThreads(name: string): number {
     .filter((task) => readTask(task, 'comm').startsWith(name) && !readTask(task, 'wchan').startsWith('futex')).length;
 }
 
-function readTask(task: string, file: string): string {
+function readTask(task: string, file: string, pid: number | 'self' = 'self'): string {
   try {
-    return fs.readFileSync(`/proc/self/task/${task}/${file}`, 'utf8');
+    return fs.readFileSync(`/proc/${pid}/task/${task}/${file}`, 'utf8');
   } catch {
     return ''; // the thread is gone
   }
