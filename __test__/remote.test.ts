@@ -227,6 +227,7 @@ loopTest.serial('loopdev serve under socket activation (systemd-socket-activate)
       await t.throwsAsync(client.device('/dev/null', { devDir: img.dir }), { code: 'EINVAL' });
       await dev.remove();
     }
+    t.is(listenerCopies(server.child.pid!, socketPath), 1, 'the server serves on its duplicate: fd 3 is closed');
     server.child.kill('SIGTERM');
     await exited(server.child);
     t.is(server.child.exitCode, 0, server.stderr());
@@ -271,6 +272,24 @@ loopTest('across processes: a serve() child serves our client and releases its d
   t.deepEqual(await boundAfterSettling(img.dir), []);
   t.deepEqual(fs.readdirSync(img.dir), ['disk.img'], '…and its node go when the server stops');
 });
+
+/** How many fds of process `pid` are the socket listening at `socketPath` (its inode from /proc/net/unix). */
+function listenerCopies(pid: number, socketPath: string): number {
+  // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 is a listening socket.
+  const row = fs
+    .readFileSync('/proc/net/unix', 'utf8')
+    .split('\n')
+    .map((line) => line.trim().split(/\s+/))
+    .find((f) => f[3] === '00010000' && f[7] === socketPath);
+  const link = `socket:[${row?.[6] ?? 'none'}]`;
+  return fs.readdirSync(`/proc/${pid}/fd`).filter((fd) => {
+    try {
+      return fs.readlinkSync(`/proc/${pid}/fd/${fd}`) === link;
+    } catch {
+      return false; // closed meanwhile
+    }
+  }).length;
+}
 
 /** The dir and socket reachable by another uid, so only SO_PEERCRED stands in its way. */
 function openToOthers(dir: string, socketPath: string): void {

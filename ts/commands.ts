@@ -318,7 +318,11 @@ Options:
         ...where,
         ...(allowUids.length ? { allowUids } : {}),
         log: !values.quiet,
-        onListening: (server) => process.stderr.write(`loopdev serve: listening on ${server.socketPath}\n`),
+        onListening: (server) => {
+          // The server serves on a duplicate: fd 3 would otherwise stay open after it stops.
+          if (activated !== undefined) fs.closeSync(activated);
+          process.stderr.write(`loopdev serve: listening on ${server.socketPath}\n`);
+        },
       });
       process.stderr.write(`loopdev serve: stopped (${stoppedBy}); devices released\n`);
       return 0;

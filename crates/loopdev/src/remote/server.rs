@@ -466,8 +466,13 @@ impl Serve {
                 let uid = seqpacket::peer_cred(sock.as_fd()).map_or(ANY_UID, |p| p.uid);
                 self.closer.close_socket(uid, sock);
             }
+            drop(self.listener);
+        } else {
+            // An adopted listener's pending connections are the next instance's (systemd keeps its copy), so
+            // they stay. But ours may be the last copy (the CLI closes the fd it was given, and a launcher
+            // need not keep one): closing it then closes them and the fds queued on them, so not here.
+            self.closer.close(ANY_UID, vec![self.listener]);
         }
-        drop(self.listener);
         drop(self.socket_file);
         for (uid, queue) in self.queued.drain() {
             self.closer.close(uid, queue);
