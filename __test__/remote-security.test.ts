@@ -1038,7 +1038,9 @@ loopTest.serial("a peer whose fd limit is above the server's cannot make it run 
   const { lane, keeper } = await peer.next();
   t.true(lane && keeper, `the peer's closes are the server's last (lane ${lane}, keeper ${keeper}; else this proves nothing)`);
   let most = 0;
-  const sampling = setInterval(() => (most = Math.max(most, tableSize())), 5);
+  const sampling = setInterval(() => {
+    if (server.exitCode === null && server.signalCode === null) most = Math.max(most, tableSize());
+  }, 5);
   t.teardown(() => clearInterval(sampling));
   peer.send();
   const { made, refused } = await peer.next();
@@ -1048,6 +1050,7 @@ loopTest.serial("a peer whose fd limit is above the server's cannot make it run 
   const keeperTable = Math.max(0, ...threads('loopdev-keep').map(Number).map((task) => tableSize(task)));
   t.log(`${made} connections hung up with an fd queued, ${refused} connects refused; the keeper holds ${keeperTable} fds,`);
   t.log(`the server at most ${most} of its ${LIMIT}`);
+  t.is(server.exitCode ?? server.signalCode, null, 'the server is still running');
   t.true(stuck('loopdev-close').length > 0, "the peer's closing lane is wedged (else this proves nothing)");
   t.true(stuck('loopdev-kclose').length > 0, "the peer's keeper is wedged (else this proves nothing)");
   t.true(keeperTable >= LIMIT - 16, `the keeper's table is full (${keeperTable} fds; else this proves nothing)`);
