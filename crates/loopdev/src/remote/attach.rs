@@ -18,6 +18,7 @@ use std::os::unix::io::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::fdbudget::FdBudget;
 use super::options::ServerOptions;
 
 /// Counters the server keeps; read them with `Server::stats`.
@@ -34,9 +35,15 @@ pub(super) struct Counters {
     /// Devices released but still bound, because a peer keeps the fd it was given open: counted against
     /// its quota until the binding goes (uid, `loopN`, the binding's diskseq).
     lingering: Mutex<Vec<(u32, String, u64)>>,
+    /// Our fd table: a device keeps 3 of its fds open.
+    pub fds: FdBudget,
 }
 
 impl Counters {
+    pub fn new(fds: FdBudget) -> Counters {
+        Counters { fds, ..Counters::default() }
+    }
+
     fn by_uid(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
         self.by_uid.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -54,6 +61,12 @@ impl Counters {
             return Err(WireError::new(
                 Errno::ENOSPC,
                 format!("the loop server holds {} devices, its limit", options.max_devices),
+            ));
+        }
+        if !self.fds.may_hold_device(uid) {
+            return Err(WireError::new(
+                Errno::EMFILE,
+                format!("the loop server is short of fds ({} left); try again later", self.fds.room()),
             ));
         }
         let mine = map.entry(uid).or_insert(0);

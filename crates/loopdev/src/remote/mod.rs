@@ -8,6 +8,7 @@ mod attach;
 pub mod client;
 mod closer;
 mod drainer;
+mod fdbudget;
 pub mod jsoncomm;
 mod keeper;
 mod options;

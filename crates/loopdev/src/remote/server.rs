@@ -15,6 +15,7 @@
 
 use super::attach::{self, Counters, Held, Outgoing};
 use super::closer::{Closable, Closer, ANY_UID};
+use super::fdbudget::{self, FdBudget};
 use super::jsoncomm::{self, Incoming};
 use super::options::ServerOptions;
 use super::seqpacket::{self, PeerCred};
@@ -98,7 +99,7 @@ impl Server {
 
     fn start(listener: OwnedFd, file: Option<SocketFile>, path: &Path, options: ServerOptions) -> Result<Server> {
         let wake = Arc::new(seqpacket::eventfd()?);
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new(FdBudget::new(fd_limit(), options.workers)));
         counters.running.store(true, Ordering::SeqCst);
         let options = Arc::new(options);
         let workers = Workers::new(options.workers, Arc::clone(&options), Arc::clone(&counters))?;
@@ -491,12 +492,19 @@ impl Serve {
             pfds.push(seqpacket::pollfd(self.workers.ready_fd(), libc::POLLIN));
             // Peers' fds still waiting to be closed are in our fd table: past the bounds, stop taking more
             // (from that uid; from anyone but root while all lanes together hold too many) until they drain.
-            let flooded = self.closer.total_backlog() >= self.global_backlog || self.closer.draining_full();
+            let gate = self.gate();
+            let room = gate.room(&self.closer);
+            let flooded = self.closer.total_backlog() >= self.global_backlog
+                || !self.counters.fds.may_read(ANY_UID, room)
+                || self.closer.draining_full();
             // Past the lanes' bound others are turned away at accept (root is kept). Past twice that, or while
             // the drainer is full, no one is accepted: a connection turned away with fds still queued goes
             // to a keeper, and to a lane (our table) once the keeper's table is full, which a peer whose fd
             // limit is above ours can make happen (red team round 14, K1: 4,096 of 4,096 fds).
-            let overflowing = self.closer.total_backlog() >= 2 * self.global_backlog;
+            // Nor past what leaves root its reserve of our table, whatever the lanes hold (red team round 18:
+            // one uid's 64 devices and its lane's backlog filled a table of 512, the lanes under their bound).
+            let overflowing = self.closer.total_backlog() >= 2 * self.global_backlog
+                || !self.counters.fds.may_accept(room, ACCEPT_BATCH);
             let accepting =
                 self.conns.len() < self.options.max_connections && !self.closer.draining_full() && !overflowing;
             pfds.push(seqpacket::pollfd(self.listener.as_fd(), if accepting { libc::POLLIN } else { 0 }));
@@ -507,7 +515,7 @@ impl Serve {
                     libc::POLLOUT
                 } else if c.waiting.is_some() {
                     0 // hang-ups are reported anyway
-                } else if !may_read(&mut self.closer, c.peer.uid, self.global_backlog) {
+                } else if !may_read(&mut self.closer, &gate, c.peer.uid) {
                     congested = true;
                     0
                 } else {
@@ -746,6 +754,7 @@ impl Serve {
     /// Handles one readiness event of a connection: send queued replies, or read one message and hand it to
     /// a worker.
     fn service(&mut self, i: usize, revents: i16) {
+        let gate = self.gate();
         let conn = &mut self.conns[i];
         if !conn.outbox.is_empty() || conn.waiting.is_some() {
             if conn.outbox.is_empty() || revents & libc::POLLOUT == 0 {
@@ -758,7 +767,7 @@ impl Serve {
         // Asked again before each read, not only when the poll set was made: a uid's connections ready in the
         // same turn each added a message's fds, 25 of them 6,325 fds past the bound of 256 and past the
         // global one (red team round 12).
-        if !may_read(&mut self.closer, conn.peer.uid, self.global_backlog) {
+        if !may_read(&mut self.closer, &gate, conn.peer.uid) {
             // Not read, but a hang-up is reported on every poll: left alone, it would spin this thread (red
             // team round 14, P1). Dead, its socket goes to the closer with whatever is queued on it.
             if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
@@ -828,6 +837,17 @@ impl Serve {
         self.start_queued(peer.uid);
     }
 
+    /// What reading is weighed against now (see `may_read`).
+    fn gate(&self) -> Gate {
+        let started: usize = self.busy_by_uid.values().sum();
+        let queued = self.in_flight.len().saturating_sub(started);
+        let held = self.conns.len() * fdbudget::PER_CONNECTION
+            + started * fdbudget::PER_REQUEST
+            + queued * fdbudget::PER_QUEUED
+            + self.counters.devices.load(Ordering::SeqCst) * fdbudget::PER_DEVICE;
+        Gate { counters: Arc::clone(&self.counters), global: self.global_backlog, held }
+    }
+
     fn accept_batch(&mut self) {
         // A batch per turn of the poll loop: turning a flood of connections away (each drained before it is
         // closed) must not keep the connections already open from being served.
@@ -864,7 +884,8 @@ impl Serve {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 if self.conns.iter().filter(|c| c.refused_until.is_some()).count() >= MAX_REFUSING {
                     let refused = refusal(counters, &peer, not_allowed(&peer));
-                    refuse_now(&mut self.closer, self.global_backlog, sock, &peer, refused);
+                    let gate = self.gate();
+                    refuse_now(&mut self.closer, &gate, sock, &peer, refused);
                 } else {
                     self.conns.push(Conn::new(id, sock, peer, Some(Instant::now() + REFUSAL_GRACE), counters));
                 }
@@ -873,7 +894,10 @@ impl Serve {
             let same_uid = self.conns.iter().filter(|c| c.refused_until.is_none() && c.peer.uid == peer.uid).count();
             let why = if same_uid >= self.options.max_connections_per_uid {
                 Some(format!("uid {} has {same_uid} connections open, the most one uid may have", peer.uid))
-            } else if peer.uid != 0 && self.closer.total_backlog() >= self.global_backlog {
+            } else if peer.uid != 0
+                && (self.closer.total_backlog() >= self.global_backlog
+                    || !self.counters.fds.may_read(peer.uid, self.gate().room(&self.closer)))
+            {
                 // Accepting goes on while the lanes are backed up, so that root can still connect.
                 Some("the loop server is closing too many fds peers sent; try again later".to_string())
             } else {
@@ -882,7 +906,8 @@ impl Serve {
             if let Some(why) = why {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 let refused = refusal(counters, &peer, WireError::new(Errno::EAGAIN, why));
-                refuse_now(&mut self.closer, self.global_backlog, sock, &peer, refused);
+                let gate = self.gate();
+                refuse_now(&mut self.closer, &gate, sock, &peer, refused);
                 continue;
             }
             counters.connections.fetch_add(1, Ordering::SeqCst);
@@ -891,11 +916,53 @@ impl Serve {
     }
 }
 
-/// Whether to read `uid`'s next message now. What a refused message carries waits on the uid's lane, in our fd
-/// table: a uid whose lane holds `UID_BACKLOG` fds is not read until it drains, and while all lanes together
-/// hold `global` no one is but root (whose fds go to workers, and who must still be served).
-fn may_read(closer: &mut Closer, uid: u32, global: usize) -> bool {
-    closer.backlog(uid) < UID_BACKLOG && (uid == 0 || closer.total_backlog() < global)
+/// What a read is weighed against: the lanes' bound, and our fd table (see `FdBudget`).
+struct Gate {
+    counters: Arc<Counters>,
+    /// Fds on all lanes together past which no one but root is read.
+    global: usize,
+    /// Fds the server holds for peers besides those waiting on the lanes (which change with every read).
+    held: usize,
+}
+
+impl Gate {
+    /// Fds of our table left, counting the lanes as they are now; recorded for the workers.
+    fn room(&self, closer: &Closer) -> usize {
+        self.counters.fds.count(self.held + closer.total_backlog())
+    }
+}
+
+/// Whether to read `uid`'s next message now. What a refused message carries waits on the uid's lane, in our
+/// fd table: a uid whose lane holds `UID_BACKLOG` fds is not read until it drains, and while all lanes
+/// together hold `gate.global` no one is but root (whose fds go to workers, and who must still be served);
+/// nor while one more message could take root's reserve of the table (`FdBudget`).
+fn may_read(closer: &mut Closer, gate: &Gate, uid: u32) -> bool {
+    let room = gate.room(closer);
+    closer.backlog(uid) < UID_BACKLOG
+        && (uid == 0 || closer.total_backlog() < gate.global)
+        && gate.counters.fds.may_read(uid, room)
+}
+
+/// This peer gets its refusal at once and is disconnected. What it already sent is read first (a socket
+/// closed with unread data makes the peer's read fail with ECONNRESET instead of showing our reply), as far
+/// as `may_read` allows; the fds in it, and the socket, are closed by the closer.
+fn refuse_now(closer: &mut Closer, gate: &Gate, sock: OwnedFd, peer: &PeerCred, refusal: Outgoing) {
+    let _ = seqpacket::send(sock.as_fd(), &refusal.bytes, &[]);
+    let mut buf = [0u8; 64];
+    // Asked before each read: asked once, 16 reads of 253 fds put 4,363 fds of one uid in our table (red
+    // team round 13, R1). What is left unread goes with the socket, to the uid's keeper.
+    for _ in 0..16 {
+        if !may_read(closer, gate, peer.uid) {
+            break;
+        }
+        match seqpacket::recv(sock.as_fd(), &mut buf, jsoncomm::SCM_MAX_FD) {
+            Ok(p) if p.len > 0 || !p.fds.is_empty() => {
+                closer.close(peer.uid, p.fds);
+            }
+            _ => break,
+        }
+    }
+    closer.close_socket(peer.uid, sock);
 }
 
 /// At shutdown: abandons the requests being served, has the workers release every connection's devices,
@@ -936,28 +1003,6 @@ fn release_all(
         )));
     }
     Ok(())
-}
-
-/// This peer gets its refusal at once and is disconnected. What it already sent is read first (a socket
-/// closed with unread data makes the peer's read fail with ECONNRESET instead of showing our reply), as far
-/// as `may_read` allows; the fds in it, and the socket, are closed by the closer.
-fn refuse_now(closer: &mut Closer, global: usize, sock: OwnedFd, peer: &PeerCred, refusal: Outgoing) {
-    let _ = seqpacket::send(sock.as_fd(), &refusal.bytes, &[]);
-    let mut buf = [0u8; 64];
-    // Asked before each read: asked once, 16 reads of 253 fds put 4,363 fds of one uid in our table (red
-    // team round 13, R1). What is left unread goes with the socket, to the uid's keeper.
-    for _ in 0..16 {
-        if !may_read(closer, peer.uid, global) {
-            break;
-        }
-        match seqpacket::recv(sock.as_fd(), &mut buf, jsoncomm::SCM_MAX_FD) {
-            Ok(p) if p.len > 0 || !p.fds.is_empty() => {
-                closer.close(peer.uid, p.fds);
-            }
-            _ => break,
-        }
-    }
-    closer.close_socket(peer.uid, sock);
 }
 
 /// What a peer whose uid is not allowed is told: that, and nothing about who is allowed.
@@ -1014,8 +1059,9 @@ mod tests {
             seqpacket::send(theirs.as_fd(), b"{}", &[null.as_fd(); 253]).unwrap();
         }
         let peer = PeerCred { pid: 1, uid: 4242, gid: 4242 };
-        let refused = refusal(&Counters::default(), &peer, WireError::new(Errno::EAGAIN, "turned away"));
-        refuse_now(&mut closer, 1 << 20, ours, &peer, refused);
+        let counters = Arc::new(Counters::default());
+        let refused = refusal(&counters, &peer, WireError::new(Errno::EAGAIN, "turned away"));
+        refuse_now(&mut closer, &Gate { counters, global: 1 << 20, held: 0 }, ours, &peer, refused);
         let backlog = closer.backlog(4242);
         assert!(backlog < UID_BACKLOG + 253, "{backlog} fds wait: more than one packet past the bound");
         drop(release);
