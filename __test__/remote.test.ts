@@ -226,6 +226,11 @@ loopTest.serial('loopdev serve under socket activation (systemd-socket-activate)
       t.is(sysfs(minorOf(dev.devname), 'loop/backing_file'), img.path);
       await t.throwsAsync(client.device('/dev/null', { devDir: img.dir }), { code: 'EINVAL' });
       await dev.remove();
+      // A name with a newline must not add a line of its own to the log (red team round 18).
+      const forged = path.join(img.dir, 'x\nloopdev serve: forged.img');
+      fs.linkSync(img.path, forged);
+      await (await client.device(forged, { devDir: img.dir })).remove();
+      fs.rmSync(forged);
     }
     t.is(listenerCopies(server.child.pid!, socketPath), 1, 'the server serves on its duplicate: fd 3 is closed');
     server.child.kill('SIGTERM');
@@ -235,9 +240,11 @@ loopTest.serial('loopdev serve under socket activation (systemd-socket-activate)
     if (quiet) {
       t.deepEqual(lines, [], '--quiet: no request lines');
     } else {
-      t.is(lines.length, 2, server.stderr());
+      t.is(lines.length, 3, server.stderr());
       t.regex(lines[0]!, new RegExp(`^loopdev serve: pid ${process.pid} uid 0: ${img.path} -> loop\\d+ \\(\\d+\\.\\d ms\\)$`));
       t.regex(lines[1]!, /: \/dev\/null -> refused: EINVAL: /);
+      t.true(lines[2]!.includes('/x\\nloopdev serve: forged.img -> loop'), lines[2]);
+      t.false(server.stderr().includes('\nloopdev serve: forged'), 'no line of the name\'s making');
     }
     t.true(fs.existsSync(socketPath), "the socket is its activator's: left in place");
     fs.rmSync(socketPath);

@@ -192,6 +192,7 @@ impl Attacher {
         if let Some(file) = file {
             // One write per line (eprintln! may write in pieces, which other writers to stderr split).
             let ms = started.elapsed().as_secs_f64() * 1000.0;
+            let (file, result) = (loggable(&file), loggable(&result));
             let line = format!("loopdev serve: pid {} uid {}: {file} -> {result} ({ms:.1} ms)\n", peer.pid, peer.uid);
             let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         }
@@ -254,6 +255,21 @@ impl Attacher {
     }
 }
 
+/// `s` (a peer's file name, an error naming its directory) for a line of the log: control characters and
+/// backslashes escaped, so that a name with a newline cannot add a line of the peer's choosing (red team
+/// round 18).
+fn loggable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The backing file of a request, for the log: its path as the kernel names the fd ("?" when unknown).
 fn backing_name(payload: &[u8], fds: &[OwnedFd]) -> String {
     Request::parse(payload)
@@ -309,5 +325,16 @@ impl From<WireError> for Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure::Os(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loggable;
+
+    #[test]
+    fn a_name_cannot_add_a_line_to_the_log() {
+        let name = "x\nloopdev serve: pid 1 uid 0: shadow.img -> loop7 (0.3 ms)\u{1b}[2K\\é";
+        assert_eq!(loggable(name), "x\\nloopdev serve: pid 1 uid 0: shadow.img -> loop7 (0.3 ms)\\u{1b}[2K\\\\é");
     }
 }
