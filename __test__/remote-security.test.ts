@@ -402,25 +402,99 @@ loopTest('a bad sector size is an error, not a trip through the legacy path', as
   t.deepEqual(fs.readdirSync(img.dir).sort(), ['disk.img', 'remoteloop'], 'no node left behind');
 });
 
-// A FUSE filesystem whose daemon never answers, mounted in the peer's directory as fusermount mounts a user's
-// filesystem with allow_other: every stat in it blocks until the daemon dies. Mounting needs root here only
-// because /dev/fuse is 0600 on this machine; the peer uses it as any user could.
-const STALLED_FUSE = String.raw`
-import ctypes, os, sys
+// A FUSE filesystem in the peer's directory, mounted as fusermount mounts a user's filesystem with
+// allow_other (root mounts it here only because /dev/fuse is 0600 on this machine; the peer uses it as any
+// user could). Its daemon keeps files by name in memory and answers what the server does in it (lookup,
+// create, chown, unlink) until told "stall" on stdin: from then on it answers nothing, and every request
+// to it blocks until the daemon dies (which aborts the connection: the waiting requests fail).
+const SWITCHED_FUSE = String.raw`
+import ctypes, os, struct, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
+at = sys.argv[1]
 fd = os.open("/dev/fuse", os.O_RDWR)
 opts = "fd=%d,rootmode=40000,user_id=65534,group_id=65534,allow_other" % fd
-if libc.mount(b"loopdev-stall", sys.argv[1].encode(), b"fuse", 0, opts.encode()) != 0:
+if libc.mount(b"loopdev-switch", at.encode(), b"fuse", 0, opts.encode()) != 0:
     raise OSError(ctypes.get_errno(), "mount")
+stalled = threading.Event()
+def control():
+    for line in sys.stdin:
+        if line.strip() == "stall":
+            stalled.set()
+            print("stalled", flush=True)
+threading.Thread(target=control, daemon=True).start()
+ROOT = 1
+nodes = {ROOT: {"mode": 0o40755, "uid": 65534, "gid": 65534}}
+names = {}
+next_ino = [2]
+def attr(ino):
+    n = nodes[ino]
+    return struct.pack("<QQQQQQIIIIIIIIII", ino, 0, 0, 0, 0, 0, 0, 0, 0, n["mode"], 2 if ino == ROOT else 1, n["uid"], n["gid"], 0, 4096, 0)
+def entry(ino):
+    return struct.pack("<QQQQII", ino, 0, 0, 0, 0, 0) + attr(ino)
+def reply(unique, error=0, body=b""):
+    os.write(fd, struct.pack("<IiQ", 16 + len(body), -error, unique) + body)
 print("ready", flush=True)
-sys.stdin.readline()
+while True:
+    try:
+        req = os.read(fd, (1 << 20) + 4096)
+    except OSError:
+        break
+    length, opcode, unique, nodeid = struct.unpack_from("<IIQQ", req)
+    arg = req[40:length]
+    if opcode in (2, 36, 42):  # FORGET, INTERRUPT, BATCH_FORGET: no reply
+        continue
+    if opcode == 38:  # DESTROY
+        break
+    if stalled.is_set() and opcode != 26:
+        continue  # never answered
+    name = arg.split(b"\0", 1)[0]
+    if opcode == 26:  # INIT
+        major, minor, readahead, flags = struct.unpack_from("<IIII", arg)
+        reply(unique, 0, struct.pack("<IIIIHHIIHHII6I", 7, min(minor, 31), readahead, 0, 16, 12, 1 << 20, 1, 256, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    elif opcode == 1:  # LOOKUP
+        ino = names.get(name)
+        if ino is None:
+            reply(unique, 2)  # ENOENT
+        else:
+            reply(unique, 0, entry(ino))
+    elif opcode == 3:  # GETATTR
+        reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid)) if nodeid in nodes else reply(unique, 2)
+    elif opcode == 4:  # SETATTR
+        valid = struct.unpack_from("<I", arg)[0]
+        mode, uid, gid = struct.unpack_from("<I", arg, 68)[0], struct.unpack_from("<I", arg, 76)[0], struct.unpack_from("<I", arg, 80)[0]
+        n = nodes[nodeid]
+        if valid & 1: n["mode"] = (n["mode"] & ~0o7777) | (mode & 0o7777)
+        if valid & 2: n["uid"] = uid
+        if valid & 4: n["gid"] = gid
+        reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid))
+    elif opcode == 35:  # CREATE
+        flags, mode = struct.unpack_from("<II", arg)
+        name = arg[16:].split(b"\0", 1)[0]
+        if name in names:
+            reply(unique, 17)  # EEXIST
+            continue
+        ino = next_ino[0]; next_ino[0] += 1
+        uid, gid = struct.unpack_from("<II", req, 24)
+        nodes[ino] = {"mode": 0o100000 | (mode & 0o7777), "uid": uid, "gid": gid}
+        names[name] = ino
+        reply(unique, 0, entry(ino) + struct.pack("<QII", 0, 0, 0))
+    elif opcode == 10:  # UNLINK
+        ino = names.pop(name, None)
+        reply(unique, 0 if ino else 2)
+    elif opcode in (14, 27):  # OPEN, OPENDIR
+        reply(unique, 0, struct.pack("<QII", 0, 0, 0))
+    elif opcode in (18, 29, 25, 34, 20, 30):  # RELEASE, RELEASEDIR, FLUSH, ACCESS, FSYNC, FSYNCDIR
+        reply(unique, 0)
+    else:
+        reply(unique, 38)  # ENOSYS
 `;
 
-/** Mounts a stalled FUSE filesystem at `at`; the returned function (also the teardown) ends the stall. */
-async function stalledFuse(t: ExecutionContext, at: string): Promise<() => void> {
+/** A FUSE filesystem at `at` (made, and owned by the peer); `stall()` makes it stop answering for good, `end()`
+ * (also the teardown) kills its daemon and unmounts it. */
+async function switchedFuse(t: ExecutionContext, at: string): Promise<{ dir: string; stall: () => Promise<void>; end: () => void }> {
   fs.mkdirSync(at);
   fs.chownSync(at, NOBODY, NOBODY);
-  const daemon = spawn('python3', ['-c', STALLED_FUSE, at], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const daemon = spawn('python3', ['-c', SWITCHED_FUSE, at], { stdio: ['pipe', 'pipe', 'inherit'] });
   let ended = false;
   const end = () => {
     if (ended) return;
@@ -429,9 +503,24 @@ async function stalledFuse(t: ExecutionContext, at: string): Promise<() => void>
     if (mountsUnder(at).length > 0) execFileSync('umount', ['-l', at]);
   };
   t.teardown(end);
-  const [line] = (await createInterface({ input: daemon.stdout! })[Symbol.asyncIterator]().next()).value.split('\n');
-  if (line !== 'ready') throw new Error(`the stalled FUSE daemon did not start: ${line}`);
-  return end;
+  const lines = createInterface({ input: daemon.stdout! })[Symbol.asyncIterator]();
+  const said = async (what: string) => {
+    const { value } = await lines.next();
+    if (value !== what) throw new Error(`the FUSE daemon said ${String(value)}, not ${what}`);
+  };
+  await said('ready');
+  const stall = async () => {
+    daemon.stdin!.write('stall\n');
+    await said('stalled');
+  };
+  return { dir: at, stall, end };
+}
+
+/** A FUSE filesystem at `at` that never answers; the returned function (also the teardown) ends the stall. */
+async function stalledFuse(t: ExecutionContext, at: string): Promise<() => void> {
+  const fuse = await switchedFuse(t, at);
+  await fuse.stall();
+  return fuse.end;
 }
 
 const STALL = String.raw`
@@ -482,6 +571,56 @@ loopTest.serial('a peer whose directory never answers (stalled FUSE) stalls only
   t.is(await peer.finish(), 0);
   t.deepEqual(await boundAfterSettling(backing), []);
   t.deepEqual(await boundAfterSettling(img.path), []);
+});
+
+// Releasing a device removes its node from the peer's directory, which the peer can make stall once it
+// holds its devices there. Releases took any free worker: a peer that closed more connections than there
+// are workers, its directory stalled, had every worker stuck and root's requests timed out (red team round
+// 19). They now wait for the uid's places, like its requests.
+const RELEASE_STALL = String.raw`
+sock, backing, fuse_dir, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+fd = os.open(backing, os.O_RDWR)
+conns, got = [], []
+for _ in range(n):
+    s = connect(sock)
+    got.append(ask(s, fd, os.open(fuse_dir, os.O_DIRECTORY)).get("devname"))
+    conns.append(s)
+emit({"devices": got})
+sys.stdin.readline()
+for s in conns:
+    s.close()
+emit({"closed": len(conns)})
+sys.stdin.readline()
+`;
+
+loopTest.serial('a peer whose directory stalls once it holds devices ties up only its own places with their releases', async (t) => {
+  t.timeout(60_000);
+  const img = image(t);
+  const { backing } = peerFiles(img.dir);
+  const workers = 4;
+  const srv = await openServer(t, img.dir, { workers, maxRequestsPerUid: 2 });
+  const fuse = await switchedFuse(t, path.join(img.dir, 'fuse'));
+  const peer = attacker(t, RELEASE_STALL, [srv.socketPath, backing, fuse.dir, String(workers + 2)]);
+  const { devices } = await peer.next();
+  t.true(devices.length === workers + 2 && devices.every(Boolean), `the peer got its devices: ${JSON.stringify(devices)}`);
+  await fuse.stall();
+  peer.send();
+  await peer.next();
+  await until('the releases to reach the stalled directory', () => stuckThreads('loopdev-worker') >= 2);
+  await new Promise((resolve) => setTimeout(resolve, 300)); // any more releases get there too
+  const stuck = stuckThreads('loopdev-worker');
+  {
+    using client = new LoopClient(srv.socketPath);
+    const ms = await timedDevice(client, img, 3000); // ETIMEDOUT before: every worker was stuck
+    t.log(`${stuck} of ${workers} workers stuck in the peer's releases; root was served in ${ms} ms`);
+    t.true(ms < 1000, `root was served (${ms} ms)`);
+  }
+  t.is(stuck, 2, "the peer's releases hold its two places, no more");
+  fuse.end(); // the stalled releases fail, the queued ones follow
+  await until('the peer\'s devices to be released', () => srv.stats().devices === 0);
+  await srv.close();
+  t.is(await peer.finish(), 0);
+  t.deepEqual(await boundAfterSettling(backing), []);
 });
 
 // What a non-root peer holds of its device: the node (the host's, root's 0600), which it can neither open

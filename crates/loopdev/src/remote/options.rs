@@ -27,7 +27,8 @@ pub struct ServerOptions {
     pub idle_timeout: Option<Duration>,
     /// Worker threads serving requests, started with the server (any that cannot be, later on demand).
     pub workers: usize,
-    /// Requests of one uid served at once, including ones stuck past their deadline (more get EAGAIN).
+    /// Requests of one uid served at once, including ones stuck past their deadline, and releases of its
+    /// devices (more wait for a place).
     pub max_requests_per_uid: usize,
     /// A request not answered by then gets ETIMEDOUT, and its device (if it comes) is released (None: never).
     pub request_timeout: Option<Duration>,

@@ -118,6 +118,7 @@ impl Server {
             in_flight: HashMap::new(),
             busy_by_uid: HashMap::new(),
             queued: HashMap::new(),
+            releases: HashMap::new(),
             last_started: 0,
             next_id: 1,
             options,
@@ -441,6 +442,10 @@ struct Serve {
     /// Requests waiting for a place (see `has_place`), per uid, oldest first (also in `in_flight`, with a
     /// deadline).
     queued: HashMap<u32, VecDeque<workers::Request>>,
+    /// Devices to release, per uid, waiting for one of its places like its requests: a release removes a
+    /// node in the peer's directory, which can stall (a FUSE daemon), and a peer that closed connection
+    /// after connection with its directory stalled had every worker stuck in a release (red team round 19).
+    releases: HashMap<u32, VecDeque<Vec<Held>>>,
     /// The uid whose request went to a worker last: `start_others` begins after it.
     last_started: u32,
     /// Ids of connections and requests.
@@ -478,7 +483,8 @@ impl Serve {
         for (uid, queue) in self.queued.drain() {
             self.closer.close(uid, queue);
         }
-        let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, &mut self.closer);
+        let releases = std::mem::take(&mut self.releases);
+        let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, releases, &mut self.closer);
         self.counters.running.store(false, Ordering::SeqCst);
         result.and(released)
     }
@@ -582,7 +588,10 @@ impl Serve {
     /// no one waits for any more goes back to a worker to be released.
     fn done(&mut self, done: Done) {
         let (id, out) = match done {
-            Done::Released => return,
+            Done::Released { uid } => {
+                self.place_freed(uid);
+                return;
+            }
             Done::Attached { id, out } => (id, out),
             Done::Skipped { id, uid, fds } => {
                 self.closer.close(uid, fds);
@@ -593,16 +602,7 @@ impl Serve {
             Some(r) => r,
             None => return,
         };
-        if let Some(n) = self.busy_by_uid.get_mut(&r.uid) {
-            *n -= 1;
-            if *n == 0 {
-                self.busy_by_uid.remove(&r.uid);
-            }
-        }
-        self.start_queued(r.uid);
-        if r.uid != 0 {
-            self.start_others();
-        }
+        self.place_freed(r.uid);
         let conn = self.conns.iter_mut().find(|c| c.id == r.conn && c.waiting == Some(id) && !c.dead);
         match (conn, out) {
             (Some(conn), Some(out)) => {
@@ -616,14 +616,15 @@ impl Serve {
                 conn.outbox.push_back(refusal(&self.counters, &conn.peer, why));
                 flush(conn);
             }
-            (None, Some(Outgoing { device: Some(held), .. })) => self.workers.release(vec![held]),
+            (None, Some(Outgoing { device: Some(held), .. })) => self.release(r.uid, vec![held]),
             (None, _) => {}
         }
     }
 
-    /// Whether `uid` may have one more request at a worker: fewer than its share, and for anyone but root, one
-    /// worker left over. Peers that stall their requests (a file that never answers) then cannot take every
-    /// worker between them, however many uids they have: root is still served.
+    /// Whether `uid` may have one more request or release at a worker: fewer than its share, and for anyone
+    /// but root, one worker left over. Peers that stall their requests or releases (a file or directory that
+    /// never answers) then cannot take every worker between them, however many uids they have: root is still
+    /// served.
     fn has_place(&self, uid: u32) -> bool {
         if self.busy_by_uid.get(&uid).copied().unwrap_or(0) >= self.options.max_requests_per_uid {
             return false;
@@ -632,9 +633,37 @@ impl Serve {
         uid == 0 || not_root < self.options.workers.saturating_sub(1).max(1)
     }
 
-    /// Sends `uid`'s oldest queued requests to workers while it has places.
+    /// A request or release of `uid`'s is done: its place goes to what waited for one.
+    fn place_freed(&mut self, uid: u32) {
+        if let Some(n) = self.busy_by_uid.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.busy_by_uid.remove(&uid);
+            }
+        }
+        self.start_queued(uid);
+        if uid != 0 {
+            self.start_others();
+        }
+    }
+
+    /// Releases `uid`'s devices on a worker once it has a place (see `releases`).
+    fn release(&mut self, uid: u32, held: Vec<Held>) {
+        if !held.is_empty() {
+            self.releases.entry(uid).or_default().push_back(held);
+            self.start_queued(uid);
+        }
+    }
+
+    /// Sends `uid`'s releases, then its oldest queued requests, to workers while it has places.
     fn start_queued(&mut self, uid: u32) {
         while self.has_place(uid) {
+            if let Some(held) = self.releases.get_mut(&uid).and_then(VecDeque::pop_front) {
+                if self.workers.release(uid, held) {
+                    *self.busy_by_uid.entry(uid).or_insert(0) += 1;
+                }
+                continue;
+            }
             let request = match self.queued.get_mut(&uid).and_then(VecDeque::pop_front) {
                 Some(r) => r,
                 None => break,
@@ -644,13 +673,17 @@ impl Serve {
         if self.queued.get(&uid).map_or(false, VecDeque::is_empty) {
             self.queued.remove(&uid);
         }
+        if self.releases.get(&uid).map_or(false, VecDeque::is_empty) {
+            self.releases.remove(&uid);
+        }
     }
 
-    /// A place that is not root's came free: the requests of other uids that waited for one, in turn from the
-    /// uid after the last one started.
+    /// A place that is not root's came free: the releases and requests of other uids that waited for one, in
+    /// turn from the uid after the last one started.
     fn start_others(&mut self) {
-        let mut uids: Vec<u32> = self.queued.keys().copied().collect();
+        let mut uids: Vec<u32> = self.queued.keys().chain(self.releases.keys()).copied().collect();
         uids.sort_unstable();
+        uids.dedup();
         let after = uids.partition_point(|&u| u <= self.last_started);
         uids.rotate_left(after);
         for uid in uids {
@@ -728,6 +761,7 @@ impl Serve {
     /// Closes dead connections; their devices are released on a worker.
     fn reap(&mut self) {
         let mut gave_up = Vec::new();
+        let mut releases = Vec::new();
         for conn in self.conns.iter_mut().filter(|c| c.dead) {
             if let Some(id) = conn.waiting.take() {
                 if let Some(r) = self.in_flight.get(&id) {
@@ -739,7 +773,10 @@ impl Serve {
             // back to 0) must not then see the connection still open (a CI run did, once).
             conn.counted = None;
             let held = conn.take_devices();
-            self.workers.release(held);
+            releases.push((conn.peer.uid, held));
+        }
+        for (uid, held) in releases {
+            self.release(uid, held);
         }
         for (uid, id) in gave_up {
             self.unqueue(uid, id);
@@ -973,20 +1010,24 @@ fn release_all(
     workers: &mut Workers,
     in_flight: &mut HashMap<u64, InFlight>,
     conns: Vec<Conn>,
+    releases: HashMap<u32, VecDeque<Vec<Held>>>,
     closer: &mut Closer,
 ) -> Result<()> {
     for r in in_flight.values() {
         r.cancelled.store(true, Ordering::SeqCst);
     }
+    for (uid, held) in releases.into_iter().flat_map(|(uid, q)| q.into_iter().map(move |h| (uid, h))) {
+        workers.release(uid, held);
+    }
     for mut conn in conns {
-        workers.release(conn.take_devices());
+        workers.release(conn.peer.uid, conn.take_devices());
         closer.close_socket(conn.peer.uid, conn.into_socket());
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while workers.releasing() > 0 {
         match workers.wait_done(deadline.saturating_duration_since(Instant::now())) {
             Some(Done::Attached { out: Some(Outgoing { device: Some(held), .. }), .. }) => {
-                workers.release(vec![held]);
+                workers.release(ANY_UID, vec![held]);
             }
             Some(Done::Skipped { uid, fds, .. }) => closer.close(uid, fds),
             Some(_) => {}

@@ -37,25 +37,19 @@ pub(super) struct Request {
 #[derive(Debug)]
 enum Work {
     Attach(Request),
-    /// Devices to release (remove the node, close the device): dropping them may block too.
-    Release(Vec<Held>),
+    /// A uid's devices to release (remove the node, close the device): dropping them may block too.
+    Release(u32, Vec<Held>),
 }
 
 #[derive(Debug)]
 pub(super) enum Done {
     /// The reply for request `id`; None if the worker failed (panicked).
-    Attached {
-        id: u64,
-        out: Option<Outgoing>,
-    },
+    Attached { id: u64, out: Option<Outgoing> },
     /// Request `id` was given up on before a worker took it: its fds come back unclosed, for the peer's
     /// lane to close. A close the peer made block then holds the peer's own lane, not a worker.
-    Skipped {
-        id: u64,
-        uid: u32,
-        fds: Vec<OwnedFd>,
-    },
-    Released,
+    Skipped { id: u64, uid: u32, fds: Vec<OwnedFd> },
+    /// `uid`'s devices are released.
+    Released { uid: u32 },
 }
 
 #[derive(Debug)]
@@ -109,20 +103,27 @@ impl Workers {
             let e = Error::os(Errno::EAGAIN, "clone").with_detail("the loop server could not start a worker thread");
             match work {
                 Work::Attach(request) => Box::new((e, request)),
-                Work::Release(_) => unreachable!("an attach was sent"),
+                Work::Release(..) => unreachable!("an attach was sent"),
             }
         })
     }
 
-    pub fn release(&mut self, held: Vec<Held>) {
+    /// Sends `uid`'s devices to a worker to be released; false if none could take them (none could be
+    /// started at all): they are released here then, rather than leaked. That may block, but then there is
+    /// no one else to serve anyway.
+    pub fn release(&mut self, uid: u32, held: Vec<Held>) -> bool {
         if held.is_empty() {
-            return;
+            return false;
         }
-        // Only with no worker at all (none could be started): release here rather than leak. It may
-        // block, but then there is no one else to serve anyway.
-        match self.send(Work::Release(held)) {
-            Ok(()) => self.releasing += 1,
-            Err(work) => drop(work),
+        match self.send(Work::Release(uid, held)) {
+            Ok(()) => {
+                self.releasing += 1;
+                true
+            }
+            Err(work) => {
+                drop(work);
+                false
+            }
         }
     }
 
@@ -133,7 +134,7 @@ impl Workers {
 
     fn count(&mut self, done: &Done) {
         self.busy -= 1;
-        if let Done::Released = done {
+        if let Done::Released { .. } = done {
             self.releasing -= 1;
         }
     }
@@ -168,9 +169,9 @@ impl Workers {
                         Done::Skipped { id: r.id, uid: r.peer.uid, fds: r.fds }
                     }
                     Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
-                    Work::Release(held) => {
+                    Work::Release(uid, held) => {
                         let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
-                        Done::Released
+                        Done::Released { uid }
                     }
                 };
                 // Err: the poll thread is gone; `result` (and any device in it) is released here.
