@@ -126,7 +126,14 @@ async function openServer(
   fs.chmodSync(dir, 0o711);
   const srv = new LoopServer({ socketPath: path.join(dir, 'remoteloop'), allowUids: [0, NOBODY], ...quotas });
   await srv.listen();
-  t.teardown(() => srv.close());
+  // A test that closed it already while a peer held releases up saw ETIMEDOUT then; the same promise is back.
+  t.teardown(async () => {
+    try {
+      await srv.close();
+    } catch (e) {
+      if ((e as { code?: string }).code !== 'ETIMEDOUT') throw e;
+    }
+  });
   fs.chmodSync(srv.socketPath, 0o666);
   return srv;
 }
@@ -593,7 +600,15 @@ emit({"closed": len(conns)})
 sys.stdin.readline()
 `;
 
-loopTest.serial('a peer whose directory stalls once it holds devices ties up only its own places with their releases', async (t) => {
+// At shutdown every release goes at once: the peer's queued ones took the free workers and stalled too, and
+// root's waited behind them, its device bound and its bind mount in place, for good once the process exited
+// (red team round 20). Now every mount goes first (through its fd) and uids with nothing stuck go first.
+for (const closeStalled of [false, true]) {
+  const title = 'a peer whose directory stalls once it holds devices ties up only its own places with their releases';
+  loopTest.serial(closeStalled ? `${title}, and not root's release at shutdown` : title, (t) => releaseStall(t, closeStalled));
+}
+
+async function releaseStall(t: ExecutionContext, closeStalled: boolean): Promise<void> {
   t.timeout(60_000);
   const img = image(t);
   const { backing } = peerFiles(img.dir);
@@ -609,19 +624,30 @@ loopTest.serial('a peer whose directory stalls once it holds devices ties up onl
   await until('the releases to reach the stalled directory', () => stuckThreads('loopdev-worker') >= 2);
   await new Promise((resolve) => setTimeout(resolve, 300)); // any more releases get there too
   const stuck = stuckThreads('loopdev-worker');
-  {
-    using client = new LoopClient(srv.socketPath);
-    const ms = await timedDevice(client, img, 3000); // ETIMEDOUT before: every worker was stuck
-    t.log(`${stuck} of ${workers} workers stuck in the peer's releases; root was served in ${ms} ms`);
-    t.true(ms < 1000, `root was served (${ms} ms)`);
-  }
+  using client = new LoopClient(srv.socketPath);
+  const ms = await timedDevice(client, img, 3000); // ETIMEDOUT before: every worker was stuck
+  t.log(`${stuck} of ${workers} workers stuck in the peer's releases; root was served in ${ms} ms`);
+  t.true(ms < 1000, `root was served (${ms} ms)`);
   t.is(stuck, 2, "the peer's releases hold its two places, no more");
-  fuse.end(); // the stalled releases fail, the queued ones follow
-  await until('the peer\'s devices to be released', () => srv.stats().devices === 0);
-  await srv.close();
+  if (closeStalled) {
+    // Root leaves its node to the server, as osbuild's client does.
+    const kept = await client.device(img.path, { devDir: img.dir });
+    t.deepEqual(mountsUnder(kept.path), [kept.path]);
+    await t.throwsAsync(srv.close(), { code: 'ETIMEDOUT' }); // the peer's releases are still stuck
+    t.deepEqual(mountsUnder(kept.path), [], "root's node is unmounted at once…");
+    t.deepEqual(await boundAfterSettling(img.path), [], '…its device released…');
+    t.false(fs.existsSync(kept.path), '…and its node removed, while the peer holds its own releases up');
+    t.deepEqual(mountsUnder(fuse.dir).filter((m) => m !== fuse.dir), [], "the peer's nodes are unmounted too");
+    fuse.end(); // the stalled releases fail, the queued ones follow
+  } else {
+    client.close();
+    fuse.end();
+    await until("the peer's devices to be released", () => srv.stats().devices === 0);
+    await srv.close();
+  }
   t.is(await peer.finish(), 0);
-  t.deepEqual(await boundAfterSettling(backing), []);
-});
+  t.deepEqual(await boundAfterSettling(backing, 10_000), []);
+}
 
 // What a non-root peer holds of its device: the node (the host's, root's 0600), which it can neither open
 // nor hard-link, and an O_PATH fd of it kept past the release opens nothing later. No fd of the device,
@@ -886,8 +912,13 @@ for (const [mode, what, minimum, most] of [
     const args = [srv.socketPath, backing, devDir, String(limit), mode];
     const { peer, report } = await wedgedAttacker(t, CONNECT_FLOOD, args);
     t.true(report.connects > minimum, `the peer connected ${report.connects} times`);
+    // Sockets the drainer has not come to yet are in our table for a moment: on a loaded machine (other test
+    // files at once) it lagged by 300. What matters is what stays: given 5 s, the count must come down.
+    const first = fds() - before;
+    const deadline = Date.now() + 5000;
+    while (fds() - before >= most && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 50));
     const held = fds() - before;
-    t.log(`${report.connects} connections closed (${mode}); the server holds ${held} more fds than before`);
+    t.log(`${report.connects} connections closed (${mode}); the server holds ${held} more fds than before (${first} at first)`);
     // The wedged lane may hold up to UID_BACKLOG fds it read, plus the peer's open connections.
     t.true(held < most, `the sockets are not kept in the server's fd table (${held} more fds)`);
     if (mode === 'holding') {

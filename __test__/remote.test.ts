@@ -619,6 +619,10 @@ loopTest('LoopServer: listen errors, double listen, close before listen', async 
   t.like(t.throws(() => new LoopClient(srv.socketPath), { code: 'ENOENT' }), { syscall: 'connect' });
   t.throws(() => new LoopServer({ socketPath: '' }), { instanceOf: TypeError });
   await new LoopServer({ socketPath: path.join(img.dir, 'never') }).close();
+  // One worker is always left to root: with a single one, no other peer could ever be served (round 20).
+  const single = new LoopServer({ socketPath: path.join(img.dir, 'single'), workers: 1 });
+  await t.throwsAsync(single.listen(), { instanceOf: RangeError, message: /workers must be an integer from 2/ });
+  t.false(fs.existsSync(single.socketPath));
 });
 
 // A server killed while one of its closes is stuck in the kernel (a pipe whose lock another process holds)

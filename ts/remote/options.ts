@@ -10,7 +10,10 @@ export interface LoopServerQuotas {
   maxDevicesPerUid?: number;
   /** A connection that holds no device and sends nothing for this long is closed (default 600000; 0: never). */
   idleTimeoutMs?: number;
-  /** Worker threads that serve requests (default 8, started on demand). */
+  /**
+   * Worker threads that serve requests and release devices (default 8, started with the server; at least
+   * 2: peers other than root always leave root one, so a peer whose files stall cannot take them all).
+   */
   workers?: number;
   /**
    * Requests of one uid served at once (default 2), counting ones stuck past their deadline on a file that

@@ -148,7 +148,8 @@ fn quotas(env: Env, v: Value, options: &mut ServerOptions) -> JsResult<()> {
     if let Some(ms) = field("idleTimeoutMs", 0, i64::from(u32::MAX))? {
         options.idle_timeout = (ms > 0).then(|| Duration::from_millis(ms as u64));
     }
-    if let Some(n) = field("workers", 1, 1024)? {
+    // One worker is always left to root: with a single one, no other peer would ever be served.
+    if let Some(n) = field("workers", 2, 1024)? {
         options.workers = n as usize;
     }
     if let Some(n) = field("maxRequestsPerUid", 1, 1024)? {

@@ -30,14 +30,22 @@ impl Node {
 
     /// Undoes the node in `dir`: detaches *our* mount (found by its fd, not by name), then unlinks the entry
     /// only if it still is our placeholder or a node of our device. A name the owner swapped is left alone.
-    pub fn remove(self, dir: BorrowedFd) -> Result<()> {
-        if let Some(m) = &self.mount {
-            let _ = umount2(&fd_path(m.as_fd()), MntFlags::MNT_DETACH);
-        }
+    pub fn remove(mut self, dir: BorrowedFd) -> Result<()> {
+        self.detach();
         let ours = |e: &FileStat| {
             (is_kind(e, SFlag::S_IFBLK) && e.st_rdev == self.rdev) || self.placeholder == Some((e.st_dev, e.st_ino))
         };
         unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name)))
+    }
+}
+
+impl Node {
+    /// Detaches *our* mount, through its fd: the directory it sits in is never looked at, so this cannot
+    /// wait on a filesystem that stopped answering (a FUSE daemon). The placeholder stays until `remove`.
+    pub fn detach(&mut self) {
+        if let Some(m) = self.mount.take() {
+            let _ = umount2(&fd_path(m.as_fd()), MntFlags::MNT_DETACH);
+        }
     }
 }
 

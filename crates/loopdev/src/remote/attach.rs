@@ -148,6 +148,14 @@ fn binding_seq(name: &str) -> Option<u64> {
 }
 
 impl Held {
+    /// Undoes the bind mount now, where blocking is not allowed (see `Node::detach`); the rest of the release
+    /// (the placeholder's unlink in the peer's directory, the device's close) is left to `drop`.
+    pub fn detach_mount(&mut self) {
+        if let Some(node) = self.node.as_mut() {
+            node.detach();
+        }
+    }
+
     fn devname(&self) -> String {
         self.lo.as_ref().map_or_else(String::new, Loop::devname)
     }

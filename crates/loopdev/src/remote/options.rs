@@ -25,7 +25,8 @@ pub struct ServerOptions {
     pub max_devices_per_uid: usize,
     /// A connection that holds no device and sends nothing for this long is closed (None: never).
     pub idle_timeout: Option<Duration>,
-    /// Worker threads serving requests, started with the server (any that cannot be, later on demand).
+    /// Worker threads serving requests, started with the server (any that cannot be, later on demand). Peers
+    /// other than root always leave root one, so they are served only with 2 or more.
     pub workers: usize,
     /// Requests of one uid served at once, including ones stuck past their deadline, and releases of its
     /// devices (more wait for a place).

@@ -484,7 +484,8 @@ impl Serve {
             self.closer.close(uid, queue);
         }
         let releases = std::mem::take(&mut self.releases);
-        let released = release_all(&mut self.workers, &mut self.in_flight, self.conns, releases, &mut self.closer);
+        let (workers, in_flight, busy) = (&mut self.workers, &mut self.in_flight, &self.busy_by_uid);
+        let released = release_all(workers, in_flight, busy, self.conns, releases, &mut self.closer);
         self.counters.running.store(false, Ordering::SeqCst);
         result.and(released)
     }
@@ -622,7 +623,8 @@ impl Serve {
     }
 
     /// Whether `uid` may have one more request or release at a worker: fewer than its share, and for anyone
-    /// but root, one worker left over. Peers that stall their requests or releases (a file or directory that
+    /// but root, one worker left over (with a single worker, only root is served: red team round 20 found
+    /// that worker taken by a peer's stalled release and root timing out). Peers that stall their requests or releases (a file or directory that
     /// never answers) then cannot take every worker between them, however many uids they have: root is still
     /// served.
     fn has_place(&self, uid: u32) -> bool {
@@ -630,7 +632,7 @@ impl Serve {
             return false;
         }
         let not_root: usize = self.busy_by_uid.iter().filter(|(&u, _)| u != 0).map(|(_, &n)| n).sum();
-        uid == 0 || not_root < self.options.workers.saturating_sub(1).max(1)
+        uid == 0 || not_root < self.options.workers.saturating_sub(1)
     }
 
     /// A request or release of `uid`'s is done: its place goes to what waited for one.
@@ -1009,6 +1011,7 @@ fn refuse_now(closer: &mut Closer, gate: &Gate, sock: OwnedFd, peer: &PeerCred, 
 fn release_all(
     workers: &mut Workers,
     in_flight: &mut HashMap<u64, InFlight>,
+    busy_by_uid: &HashMap<u32, usize>,
     conns: Vec<Conn>,
     releases: HashMap<u32, VecDeque<Vec<Held>>>,
     closer: &mut Closer,
@@ -1016,17 +1019,28 @@ fn release_all(
     for r in in_flight.values() {
         r.cancelled.store(true, Ordering::SeqCst);
     }
-    for (uid, held) in releases.into_iter().flat_map(|(uid, q)| q.into_iter().map(move |h| (uid, h))) {
-        workers.release(uid, held);
-    }
+    let mut all: Vec<(u32, Vec<Held>)> =
+        releases.into_iter().flat_map(|(uid, q)| q.into_iter().map(move |h| (uid, h))).collect();
     for mut conn in conns {
-        workers.release(conn.peer.uid, conn.take_devices());
+        all.push((conn.peer.uid, conn.take_devices()));
         closer.close_socket(conn.peer.uid, conn.into_socket());
+    }
+    // Every bind mount goes now, through its fd, whatever becomes of the rest: a release stuck on a peer's
+    // directory, or queued behind one when the process exits, left mounts in other users' directories for
+    // good (red team round 20). Then the uids with nothing stuck at a worker go first, root first: a peer's
+    // stalled releases must not keep everyone else's (and their placeholders) waiting behind them.
+    for (_, held) in all.iter_mut() {
+        held.iter_mut().for_each(Held::detach_mount);
+    }
+    all.sort_by_key(|&(uid, _)| (busy_by_uid.get(&uid).map_or(false, |&n| n > 0), uid != 0));
+    for (uid, held) in all {
+        workers.release(uid, held);
     }
     let deadline = Instant::now() + SHUTDOWN_WAIT;
     while workers.releasing() > 0 {
         match workers.wait_done(deadline.saturating_duration_since(Instant::now())) {
-            Some(Done::Attached { out: Some(Outgoing { device: Some(held), .. }), .. }) => {
+            Some(Done::Attached { out: Some(Outgoing { device: Some(mut held), .. }), .. }) => {
+                held.detach_mount();
                 workers.release(ANY_UID, vec![held]);
             }
             Some(Done::Skipped { uid, fds, .. }) => closer.close(uid, fds),
