@@ -37,9 +37,7 @@ impl Node {
         };
         unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name)))
     }
-}
 
-impl Node {
     /// Detaches *our* mount, through its fd: the directory it sits in is never looked at, so this cannot
     /// wait on a filesystem that stopped answering (a FUSE daemon). The placeholder stays until `remove`.
     pub fn detach(&mut self) {

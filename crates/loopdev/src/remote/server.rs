@@ -931,11 +931,12 @@ impl Serve {
                 continue;
             }
             let same_uid = self.conns.iter().filter(|c| c.refused_until.is_none() && c.peer.uid == peer.uid).count();
+            let gate = self.gate();
             let why = if same_uid >= self.options.max_connections_per_uid {
                 Some(format!("uid {} has {same_uid} connections open, the most one uid may have", peer.uid))
             } else if peer.uid != 0
                 && (self.closer.total_backlog() >= self.global_backlog
-                    || !self.counters.fds.may_read(peer.uid, self.gate().room(&self.closer)))
+                    || !self.counters.fds.may_read(peer.uid, gate.room(&self.closer)))
             {
                 // Accepting goes on while the lanes are backed up, so that root can still connect.
                 Some("the loop server is closing too many fds peers sent; try again later".to_string())
@@ -945,7 +946,6 @@ impl Serve {
             if let Some(why) = why {
                 counters.refused.fetch_add(1, Ordering::SeqCst);
                 let refused = refusal(counters, &peer, WireError::new(Errno::EAGAIN, why));
-                let gate = self.gate();
                 refuse_now(&mut self.closer, &gate, sock, &peer, refused);
                 continue;
             }
