@@ -12,6 +12,8 @@ import { attach, type AttachOptions, type LoopDevice } from '../ts/index.js';
 
 export const ROOT = path.dirname(path.dirname(fileURLToPath(import.meta.url)));
 export const CLI = path.join(ROOT, 'ts', 'cli.ts');
+/** A LoopServer in a process of its own (`node --import=tsx REMOTE_SERVE SOCKET [UID,...]`). */
+export const REMOTE_SERVE = path.join(ROOT, '__test__', 'fixtures', 'remote-serve.ts');
 
 /** Absolute path of an executable (PATH, then the sbin dirs), or null. */
 export function tool(name: string): string | null {

@@ -7,6 +7,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { createInterface } from 'node:readline';
 import { devicesBoundUnder } from './bound.js';
 
 export { devicesBoundUnder };
@@ -193,4 +194,16 @@ export function nodeDev(p: string): { major: number; minor: number; block: boole
   const major = ((st.rdev >> 8n) & 0xfffn) | ((st.rdev >> 32n) & 0xfffff000n);
   const minor = (st.rdev & 0xffn) | ((st.rdev >> 12n) & 0xffffff00n);
   return { major: Number(major), minor: Number(minor), block: st.isBlockDevice() };
+}
+
+export type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/** JSON lines of a child's stdout, one at a time. */
+export function jsonLines(child: { stdout: NodeJS.ReadableStream | null }): () => Promise<Json> {
+  const it = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
+  return async () => {
+    const { value, done } = await it.next();
+    if (done) throw new Error('child closed its stdout');
+    return JSON.parse(value as string) as Json;
+  };
 }

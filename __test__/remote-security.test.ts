@@ -8,10 +8,9 @@ import { execFileSync, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteLoopError, removeNode, type LoopServerQuotas } from '../ts/index.js';
-import { LOCKED_PIPE } from './fixtures.js';
-import { boundAfterSettling, devicesBoundUnder, image, loopTest, mountsUnder, sysfs, type Image, until } from './helpers.js';
+import { LOCKED_PIPE, REMOTE_SERVE } from './fixtures.js';
+import { boundAfterSettling, devicesBoundUnder, image, jsonLines, loopTest, mountsUnder, sysfs, type Image, until } from './helpers.js';
 
 const NOBODY = 65534;
 
@@ -1226,15 +1225,14 @@ async function tableFlood(t: ExecutionContext, devices: boolean): Promise<void> 
   fs.chmodSync(img.dir, 0o711);
   const socketPath = path.join(img.dir, 'remoteloop');
   const LIMIT = 512;
-  const serve = fileURLToPath(new URL('./fixtures/remote-serve.ts', import.meta.url));
-  const server = spawn('prlimit', [`--nofile=${LIMIT}:${LIMIT}`, process.execPath, '--import=tsx', serve, socketPath, `0,${NOBODY}`], {
+  const server = spawn('prlimit', [`--nofile=${LIMIT}:${LIMIT}`, process.execPath, '--import=tsx', REMOTE_SERVE, socketPath, `0,${NOBODY}`], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   t.teardown(() => {
     if (server.exitCode === null) server.kill('SIGKILL');
   });
-  const lines = createInterface({ input: server.stdout! })[Symbol.asyncIterator]();
-  const ready = JSON.parse((await lines.next()).value as string);
+  const next = jsonLines(server);
+  const ready = await next();
   t.is(ready.event, 'ready');
   const pid = ready.pid as number;
   fs.chmodSync(socketPath, 0o666);
@@ -1277,7 +1275,7 @@ async function tableFlood(t: ExecutionContext, devices: boolean): Promise<void> 
   peer.send();
   t.is(await peer.finish(), 0); // its exit lets go of the pipes: the stuck closes return
   server.kill('SIGTERM');
-  t.like(JSON.parse((await lines.next()).value as string), { event: 'stopped' });
+  t.like(await next(), { event: 'stopped' });
   t.deepEqual(await boundAfterSettling(img.path), []);
   t.deepEqual(await boundAfterSettling(backing), []);
 }

@@ -9,26 +9,13 @@ import * as path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { LoopClient, LoopServer, RemoteDevice, RemoteLoopError, removeNode } from '../ts/index.js';
-import { boundAfterSettling, devicesBoundUnder, image, loopTest, nodeDev, sysfs, until } from './helpers.js';
-import { CLI, LOCKED_PIPE, partitionImage, ROOT } from './fixtures.js';
+import { boundAfterSettling, devicesBoundUnder, image, jsonLines, loopTest, nodeDev, sysfs, until, type Json } from './helpers.js';
+import { CLI, LOCKED_PIPE, partitionImage, REMOTE_SERVE as SERVE, ROOT } from './fixtures.js';
 
 const FIXTURES = fileURLToPath(new URL('./fixtures/', import.meta.url));
 // osbuild's client and server in Python, passed inline (python3 -c): a child running as another uid then
 // needs no access to this checkout (a CI clone in a 0700 directory).
 const PEER = ['-c', fs.readFileSync(path.join(FIXTURES, 'osbuild_remoteloop.py'), 'utf8')];
-const SERVE = path.join(FIXTURES, 'remote-serve.ts');
-
-type Json = Record<string, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
-
-/** JSON lines of a child's stdout, one at a time. */
-function jsonLines(child: { stdout: NodeJS.ReadableStream | null }): () => Promise<Json> {
-  const it = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
-  return async () => {
-    const { value, done } = await it.next();
-    if (done) throw new Error('child closed its stdout');
-    return JSON.parse(value as string) as Json;
-  };
-}
 
 function exited(child: { exitCode: number | null; once: (e: 'exit', f: () => void) => void }): Promise<void> {
   return child.exitCode !== null ? Promise.resolve() : new Promise((resolve) => child.once('exit', () => resolve()));
