@@ -105,7 +105,15 @@ export function table(rows: string[][]): void {
 
 export function machine(): string {
   const cpu = os.cpus()[0]?.model ?? 'unknown CPU';
-  return `${os.cpus().length}× ${cpu}, Linux ${os.release()}, node ${process.version}`;
+  return `${os.cpus().length}× ${cpu}${pinned()}, Linux ${os.release()}, node ${process.version}`;
+}
+
+/** Where the process may run, when that is not every CPU (`taskset -c 1 npx tsx bench/…`): a run confined to
+ * one CPU hands work to libuv's pool and back without crossing CPUs, which changes every async figure. */
+function pinned(): string {
+  const allowed = /^Cpus_allowed_list:\s*(\S+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1];
+  const all = os.cpus().length === 1 ? '0' : `0-${os.cpus().length - 1}`;
+  return allowed && allowed !== all ? ` (this run on CPU ${allowed} only)` : '';
 }
 
 /** Waits `ms` milliseconds. */
