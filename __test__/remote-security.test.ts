@@ -158,17 +158,8 @@ function rootFile(dir: string, name: string, text: string, mode: number): string
   return file;
 }
 
-const ORIGINAL = 'root:x:0:0:root:/root:/bin/bash\n';
-
-/** A root-owned file outside the peer's reach, standing in for /etc/passwd. */
-function victim(dir: string): string {
-  const p = path.join(dir, 'victim');
-  fs.writeFileSync(p, ORIGINAL, { mode: 0o644 });
-  return p;
-}
-
-// The peer swaps every placeholder `loopN` the server creates with a symlink to the victim
-// (renameat2 RENAME_EXCHANGE), racing the server's bind mount. Each request is on a connection of its own,
+// The peer swaps every directory `loopN.d` the server creates for a node with a symlink to the victim, a
+// directory of root's (renameat2 RENAME_EXCHANGE), racing the server's open of it and the bind mount in it. Each request is on a connection of its own,
 // closed at once unless the peer won a swap during it, so the server keeps handing out the same few minors
 // and the swapper's guess is right; it goes on until the peer has won a few races, at most ROUNDS requests.
 const SWAP_ON_CREATE = String.raw`
@@ -181,10 +172,10 @@ def unbound():
     minors = sorted(int(n[4:]) for n in os.listdir("/sys/block") if n.startswith("loop"))
     free = [m for m in minors if not os.path.exists("/sys/block/loop%d/loop/backing_file" % m)][:2]
     absent = [m for m in range(len(minors) + 1) if m not in minors][:1]
-    return [os.path.join(dev_dir, "loop%d" % m).encode() for m in free + absent]
+    return [os.path.join(dev_dir, "loop%d.d" % m).encode() for m in free + absent]
 def swapper():
-    # One renameat2 per try on the names GET_FREE will hand out next: it succeeds only between the
-    # server's creation of the placeholder and its mount (a mount point cannot be renamed: EBUSY).
+    # One renameat2 per try on the names GET_FREE will hand out next: it succeeds whenever root's directory
+    # is there (the peer may rename it within its own directory, not move it out).
     global swaps
     i = 0
     rename = libc.renameat2
@@ -196,7 +187,7 @@ def swapper():
         targets = unbound()
         for _ in range(3000):
             if any(rename(-100, p, -100, b, RENAME_EXCHANGE) == 0 for p in targets):
-                # A win only if what came back is the server's placeholder, not a symlink left at the name.
+                # A win only if what came back is the server's directory, not a symlink left at the name.
                 swaps += not os.path.islink(bait)
                 i += 1
                 break
@@ -225,18 +216,19 @@ emit({"swaps": swaps, "devices": devices, "asked": asked, "errors": errors[:3]})
 sys.stdin.readline()
 `;
 
-loopTest.serial('a peer swapping the node for a symlink while it is made cannot redirect the bind mount', async (t) => {
+loopTest.serial("a peer swapping the node's directory for a symlink while it is made cannot redirect the bind mount", async (t) => {
   const img = image(t);
   const srv = await openServer(t, img.dir);
   const { devDir, backing } = peerFiles(img.dir);
-  const target = victim(img.dir);
+  const victimDir = path.join(img.dir, 'victim.d');
+  fs.mkdirSync(victimDir, { mode: 0o755 });
   const rounds = 3000;
-  const peer = attacker(t, SWAP_ON_CREATE, [srv.socketPath, backing, devDir, target, String(rounds)]);
+  const peer = attacker(t, SWAP_ON_CREATE, [srv.socketPath, backing, devDir, victimDir, String(rounds)]);
   const report = await peer.next();
   t.log(`${report.asked} requests, ${report.devices} devices, ${report.swaps} swaps won by the peer`, report.errors);
   t.true(report.swaps > 0, 'the peer did get to swap names (else this test proves nothing)');
-  t.is(fs.readFileSync(target, 'utf8'), ORIGINAL, 'read as root, the victim is still itself');
-  t.deepEqual(mountsUnder(target), [], 'nothing is mounted on the victim');
+  t.deepEqual(fs.readdirSync(victimDir), [], 'nothing was made in the victim directory');
+  t.deepEqual(mountsUnder(victimDir), [], 'nothing is mounted on or in the victim directory');
   for (const m of mountsUnder(devDir)) {
     t.true(fs.statSync(m).isBlockDevice(), `${m} is a loop node`);
     t.false(fs.lstatSync(m).isSymbolicLink());
@@ -245,43 +237,72 @@ loopTest.serial('a peer swapping the node for a symlink while it is made cannot 
   await until('the server to release the connection', () => srv.stats().devices === 0);
   t.deepEqual(mountsUnder(devDir), [], 'every bind mount is undone on hang-up, renamed or not');
   t.deepEqual(await boundAfterSettling(backing), []);
-  t.is(fs.readFileSync(target, 'utf8'), ORIGINAL);
+  t.deepEqual(fs.readdirSync(victimDir), []);
 });
 
 // The peer opens its directory in the host namespace, then enters a user+mount namespace of its own, where
-// the server's bind mount (made later, in the host namespace) is no mount point: there it renames the
-// placeholder away, puts a symlink to a host mount in place of the node, and hangs up.
+// the server's bind mount (made later, in the host namespace) is no mount point and a rename is allowed:
+// the mount moves with the name (red team round 22 moved a node to /tmp/x.conf, where root then wrote
+// into the peer's file). The node is in a directory of root's, so the peer tries every way out of its own
+// directory, moves root's directory within it, puts a symlink to a host mount in its place, and hangs up.
 const MOVE_AND_SWAP = String.raw`
-sock, backing, dev_dir, host_mount = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+import errno
+sock, backing, dev_dir, host_mount, outside = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 d = os.open(dev_dir, os.O_DIRECTORY)
 assert libc.unshare(0x10000000 | 0x00020000) == 0, ctypes.get_errno()
 s = connect(sock)
 r = ask(s, os.open(backing, os.O_RDWR), d)
 node = os.path.join(dev_dir, r["devname"])
-moved = os.path.join(dev_dir, "moved")
-os.rename(node, moved)
-os.symlink(host_mount, node)
-emit({"devname": r["devname"]})
+holder = os.path.dirname(node)
+def error(f, *args):
+    try:
+        f(*args)
+        return "done"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+tried = {
+    "node to another directory": error(os.rename, node, os.path.join(outside, "x.conf")),
+    "node within root's directory": error(os.rename, node, os.path.join(holder, "y")),
+    "node unlinked": error(os.unlink, node),
+    "root's directory to another directory": error(os.rename, holder, os.path.join(outside, "h")),
+    "root's directory within the peer's": error(os.rename, holder, os.path.join(dev_dir, "moved")),
+}
+os.symlink(host_mount, holder)
+emit({"devname": r["devname"], "tried": tried})
 sys.stdin.readline()
 `;
 
-loopTest.serial('on hang-up the server undoes its own mount wherever it went, and nothing the peer put there', async (t) => {
+loopTest.serial("a peer cannot move its node out of its directory, and on hang-up the server undoes its own mount wherever it went", async (t) => {
   const img = image(t);
   const srv = await openServer(t, img.dir);
   const { devDir, backing } = peerFiles(img.dir);
+  const outside = path.join(img.dir, 'outside');
+  fs.mkdirSync(outside);
+  fs.chownSync(outside, NOBODY, NOBODY);
   const hostMount = path.join(img.dir, 'hostmnt');
   fs.mkdirSync(hostMount);
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'loopdev-test', hostMount]);
   t.teardown(() => execFileSync('umount', [hostMount]));
-  const peer = attacker(t, MOVE_AND_SWAP, [srv.socketPath, backing, devDir, hostMount]);
+  const peer = attacker(t, MOVE_AND_SWAP, [srv.socketPath, backing, devDir, hostMount, outside]);
   const report = await peer.next();
-  t.deepEqual(mountsUnder(devDir), [path.join(devDir, 'moved')], 'the bind mount moved with the placeholder');
+  const devname = String(report.devname);
+  t.deepEqual(report.tried, {
+    'node to another directory': 'EACCES',
+    "node within root's directory": 'EACCES',
+    'node unlinked': 'EACCES',
+    "root's directory to another directory": 'EACCES',
+    "root's directory within the peer's": 'done',
+  });
+  const moved = path.join(devDir, 'moved');
+  t.deepEqual(mountsUnder(devDir), [path.join(moved, path.basename(devname))], "the bind mount moved with root's directory, within the peer's");
+  t.deepEqual(mountsUnder(outside), []);
   t.is(await peer.finish(), 0);
   await until('the server to release the connection', () => srv.stats().devices === 0);
   t.deepEqual(mountsUnder(hostMount), [hostMount], 'the host mount is still mounted');
   t.deepEqual(mountsUnder(devDir), [], 'the moved bind mount was detached by its fd');
-  t.true(fs.lstatSync(path.join(devDir, report.devname)).isSymbolicLink(), "the peer's symlink was left alone");
-  t.is(fs.statSync(path.join(devDir, 'moved')).uid, NOBODY, 'what the peer moved away is its own file, not root-owned');
+  t.true(fs.lstatSync(path.join(devDir, path.dirname(devname))).isSymbolicLink(), "the peer's symlink was left alone");
+  t.deepEqual(fs.readdirSync(moved), [], "root's directory was emptied where it went (the peer may remove it)");
+  t.deepEqual(fs.readdirSync(outside), []);
   t.deepEqual(await boundAfterSettling(backing), []);
 });
 
@@ -349,7 +370,7 @@ loopTest('a peer gets no more access through the device than its fd gives (uid 6
   t.regex(append.reply.exception.value, /^\[Errno 1\] EPERM: .*O_APPEND/, append.case);
   const readOnly = await peer.next();
   t.truthy(readOnly.reply.devname, JSON.stringify(readOnly.reply));
-  t.is(sysfs(Number(readOnly.reply.devname.slice(4)), 'ro'), '1', 'bound read-only');
+  t.is(sysfs(Number(path.basename(readOnly.reply.devname).slice(4)), 'ro'), '1', 'bound read-only');
   t.deepEqual(devicesBoundUnder(secret), []);
   t.is(await peer.finish(), 0);
   t.deepEqual(await boundAfterSettling(backing), []);
@@ -410,8 +431,8 @@ loopTest('a bad sector size is an error, not a trip through the legacy path', as
 
 // A FUSE filesystem in the peer's directory, mounted as fusermount mounts a user's filesystem with
 // allow_other (root mounts it here only because /dev/fuse is 0600 on this machine; the peer uses it as any
-// user could). Its daemon keeps files by name in memory and answers what the server does in it (lookup,
-// create, chown, unlink) until told "stall" on stdin: from then on it answers nothing, and every request
+// user could). Its daemon keeps files and directories by name in memory and answers what the server does
+// in it (lookup, mkdir, create, unlink, rmdir) until told "stall" on stdin: from then on it answers nothing, and every request
 // to it blocks until the daemon dies (which aborts the connection: the waiting requests fail).
 const SWITCHED_FUSE = String.raw`
 import ctypes, os, struct, sys, threading
@@ -434,7 +455,7 @@ names = {}
 next_ino = [2]
 def attr(ino):
     n = nodes[ino]
-    return struct.pack("<QQQQQQIIIIIIIIII", ino, 0, 0, 0, 0, 0, 0, 0, 0, n["mode"], 2 if ino == ROOT else 1, n["uid"], n["gid"], 0, 4096, 0)
+    return struct.pack("<QQQQQQIIIIIIIIII", ino, 0, 0, 0, 0, 0, 0, 0, 0, n["mode"], 2 if n["mode"] & 0o40000 else 1, n["uid"], n["gid"], 0, 4096, 0)
 def entry(ino):
     return struct.pack("<QQQQII", ino, 0, 0, 0, 0, 0) + attr(ino)
 def reply(unique, error=0, body=b""):
@@ -458,7 +479,7 @@ while True:
         major, minor, readahead, flags = struct.unpack_from("<IIII", arg)
         reply(unique, 0, struct.pack("<IIIIHHIIHHII6I", 7, min(minor, 31), readahead, 0, 16, 12, 1 << 20, 1, 256, 0, 0, 0, 0, 0, 0, 0, 0, 0))
     elif opcode == 1:  # LOOKUP
-        ino = names.get(name)
+        ino = names.get((nodeid, name))
         if ino is None:
             reply(unique, 2)  # ENOENT
         else:
@@ -476,17 +497,34 @@ while True:
     elif opcode == 35:  # CREATE
         flags, mode = struct.unpack_from("<II", arg)
         name = arg[16:].split(b"\0", 1)[0]
-        if name in names:
+        if (nodeid, name) in names:
             reply(unique, 17)  # EEXIST
             continue
         ino = next_ino[0]; next_ino[0] += 1
         uid, gid = struct.unpack_from("<II", req, 24)
         nodes[ino] = {"mode": 0o100000 | (mode & 0o7777), "uid": uid, "gid": gid}
-        names[name] = ino
+        names[(nodeid, name)] = ino
         reply(unique, 0, entry(ino) + struct.pack("<QII", 0, 0, 0))
-    elif opcode == 10:  # UNLINK
-        ino = names.pop(name, None)
-        reply(unique, 0 if ino else 2)
+    elif opcode == 9:  # MKDIR
+        mode, umask = struct.unpack_from("<II", arg)
+        name = arg[8:].split(b"\0", 1)[0]
+        if (nodeid, name) in names:
+            reply(unique, 17)  # EEXIST
+            continue
+        ino = next_ino[0]; next_ino[0] += 1
+        uid, gid = struct.unpack_from("<II", req, 24)
+        nodes[ino] = {"mode": 0o40000 | (mode & ~umask & 0o7777), "uid": uid, "gid": gid}
+        names[(nodeid, name)] = ino
+        reply(unique, 0, entry(ino))
+    elif opcode in (10, 11):  # UNLINK, RMDIR
+        ino = names.get((nodeid, name))
+        if ino is None:
+            reply(unique, 2)  # ENOENT
+        elif opcode == 11 and any(parent == ino for parent, _ in names):
+            reply(unique, 39)  # ENOTEMPTY
+        else:
+            del names[(nodeid, name)]
+            reply(unique, 0)
     elif opcode in (14, 27):  # OPEN, OPENDIR
         reply(unique, 0, struct.pack("<QII", 0, 0, 0))
     elif opcode in (18, 29, 25, 34, 20, 30):  # RELEASE, RELEASEDIR, FLUSH, ACCESS, FSYNC, FSYNCDIR

@@ -103,11 +103,12 @@ function errnoName(errno: number): string | undefined {
 
 /** A device node the server made for us. Disposing it removes the node (the device stays the server's). */
 export class RemoteDevice implements AsyncDisposable {
-  /** `loopN`. */
+  /** `loopN`; `loopN.d/loopN` for a non-root client (the node is in a directory of root's in `devDir`, so
+   * that it cannot be moved out of `devDir`). */
   readonly devname: string;
-  /** The directory the node is in. */
+  /** The directory the client asked for the node in. */
   readonly devDir: string;
-  /** `<devDir>/loopN`. */
+  /** `<devDir>/<devname>`. */
   readonly path: string;
   #removed = false;
   #fd: number;
@@ -132,7 +133,7 @@ export class RemoteDevice implements AsyncDisposable {
    * Closes the fd (option `open`) and removes the node (unmounting it first when the server bind-mounted the
    * host's node), like osbuild's context manager. Idempotent; a node already gone is fine. The device itself
    * is released by the server when the connection closes. A non-root client cannot remove a bind-mounted
-   * node (EPERM/EBUSY): the server does, with the connection.
+   * node (EPERM/EBUSY), nor anything in root's directory `loopN.d`: the server does, with the connection.
    */
   removeSync(): void {
     if (this.#fd >= 0) {
@@ -141,6 +142,10 @@ export class RemoteDevice implements AsyncDisposable {
       fs.closeSync(fd);
     }
     if (this.#removed) return;
+    if (this.devname.includes('/')) {
+      this.#removed = true;
+      return;
+    }
     const dirFd = fs.openSync(this.devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
     try {
       removeNode(dirFd, this.devname);

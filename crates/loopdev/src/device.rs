@@ -375,7 +375,7 @@ impl Loop {
     /// device with this device's number. `dir` may be someone else's: see `node`. Undo with `Node::remove`, or by name with
     /// `remove_node`.
     pub fn mknod(&self, dir: BorrowedFd, mode: u32) -> Result<Node> {
-        node::make(dir, &self.devname(), self.fd.as_fd(), self.rdev, mode, None)
+        node::make(dir, &self.devname(), self.fd.as_fd(), self.rdev, mode)
     }
 
     /// The partition table on the device (GPT or MBR), read through this fd at the device's logical sector

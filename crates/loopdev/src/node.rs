@@ -8,7 +8,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{self, mknodat, FileStat, Mode, SFlag};
-use nix::unistd::{fchown, unlinkat, Uid, UnlinkatFlags};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -21,21 +21,44 @@ pub struct Node {
     mount: Option<OwnedFd>,
     /// The empty file the bind mount sits on (st_dev, st_ino), when there is one.
     placeholder: Option<(u64, u64)>,
+    /// For a peer: root's directory in the peer's, which the node is in (see `make_for_peer`).
+    holder: Option<Holder>,
+}
+
+/// Root's directory `<name>.d` in a peer's directory, held by fd: the peer may rename it, but only within
+/// its directory, and cannot touch what is in it.
+#[derive(Debug)]
+struct Holder {
+    name: String,
+    fd: OwnedFd,
+    id: (u64, u64),
 }
 
 impl Node {
-    pub fn name(&self) -> &str {
-        &self.name
+    /// Where the node is, relative to the directory it was made in: `loopN`, or `loopN.d/loopN` for a peer.
+    pub fn name(&self) -> String {
+        match &self.holder {
+            Some(h) => format!("{}/{}", h.name, self.name),
+            None => self.name.clone(),
+        }
     }
 
     /// Undoes the node in `dir`: detaches *our* mount (found by its fd, not by name), then unlinks the entry
-    /// only if it still is our placeholder or a node of our device. A name the owner swapped is left alone.
+    /// only if it still is our placeholder or a node of our device. A name the owner swapped is left alone;
+    /// so is a peer's holder directory it renamed (empty now: the peer may remove it).
     pub fn remove(mut self, dir: BorrowedFd) -> Result<()> {
         self.detach();
         let ours = |e: &FileStat| {
             (is_kind(e, SFlag::S_IFBLK) && e.st_rdev == self.rdev) || self.placeholder == Some((e.st_dev, e.st_ino))
         };
-        unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name)))
+        match &self.holder {
+            None => unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name))),
+            Some(h) => {
+                unlink_if(h.fd.as_fd(), &self.name, ours)
+                    .map_err(|e| e.with_path(&dir_path(Some(h.fd.as_fd())).join(&self.name)))?;
+                remove_holder(dir, h)
+            }
+        }
     }
 
     /// Detaches *our* mount, through its fd: the directory it sits in is never looked at, so this cannot
@@ -54,50 +77,101 @@ fn fd_path(fd: BorrowedFd) -> PathBuf {
 
 /// `dir/name` for a loop device: bind-mount the device (held open as `device`) onto an empty file made with
 /// O_EXCL|O_NOFOLLOW, through fds only; where no bind mount is possible (another mount namespace, no
-/// privilege), mknod a block device 7:minor instead.
-///
-/// For a `peer` (the uid the directory belongs to, when that is not us) the placeholder is the peer's: if it
-/// moves it elsewhere, what stays there is an empty file of its own, not a root-owned one at a name it chose.
-/// What is mounted on it is the host's node (root's, 0600): the peer cannot open it (the server hands it an
-/// fd instead, when asked), so nothing it keeps (an O_PATH fd, a copy of the mount in its own namespace, a
-/// node left by a server that crashed) reaches whatever file is bound to that minor next. A node owned by
-/// the peer would. And no mknod fallback: a node in the peer's directory could be hard-linked (a mount
-/// point cannot: EXDEV), and the link would outlive the device in the same way.
-pub(crate) fn make(
-    dir: BorrowedFd,
-    name: &str,
-    device: BorrowedFd,
-    rdev: u64,
-    mode: u32,
-    peer: Option<u32>,
-) -> Result<Node> {
-    // Named only for an error (a readlink each).
-    let path = || dir_path(Some(dir)).join(name);
+/// privilege), mknod a block device 7:minor instead. For root's own use (a container's /dev); a peer's
+/// directory gets `make_for_peer`.
+pub(crate) fn make(dir: BorrowedFd, name: &str, device: BorrowedFd, rdev: u64, mode: u32) -> Result<Node> {
     let perm = Mode::from_bits_truncate(mode & 0o7777);
+    let (placeholder, st) = create_placeholder(dir, name, perm)?;
+    if let Ok(mount) = bind(device, placeholder.as_fd()) {
+        let placeholder = Some((st.st_dev, st.st_ino));
+        return Ok(Node { name: name.to_string(), rdev, mount, placeholder, holder: None });
+    }
+    let path = || dir_path(Some(dir)).join(name);
+    unlink_if(dir, name, |e| (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino)).map_err(|e| e.with_path(&path()))?;
+    mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path()))?;
+    Ok(Node { name: name.to_string(), rdev, mount: None, placeholder: None, holder: None })
+}
+
+/// `dir/<name>.d/<name>` for a peer (a uid that owns `dir` and is not root): the host's node (root's, 0600)
+/// bind-mounted onto an empty file in a directory of root's (0755) made for it in `dir`.
+///
+/// Not `dir/<name>`: the peer can rename any entry of its own directory to any place on that filesystem,
+/// and from a mount namespace of its own, where our mount is no mount point, the kernel lets it, and our
+/// mount moves with the name (red team round 22: to `/tmp/x.conf`, where root then wrote into the peer's
+/// file, past `protected_regular`). An entry of root's directory it cannot rename, and root's directory it
+/// can rename only within its own (moving a directory to another needs write permission on it), so the
+/// device stays below directories the peer owns, where every name is the peer's anyway.
+///
+/// The peer cannot open the node (the server hands root an fd instead, when asked), so nothing it keeps
+/// (an O_PATH fd, a copy of the mount in its own namespace, a node left by a server that crashed) reaches
+/// whatever file is bound to that minor next. A node owned by the peer would. And no mknod fallback: a
+/// node could be hard-linked (a mount point cannot: EXDEV), and the link would outlive the device.
+pub(crate) fn make_for_peer(dir: BorrowedFd, name: &str, device: BorrowedFd, rdev: u64) -> Result<Node> {
+    let holder = make_holder(dir, &format!("{name}.d"))?;
+    match bind_in(&holder, name, device) {
+        Ok((mount, placeholder)) => {
+            Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some(placeholder), holder: Some(holder) })
+        }
+        Err(e) => {
+            let _ = remove_holder(dir, &holder);
+            Err(e)
+        }
+    }
+}
+
+/// The device bind-mounted onto a new empty file `name` in the holder (the mount's fd, and the file's
+/// st_dev/st_ino); nothing is left there when that fails.
+fn bind_in(holder: &Holder, name: &str, device: BorrowedFd) -> Result<(Option<OwnedFd>, (u64, u64))> {
+    let (file, st) = create_placeholder(holder.fd.as_fd(), name, Mode::from_bits_truncate(0o600))?;
+    let id = (st.st_dev, st.st_ino);
+    bind(device, file.as_fd()).map(|mount| (mount, id)).map_err(|e| {
+        let _ = unlink_if(holder.fd.as_fd(), name, |e| (e.st_dev, e.st_ino) == id);
+        e.with_path(&dir_path(Some(holder.fd.as_fd())).join(name)).with_detail(
+            "cannot bind-mount the device into this directory (is it in another mount namespace?); \
+             a device node is only made for root",
+        )
+    })
+}
+
+/// An empty file `dir/name`, made with O_EXCL|O_NOFOLLOW (a name someone else put there is refused).
+fn create_placeholder(dir: BorrowedFd, name: &str, perm: Mode) -> Result<(OwnedFd, FileStat)> {
     let file = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-    let raw = openat(dir.as_raw_fd(), name, file, perm).map_err(|e| Error::os(e, "open").with_path(&path()))?;
+    let raw = openat(dir.as_raw_fd(), name, file, perm)
+        .map_err(|e| Error::os(e, "open").with_path(&dir_path(Some(dir)).join(name)))?;
     // SAFETY: openat returned a fresh fd that nothing else owns.
     let placeholder = unsafe { OwnedFd::from_raw_fd(raw) };
     let st = stat_fd(placeholder.as_fd())?;
-    let given = peer.map_or(Ok(()), |uid| {
-        fchown(placeholder.as_raw_fd(), Some(Uid::from_raw(uid)), None).map_err(|e| Error::os(e, "fchown"))
-    });
-    let bound = given.and_then(|()| bind(device, placeholder.as_fd()));
-    let failure = match bound {
-        Ok(mount) => {
-            return Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some((st.st_dev, st.st_ino)) })
-        }
-        Err(e) => e,
-    };
-    unlink_if(dir, name, |e| (e.st_dev, e.st_ino) == (st.st_dev, st.st_ino)).map_err(|e| e.with_path(&path()))?;
-    if peer.is_some() {
-        return Err(failure.with_path(&path()).with_detail(
-            "cannot bind-mount the device into this directory (is it in another mount namespace?); \
-             a device node is only made for root",
-        ));
+    Ok((placeholder, st))
+}
+
+/// Root's directory `dir/name` (0755), held by fd. Between the mkdir and the open the peer may have put
+/// another in its place: any directory of root's there will do (only root makes them: ours, for this or
+/// another device), anything else is refused.
+fn make_holder(dir: BorrowedFd, name: &str) -> Result<Holder> {
+    let path = || dir_path(Some(dir)).join(name);
+    stat::mkdirat(dir.as_raw_fd(), name, Mode::from_bits_truncate(0o755))
+        .map_err(|e| Error::os(e, "mkdir").with_path(&path()))?;
+    let fd = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW)?;
+    let st = stat_fd(fd.as_fd())?;
+    if !is_kind(&st, SFlag::S_IFDIR) || st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+        return Err(Error::os(Errno::EEXIST, "mkdir")
+            .with_path(&path())
+            .with_detail("the name no longer refers to the directory made for the node"));
     }
-    mknodat(dir.as_raw_fd(), name, SFlag::S_IFBLK, perm, rdev).map_err(|e| Error::os(e, "mknod").with_path(&path()))?;
-    Ok(Node { name: name.to_string(), rdev, mount: None, placeholder: None })
+    Ok(Holder { name: name.to_string(), fd, id: (st.st_dev, st.st_ino) })
+}
+
+/// Removes the holder from `dir` if it is still there under its name and empty; otherwise it stays, empty
+/// or holding another node of ours (the peer may remove an empty one: it is in the peer's directory).
+fn remove_holder(dir: BorrowedFd, holder: &Holder) -> Result<()> {
+    let entry = stat::fstatat(dir.as_raw_fd(), holder.name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW);
+    if !matches!(entry, Ok(e) if (e.st_dev, e.st_ino) == holder.id) {
+        return Ok(());
+    }
+    match unlinkat(Some(dir.as_raw_fd()), holder.name.as_str(), UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOTEMPTY) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(Error::os(e, "rmdir").with_path(&dir_path(Some(dir)).join(&holder.name))),
+    }
 }
 
 /// Bind-mounts `source` onto `target`, both by fd. With open_tree + move_mount (Linux ≥ 5.2) the mount is

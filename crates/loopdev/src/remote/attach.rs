@@ -156,8 +156,9 @@ impl Held {
         }
     }
 
-    fn devname(&self) -> String {
-        self.lo.as_ref().map_or_else(String::new, Loop::devname)
+    /// The node's name in the peer's directory, for the reply: `loopN`, or `loopN.d/loopN` for a non-root peer.
+    fn node_name(&self) -> String {
+        self.node.as_ref().map_or_else(String::new, Node::name)
     }
 }
 
@@ -188,7 +189,7 @@ impl Attacher {
         let file = if self.options.log { Some(backing_name(payload, &fds)) } else { None };
         let (out, result) = match self.attach(payload, fds, peer) {
             Ok((held, fd)) => {
-                let name = held.devname();
+                let name = held.node_name();
                 let bytes = Reply::Device(name.clone()).encode();
                 (Outgoing { bytes, fds: fd.into_iter().collect(), device: Some(held) }, name)
             }
@@ -246,8 +247,11 @@ impl Attacher {
             // clearing the device drops them. A table we cannot trust just gives none.
             let _ = lo.add_partitions();
         }
-        let peer_uid = Some(peer.uid).filter(|&uid| uid != 0);
-        let node = crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.rdev(), self.options.node_mode, peer_uid)?;
+        let node = if peer.uid == 0 {
+            crate::node::make(dir, &lo.devname(), lo.as_fd(), lo.rdev(), self.options.node_mode)?
+        } else {
+            crate::node::make_for_peer(dir, &lo.devname(), lo.as_fd(), lo.rdev())?
+        };
         let mut fds = fds;
         let dir = fds.swap_remove(req.dir_fd);
         // Every other fd of the message (the backing file: the device holds its own reference) closes here.

@@ -195,7 +195,8 @@ impl Exception {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    /// `{"devname": "loop3"}`: the node was created as `loop3` in the request's directory.
+    /// `{"devname": "loop3"}`: the node was created as `loop3` in the request's directory (`loop3.d/loop3`
+    /// for a non-root peer).
     Device(String),
     /// `{"method": "exception", "exception": {"type", "value", "traceback"}}`.
     Exception(Exception),
@@ -263,9 +264,17 @@ impl Reply {
     }
 }
 
-/// `loop<digits>`: the only names a client should ever turn into a path in its directory.
+/// `loop<digits>`, or `loop<digits>.d/loop<digits>` (the same digits: where a non-root peer's node is, see
+/// `node::make_for_peer`): the only names a client should ever turn into a path in its directory.
 pub fn is_loop_devname(name: &str) -> bool {
-    name.strip_prefix("loop").map_or(false, |n| !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()))
+    let plain = |name: &str| {
+        name.strip_prefix("loop")
+            .map_or(false, |n| !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    match name.split_once(".d/") {
+        Some((holder, node)) => holder == node && plain(node),
+        None => plain(name),
+    }
 }
 
 fn py_bool(b: bool) -> &'static str {
@@ -410,8 +419,9 @@ mod tests {
 
     #[test]
     fn devnames_are_checked() {
-        assert!(is_loop_devname("loop0") && is_loop_devname("loop123"));
-        for bad in ["loop", "loop-1", "loop1/..", "sda", "loop1p1", ""] {
+        assert!(is_loop_devname("loop0") && is_loop_devname("loop123") && is_loop_devname("loop7.d/loop7"));
+        let bad = ["loop", "loop-1", "loop1/..", "sda", "loop1p1", "", "loop7.d/loop8", "loop7.d/", ".d/loop7"];
+        for bad in bad.into_iter().chain(["loop7.d/loop7.d/loop7", "../loop7.d/loop7", "loop7.d/../loop7"]) {
             assert!(!is_loop_devname(bad), "{bad}");
         }
     }
