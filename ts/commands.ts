@@ -285,7 +285,8 @@ Options:
     summary: 'run an osbuild-compatible remote loop server on a unix socket',
     help: `Serves loop devices to clients on a SOCK_SEQPACKET unix socket, wire-compatible with osbuild's
 LoopClient. A device lives as long as the client's connection. Runs until SIGINT or SIGTERM, then
-releases every device it attached and removes the socket. A non-root client's node directory must be its own.
+releases every device it attached and removes the socket. A non-root client's node directory must be its own;
+its node is made in a directory of root's there (loopN.d/loopN), so that it cannot be moved out.
 Started by systemd with a socket unit (LISTEN_FDS=1, ListenSequentialPacket=), it serves on that socket and
 needs no --socket. Logs one line per request on stderr (peer pid and uid, file, device, milliseconds).
 Run the installed bin (or exec it) as a service, not through npx: npx does not pass SIGTERM on.
