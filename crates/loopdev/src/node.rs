@@ -164,7 +164,7 @@ fn make_holder(dir: BorrowedFd, name: &str) -> Result<Holder> {
 /// Removes the holder from `dir` if it is still there under its name and empty; otherwise it stays, empty
 /// or holding another node of ours (the peer may remove an empty one: it is in the peer's directory).
 /// There is no rmdir by fd: the peer can swap the name between the check and the rmdir (red team round 23
-/// did), and then an empty directory of its own, one level below its directory, goes instead of ours —
+/// did), and then an empty directory it put at that name in its own directory goes instead of ours —
 /// which it could remove itself; ours is left, empty.
 fn remove_holder(dir: BorrowedFd, holder: &Holder) -> Result<()> {
     let entry = stat::fstatat(dir.as_raw_fd(), holder.name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW);
