@@ -486,36 +486,18 @@ while True:
             reply(unique, 0, entry(ino))
     elif opcode == 3:  # GETATTR
         reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid)) if nodeid in nodes else reply(unique, 2)
-    elif opcode == 4:  # SETATTR
-        valid = struct.unpack_from("<I", arg)[0]
-        mode, uid, gid = struct.unpack_from("<I", arg, 68)[0], struct.unpack_from("<I", arg, 76)[0], struct.unpack_from("<I", arg, 80)[0]
-        n = nodes[nodeid]
-        if valid & 1: n["mode"] = (n["mode"] & ~0o7777) | (mode & 0o7777)
-        if valid & 2: n["uid"] = uid
-        if valid & 4: n["gid"] = gid
-        reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid))
-    elif opcode == 35:  # CREATE
-        flags, mode = struct.unpack_from("<II", arg)
-        name = arg[16:].split(b"\0", 1)[0]
+    elif opcode in (35, 9):  # CREATE (flags, mode, umask, open_flags, name), MKDIR (mode, umask, name)
+        mode, umask = struct.unpack_from("<II", arg, 4) if opcode == 35 else struct.unpack_from("<II", arg)
+        name = arg[16 if opcode == 35 else 8:].split(b"\0", 1)[0]
         if (nodeid, name) in names:
             reply(unique, 17)  # EEXIST
             continue
         ino = next_ino[0]; next_ino[0] += 1
         uid, gid = struct.unpack_from("<II", req, 24)
-        nodes[ino] = {"mode": 0o100000 | (mode & 0o7777), "uid": uid, "gid": gid}
+        kind = 0o100000 if opcode == 35 else 0o40000
+        nodes[ino] = {"mode": kind | (mode & ~umask & 0o7777), "uid": uid, "gid": gid}
         names[(nodeid, name)] = ino
-        reply(unique, 0, entry(ino) + struct.pack("<QII", 0, 0, 0))
-    elif opcode == 9:  # MKDIR
-        mode, umask = struct.unpack_from("<II", arg)
-        name = arg[8:].split(b"\0", 1)[0]
-        if (nodeid, name) in names:
-            reply(unique, 17)  # EEXIST
-            continue
-        ino = next_ino[0]; next_ino[0] += 1
-        uid, gid = struct.unpack_from("<II", req, 24)
-        nodes[ino] = {"mode": 0o40000 | (mode & ~umask & 0o7777), "uid": uid, "gid": gid}
-        names[(nodeid, name)] = ino
-        reply(unique, 0, entry(ino))
+        reply(unique, 0, entry(ino) + (struct.pack("<QII", 0, 0, 0) if opcode == 35 else b""))
     elif opcode in (10, 11):  # UNLINK, RMDIR
         ino = names.get((nodeid, name))
         if ino is None:
