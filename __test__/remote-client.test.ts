@@ -12,10 +12,12 @@ import { createInterface } from 'node:readline';
 import { LoopClient } from '../ts/index.js';
 import { loopTest, tempDir } from './helpers.js';
 
-/** A SOCK_SEQPACKET server: `silent` reads requests and never answers; `late` answers each after DELAY s. */
+/** A SOCK_SEQPACKET server: `silent` reads requests and never answers; `late` answers each after DELAY s;
+ * `named` answers at once with the devnames of NAMES (a JSON list), one per request. */
 const FAKE_SERVER = String.raw`
 import json, os, select, socket, sys, time
 path, mode, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+names = json.loads(sys.argv[4]) if len(sys.argv) > 4 else []
 srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 srv.bind(path)
 srv.listen(64)
@@ -38,15 +40,17 @@ while True:
         print(json.dumps({"request": seen}), flush=True)
         if mode == "late":
             due.append((time.time() + delay, s, seen))
+        if mode == "named":
+            s.send(json.dumps({"devname": names[seen - 1]}).encode())
     now = time.time()
     for item in [d for d in due if d[0] <= now]:
         due.remove(item)
         item[1].send(json.dumps({"devname": "loop%d" % (100000 + item[2])}).encode())
 `;
 
-async function fakeServer(t: ExecutionContext, mode: 'silent' | 'late', delaySeconds = 0) {
+async function fakeServer(t: ExecutionContext, mode: 'silent' | 'late' | 'named', delaySeconds = 0, names: string[] = []) {
   const socketPath = path.join(tempDir(t), 'remoteloop');
-  const child = spawn('python3', ['-c', FAKE_SERVER, socketPath, mode, String(delaySeconds)], {
+  const child = spawn('python3', ['-c', FAKE_SERVER, socketPath, mode, String(delaySeconds), JSON.stringify(names)], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   t.teardown(() => {
@@ -170,4 +174,26 @@ loopTest.serial('paths the client cannot open fail like fs.open, before anything
   t.is(dev.devname, 'loop100001', 'the first request that could open its paths is the first one sent');
   client.close();
   t.is(openFds(), before);
+});
+
+// A non-root client's node is `loopN.d/loopN` (in a directory of root's that only the server may empty); the
+// client takes that form and plain `loopN`, nothing else, and leaves the former to the server.
+loopTest.serial("devnames: loopN and loopN.d/loopN are taken, look-alikes are a protocol error; the server's own directory is left alone", async (t) => {
+  const dir = tempDir(t);
+  const file = path.join(dir, 'file');
+  fs.writeFileSync(file, 'x');
+  const bad = ['loop7.d/loop8', 'loop7.d/../loop7', '../loop7.d/loop7', 'loop7.d/loop7.d/loop7', 'loop7/loop7'];
+  const server = await fakeServer(t, 'named', 0, ['loop7.d/loop7', ...bad]);
+  using client = new LoopClient(server.socketPath);
+  fs.mkdirSync(path.join(dir, 'loop7.d'));
+  fs.writeFileSync(path.join(dir, 'loop7.d', 'loop7'), '');
+  const dev = await client.device(file, { devDir: dir });
+  t.like(dev, { devname: 'loop7.d/loop7', path: path.join(dir, 'loop7.d', 'loop7') });
+  await dev.remove();
+  t.true(dev.removed);
+  t.true(fs.existsSync(dev.path), 'the node in the server\'s directory is the server\'s to remove');
+  for (const name of bad) {
+    const e = await t.throwsAsync(client.device(file, { devDir: dir }));
+    t.regex(String((e as Error).message), /is not a loop device name/, name);
+  }
 });
