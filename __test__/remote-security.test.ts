@@ -306,6 +306,148 @@ loopTest.serial("a peer cannot move its node out of its directory, and on hang-u
   t.deepEqual(await boundAfterSettling(backing), []);
 });
 
+// The peer, in a user+mount namespace of its own, sends a directory fd opened there: the server's lookups
+// through it cross the peer's mounts. It watches its directory (inotify) and, the moment the server has made
+// `loopN.d`, bind-mounts a directory of root's (the victim) over it, racing the server's open of the name:
+// won, the server would make its placeholder in the victim (review of round 22's fix: 83 files made and
+// removed in /etc-like directories in 3,000 requests). It goes on until it has won a few times.
+const MOUNT_OVER_HOLDER = String.raw`
+sock, backing, dev_dir, victim, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+IN_CREATE, MS_BIND, MNT_DETACH = 0x100, 4096, 2
+watch = libc.inotify_init1(0)
+assert libc.inotify_add_watch(watch, dev_dir.encode(), IN_CREATE) >= 0, ctypes.get_errno()
+mounted = []
+def mounter():
+    while True:
+        buf = os.read(watch, 65536)
+        i = 0
+        while i < len(buf):
+            _, _, _, n = struct.unpack_from("iIII", buf, i)
+            name = buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode()
+            i += 16 + n
+            if name.endswith(".d") and libc.mount(victim.encode(), os.path.join(dev_dir, name).encode(), None, MS_BIND, None) == 0:
+                mounted.append(name)
+threading.Thread(target=mounter, daemon=True).start()
+fd = os.open(backing, os.O_RDWR)
+won, replies = 0, {}
+for asked in range(1, rounds + 1):
+    s = connect(sock)
+    d = os.open(dev_dir, os.O_DIRECTORY)
+    r = ask(s, fd, d)
+    os.close(d)
+    s.close()
+    value = r.get("exception", {}).get("value", "device")
+    key = "refused: not root's empty directory" if "empty directory of root's" in value else value[:60]
+    replies[key] = replies.get(key, 0) + 1
+    won += key.startswith("refused")
+    time.sleep(0.002)
+    while mounted:
+        libc.umount2(os.path.join(dev_dir, mounted.pop()).encode(), MNT_DETACH)
+    if won >= 3:
+        break
+emit({"asked": asked, "won": won, "replies": replies})
+sys.stdin.readline()
+`;
+
+loopTest.serial("a peer mounting a directory of root's over the node's directory as it is made gets nothing made in it", async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const victimDir = path.join(img.dir, 'victim.d');
+  fs.mkdirSync(victimDir, { mode: 0o755 });
+  const made: string[] = [];
+  const watcher = fs.watch(victimDir, (_, name) => made.push(String(name)));
+  t.teardown(() => watcher.close());
+  const peer = attacker(t, MOUNT_OVER_HOLDER, [srv.socketPath, backing, devDir, victimDir, '6000'], { userns: true });
+  const report = await peer.next();
+  t.log(`${report.asked} requests; replies:`, report.replies);
+  t.deepEqual(made, [], 'nothing was made in the victim directory, not even for a moment');
+  t.deepEqual(fs.readdirSync(victimDir), []);
+  t.true(report.won > 0, "the peer's mount did land before the server's open (else this test proves nothing)");
+  t.is(await peer.finish(), 0);
+  await until('the server to release the connections', () => srv.stats().devices === 0);
+  t.deepEqual(mountsUnder(devDir), []);
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
+
+// The peer watches its directory and, the moment the server has made `loopN.d`, exchanges it with an empty
+// directory of its own (renameat2 RENAME_EXCHANGE), racing the server's open of the name: won, the node would
+// be made in the peer's directory, and the peer would move it anywhere. After each reply it tries just that.
+const OWN_DIR_FOR_HOLDER = String.raw`
+sock, backing, dev_dir, outside, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+IN_CREATE = 0x100
+watch = libc.inotify_init1(0)
+assert libc.inotify_add_watch(watch, dev_dir.encode(), IN_CREATE) >= 0, ctypes.get_errno()
+bait = [None]
+def new_bait(i):
+    bait[0] = os.path.join(dev_dir, "bait%d" % i)
+    os.mkdir(bait[0])
+def swapper():
+    while True:
+        buf = os.read(watch, 65536)
+        i = 0
+        while i < len(buf):
+            _, _, _, n = struct.unpack_from("iIII", buf, i)
+            name = buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode()
+            i += 16 + n
+            if name.startswith("loop") and name.endswith(".d") and bait[0]:
+                exchange(bait[0], os.path.join(dev_dir, name))
+                bait[0] = None
+fd = os.open(backing, os.O_RDWR)
+dir_fd = os.open(dev_dir, os.O_DIRECTORY)
+# From a mount namespace of its own, where the server's later mounts are no mount points, it could rename
+# a node of the server's (a mount point in the host's) out of any directory of its own.
+assert libc.unshare(0x10000000 | 0x00020000) == 0, ctypes.get_errno()
+new_bait(0)
+threading.Thread(target=swapper, daemon=True).start()
+won, escaped, replies = 0, [], {}
+for asked in range(1, rounds + 1):
+    s = connect(sock)
+    r = ask(s, fd, dir_fd)
+    value = r.get("exception", {}).get("value", "device")
+    key = "refused: not root's empty directory" if "empty directory of root's" in value else value[:60]
+    replies[key] = replies.get(key, 0) + 1
+    won += key.startswith("refused")
+    # Wherever the node is now, in a directory of root's or of the peer's: try to move it out.
+    def names(d):
+        try:
+            return os.listdir(os.path.join(dev_dir, d))
+        except OSError:
+            return []  # not a directory, or root's and still 0700
+    for d in os.listdir(dev_dir):
+        for name in names(d):
+            if name.startswith("loop") and errno_of(lambda: os.rename(os.path.join(dev_dir, d, name), os.path.join(outside, "x%d" % asked))) == "ok":
+                escaped.append(os.path.join(d, name))
+    s.close()
+    time.sleep(0.002)
+    if bait[0] is None:
+        new_bait(asked)
+    if won >= 3 or escaped:
+        break
+emit({"asked": asked, "won": won, "escaped": escaped, "replies": replies})
+sys.stdin.readline()
+`;
+
+loopTest.serial("a peer swapping a directory of its own in for the node's directory as it is made gets a refusal", async (t) => {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const outside = path.join(img.dir, 'outside');
+  fs.mkdirSync(outside);
+  fs.chownSync(outside, NOBODY, NOBODY);
+  const peer = attacker(t, OWN_DIR_FOR_HOLDER, [srv.socketPath, backing, devDir, outside, '2000']);
+  const report = await peer.next();
+  t.log(`${report.asked} requests; replies:`, report.replies);
+  t.deepEqual(report.escaped, [], 'no node the server made could be moved out of the peer directory');
+  t.deepEqual(fs.readdirSync(outside), []);
+  t.true(report.won > 0, "the peer's directory was at the name when the server opened it (else this test proves nothing)");
+  t.is(await peer.finish(), 0);
+  await until('the server to release the connections', () => srv.stats().devices === 0);
+  t.deepEqual(mountsUnder(devDir), []);
+  t.deepEqual(mountsUnder(outside), []);
+  t.deepEqual(await boundAfterSettling(backing), []);
+});
+
 // From its own user+mount namespace the server cannot bind-mount into the peer's directory; it makes no
 // device node instead (a node could be moved away and outlive the device).
 const FROM_OWN_NAMESPACE = String.raw`
@@ -432,8 +574,9 @@ loopTest('a bad sector size is an error, not a trip through the legacy path', as
 // A FUSE filesystem in the peer's directory, mounted as fusermount mounts a user's filesystem with
 // allow_other (root mounts it here only because /dev/fuse is 0600 on this machine; the peer uses it as any
 // user could). Its daemon keeps files and directories by name in memory and answers what the server does
-// in it (lookup, mkdir, create, unlink, rmdir) until told "stall" on stdin: from then on it answers nothing, and every request
-// to it blocks until the daemon dies (which aborts the connection: the waiting requests fail).
+// in it (lookup, mkdir, chmod, readdir, create, unlink, rmdir) until told "stall" on stdin: from then on it
+// answers nothing, and every request to it blocks until the daemon dies (which aborts the connection: the
+// waiting requests fail).
 const SWITCHED_FUSE = String.raw`
 import ctypes, os, struct, sys, threading
 libc = ctypes.CDLL(None, use_errno=True)
@@ -486,6 +629,13 @@ while True:
             reply(unique, 0, entry(ino))
     elif opcode == 3:  # GETATTR
         reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid)) if nodeid in nodes else reply(unique, 2)
+    elif opcode == 4:  # SETATTR (the server's chmod of the directory it made)
+        valid, mode = struct.unpack_from("<I", arg)[0], struct.unpack_from("<I", arg, 68)[0]
+        n = nodes[nodeid]
+        if valid & 1: n["mode"] = (n["mode"] & ~0o7777) | (mode & 0o7777)
+        reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid))
+    elif opcode == 28:  # READDIR: nothing to list (the server only asks whether its new directory is empty)
+        reply(unique, 0)
     elif opcode in (35, 9):  # CREATE (flags, mode, umask, open_flags, name), MKDIR (mode, umask, name)
         mode, umask = struct.unpack_from("<II", arg, 4) if opcode == 35 else struct.unpack_from("<II", arg)
         name = arg[16 if opcode == 35 else 8:].split(b"\0", 1)[0]

@@ -324,7 +324,10 @@ function peerDir(dir: string): string {
   return own;
 }
 
-loopTest('a uid in allowUids gets a device in its own directory, released when it hangs up (uid 65534)', async (t) => {
+// Serial: it runs the server under umask 077 (a common hardening of services), which is the process's.
+loopTest.serial('a uid in allowUids gets a device in its own directory, released when it hangs up (uid 65534)', async (t) => {
+  const umask = process.umask(0o077);
+  t.teardown(() => process.umask(umask));
   const img = image(t);
   const srv = await server(t, img.dir, [0, 65534]);
   openToOthers(img.dir, srv.socketPath);
@@ -344,7 +347,7 @@ loopTest('a uid in allowUids gets a device in its own directory, released when i
   t.true(result.ok, JSON.stringify(result));
   t.true(result.isBlock);
   t.regex(result.devname, /^loop(\d+)\.d\/loop\1$/, "the node is in a directory of root's, which the peer cannot empty");
-  t.like(fs.statSync(path.dirname(result.path)), { uid: 0, mode: fs.constants.S_IFDIR | 0o755 });
+  t.like(fs.statSync(path.dirname(result.path)), { uid: 0, mode: fs.constants.S_IFDIR | 0o755 }, 'whatever the umask');
   t.is(sysfs(minorOf(result.devname), 'loop/backing_file'), img.path);
   t.like(srv.stats(), { refused: 0, devices: 1, connections: 1 });
   child.stdin!.end('\n');

@@ -101,7 +101,8 @@ function errnoName(errno: number): string | undefined {
   return undefined;
 }
 
-/** A device node the server made for us. Disposing it removes the node (the device stays the server's). */
+/** A device node the server made for us. Disposing it removes the node (the device stays the server's);
+ * a non-root client's node (`loopN.d/loopN`) only the server removes, with the connection. */
 export class RemoteDevice implements AsyncDisposable {
   /** `loopN`; `loopN.d/loopN` for a non-root client (the node is in a directory of root's in `devDir`, so
    * that it cannot be moved out of `devDir`). */

@@ -89,6 +89,17 @@ pub(crate) fn stat_fd(fd: BorrowedFd) -> Result<FileStat> {
     fstat(fd.as_raw_fd()).map_err(|e| Error::os(e, "fstat"))
 }
 
+/// The id of the mount `fd` is on (`mnt_id` in /proc/self/fdinfo, Linux ≥ 3.15): two fds on different
+/// mounts of one filesystem have the same st_dev but not the same mount id.
+pub(crate) fn mount_id(fd: BorrowedFd) -> Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .map_err(|e| Error::os(nix::errno::Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO)), "read fdinfo"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::os(nix::errno::Errno::ENOTSUP, "read fdinfo").with_detail("no mnt_id (Linux < 3.15?)"))
+}
+
 pub(crate) fn is_kind(st: &FileStat, kind: SFlag) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == kind.bits()
 }

@@ -3,7 +3,7 @@
 //! we hold by fd, what we undo we find by fd, and an entry that is not what we made is left alone.
 
 use crate::error::{Error, Kind, Result};
-use crate::inode::{dir_path, is_kind, open_in, stat_fd};
+use crate::inode::{dir_path, is_kind, mount_id, open_in, stat_fd};
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -31,7 +31,6 @@ pub struct Node {
 struct Holder {
     name: String,
     fd: OwnedFd,
-    id: (u64, u64),
 }
 
 impl Node {
@@ -45,7 +44,7 @@ impl Node {
 
     /// Undoes the node in `dir`: detaches *our* mount (found by its fd, not by name), then unlinks the entry
     /// only if it still is our placeholder or a node of our device. A name the owner swapped is left alone;
-    /// so is a peer's holder directory it renamed (empty now: the peer may remove it).
+    /// so is a peer's holder directory it renamed (emptied: the peer may remove it).
     pub fn remove(mut self, dir: BorrowedFd) -> Result<()> {
         self.detach();
         let ours = |e: &FileStat| {
@@ -54,9 +53,14 @@ impl Node {
         match &self.holder {
             None => unlink_if(dir, &self.name, ours).map_err(|e| e.with_path(&dir_path(Some(dir)).join(&self.name))),
             Some(h) => {
-                unlink_if(h.fd.as_fd(), &self.name, ours)
-                    .map_err(|e| e.with_path(&dir_path(Some(h.fd.as_fd())).join(&self.name)))?;
-                remove_holder(dir, h)
+                // In root's directory no one else makes or renames entries: the name is our placeholder. No
+                // stat first: a stat by name would cross a mount the peer put on it in its own namespace.
+                let unlinked = unlinkat(Some(h.fd.as_raw_fd()), self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+                let holder = remove_holder(dir, h);
+                match unlinked {
+                    Ok(()) | Err(Errno::ENOENT) => holder,
+                    Err(e) => Err(Error::os(e, "unlink").with_path(&dir_path(Some(h.fd.as_fd())).join(&self.name))),
+                }
             }
         }
     }
@@ -125,7 +129,7 @@ fn bind_in(holder: &Holder, name: &str, device: BorrowedFd) -> Result<(Option<Ow
     let (file, st) = create_placeholder(holder.fd.as_fd(), name, Mode::from_bits_truncate(0o600))?;
     let id = (st.st_dev, st.st_ino);
     bind(device, file.as_fd()).map(|mount| (mount, id)).map_err(|e| {
-        let _ = unlink_if(holder.fd.as_fd(), name, |e| (e.st_dev, e.st_ino) == id);
+        let _ = unlinkat(Some(holder.fd.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir);
         e.with_path(&dir_path(Some(holder.fd.as_fd())).join(name)).with_detail(
             "cannot bind-mount the device into this directory (is it in another mount namespace?); \
              a device node is only made for root",
@@ -144,35 +148,50 @@ fn create_placeholder(dir: BorrowedFd, name: &str, perm: Mode) -> Result<(OwnedF
     Ok((placeholder, st))
 }
 
-/// Root's directory `dir/name` (0755), held by fd. Between the mkdir and the open the peer may have put
-/// another in its place: any directory of root's there will do (only root makes them: ours, for this or
-/// another device), anything else is refused.
+/// Root's directory `dir/name`, held by fd: made 0700, opened O_NOFOLLOW, and made 0755 only once it is
+/// known to be ours — a directory, root's, empty, and on the same mount as `dir`. Between the mkdir and the
+/// open the peer may have put something else at the name: a symlink (not followed), a directory of its own,
+/// or, through a `dir` fd from a mount namespace of its own, a mount of anything (`/etc`) over our
+/// directory, which the open would cross (review of round 22's fix). Anything but ours is refused, and the
+/// name is removed if it is an empty directory (ours, or one of the peer's it could remove itself).
 fn make_holder(dir: BorrowedFd, name: &str) -> Result<Holder> {
     let path = || dir_path(Some(dir)).join(name);
-    stat::mkdirat(dir.as_raw_fd(), name, Mode::from_bits_truncate(0o755))
-        .map_err(|e| Error::os(e, "mkdir").with_path(&path()))?;
-    let fd = open_in(Some(dir), name, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW)?;
-    let st = stat_fd(fd.as_fd())?;
-    if !is_kind(&st, SFlag::S_IFDIR) || st.st_uid != 0 || st.st_mode & 0o022 != 0 {
-        return Err(Error::os(Errno::EEXIST, "mkdir")
-            .with_path(&path())
-            .with_detail("the name no longer refers to the directory made for the node"));
+    stat::mkdirat(dir.as_raw_fd(), name, Mode::S_IRWXU).map_err(|e| Error::os(e, "mkdir").with_path(&path()))?;
+    let opened = open_in(Some(dir), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW);
+    match opened.and_then(|fd| claim_holder(dir, fd)) {
+        Ok(fd) => Ok(Holder { name: name.to_string(), fd }),
+        Err(e) => {
+            let _ = unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir);
+            Err(e.with_path(&path()))
+        }
     }
-    Ok(Holder { name: name.to_string(), fd, id: (st.st_dev, st.st_ino) })
 }
 
-/// Removes the holder from `dir` if it is still there under its name and empty; otherwise it stays, empty
-/// or holding another node of ours (the peer may remove an empty one: it is in the peer's directory).
-/// There is no rmdir by fd: the peer can swap the name between the check and the rmdir (red team round 23
-/// did), and then an empty directory it put at that name in its own directory goes instead of ours —
-/// which it could remove itself; ours is left, empty.
-fn remove_holder(dir: BorrowedFd, holder: &Holder) -> Result<()> {
-    let entry = stat::fstatat(dir.as_raw_fd(), holder.name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW);
-    if !matches!(entry, Ok(e) if (e.st_dev, e.st_ino) == holder.id) {
-        return Ok(());
+/// `fd` if it is the directory `make_holder` just made, opened to all for reading (0755).
+fn claim_holder(dir: BorrowedFd, fd: OwnedFd) -> Result<OwnedFd> {
+    let st = stat_fd(fd.as_fd())?;
+    let empty = || std::fs::read_dir(fd_path(fd.as_fd())).map_or(false, |mut entries| entries.next().is_none());
+    let ours = is_kind(&st, SFlag::S_IFDIR) && st.st_uid == 0 && mount_id(fd.as_fd())? == mount_id(dir)? && empty();
+    if !ours {
+        return Err(Error::os(Errno::EEXIST, "mkdir").with_detail(
+            "the name is not the empty directory of root's just made there, on the directory's own mount (a \
+             filesystem that does not keep root's ownership, such as NFS with root_squash, cannot hold a \
+             non-root peer's node)",
+        ));
     }
+    stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o755)).map_err(|e| Error::os(e, "chmod"))?;
+    Ok(fd)
+}
+
+/// Removes `loopN.d` from `dir` by name if an empty directory is there: ours, or, if the peer renamed ours
+/// (it stays, emptied, for the peer to remove) and put one of its own at the name, that one, which it could
+/// remove itself. No stat first: there is no rmdir by fd, so a check of the name could not hold until the
+/// rmdir anyway (red team round 23 swapped names in between), and a stat would cross a mount the peer put
+/// on the name in its own namespace, while the rmdir acts on the entry itself.
+fn remove_holder(dir: BorrowedFd, holder: &Holder) -> Result<()> {
     match unlinkat(Some(dir.as_raw_fd()), holder.name.as_str(), UnlinkatFlags::RemoveDir) {
-        Ok(()) | Err(Errno::ENOTEMPTY) | Err(Errno::ENOENT) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(Errno::ENOTEMPTY | Errno::ENOENT | Errno::ENOTDIR | Errno::EBUSY) => Ok(()),
         Err(e) => Err(Error::os(e, "rmdir").with_path(&dir_path(Some(dir)).join(&holder.name))),
     }
 }

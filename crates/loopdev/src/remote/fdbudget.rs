@@ -1,7 +1,7 @@
 //! Our fd table, the one resource every peer draws on: the connections, the fds peers sent that wait to be
 //! closed, the devices held for them (each with its directory and its mount), the requests at the workers.
 //! The bounds on each kind (per uid, per lane) do not add up to the table: a uid holding its 64 devices
-//! (3 fds each) and a wedged lane one read of 253 fds past its bound filled a table of 512, and root's
+//! (3 fds each then; 4 now) and a wedged lane one read of 253 fds past its bound filled a table of 512, and root's
 //! next request lost its fds to MSG_CTRUNC (red team round 18). So reading, accepting and attaching also
 //! ask what is left of the table, and keep a reserve for root.
 //!
@@ -16,12 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// fit is closed by the kernel on the reading thread, and a peer can make that close block.
 pub(super) const ONE_READ: usize = SCM_MAX_FD;
 /// Fds a request at a worker may hold at once: its 2 fds and a payload memfd, loop-control, the device, the
-/// placeholder, the mount, the fd sent with the reply.
-pub(super) const PER_REQUEST: usize = 8;
+/// placeholder, the mount, and the fd sent with the reply (root) or root's directory for the node and a
+/// moment's look into it (others).
+pub(super) const PER_REQUEST: usize = 9;
 /// Fds a request waiting for a worker holds: its 2 fds and a payload memfd.
 pub(super) const PER_QUEUED: usize = 3;
-/// Fds a device held for a peer keeps open: the device, the peer's directory, the mount.
-pub(super) const PER_DEVICE: usize = 3;
+/// Fds a device held for a peer keeps open: the device, the peer's directory, the mount, and root's
+/// directory the node is in (not for root's devices, which are counted as if they had one).
+pub(super) const PER_DEVICE: usize = 4;
 /// Fds a connection may hold: its socket and an fd in a reply not sent yet.
 pub(super) const PER_CONNECTION: usize = 2;
 /// Fds root's message takes (its 2, and room for a few more than a request carries).
@@ -93,9 +95,9 @@ mod tests {
     #[test]
     fn root_keeps_a_reserve_that_others_cannot_read_or_attach_into() {
         let budget = FdBudget { limit: 512, base: 30, reserve: 80, room: AtomicUsize::new(0) };
-        // A uid's 64 devices and its connections: 192 + 66 fds.
+        // A uid's 64 devices and its connections: 256 + 66 fds.
         let room = budget.count(64 * PER_DEVICE + 33 * PER_CONNECTION);
-        assert_eq!(room, 512 - 30 - 192 - 66);
+        assert_eq!(room, 512 - 30 - 256 - 66);
         assert!(!budget.may_read(65534, room), "one more read could take root's reserve");
         assert!(budget.may_read(0, room));
         assert!(budget.may_hold_device(65534), "above the reserve: a device still fits");
