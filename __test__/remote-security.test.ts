@@ -85,6 +85,19 @@ libc = ctypes.CDLL(None, use_errno=True)
 RENAME_EXCHANGE = 2
 def exchange(a, b):
     return libc.renameat2(-100, a.encode(), -100, b.encode(), RENAME_EXCHANGE) == 0
+def on_created(directory, act):
+    # Calls act(name) on a thread of its own for each name made in directory (inotify), as soon as it is made.
+    watch = libc.inotify_init1(0)
+    assert libc.inotify_add_watch(watch, directory.encode(), 0x100) >= 0, ctypes.get_errno()  # IN_CREATE
+    def read():
+        while True:
+            buf = os.read(watch, 65536)
+            i = 0
+            while i < len(buf):
+                _, _, _, n = struct.unpack_from("iIII", buf, i)
+                act(buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode())
+                i += 16 + n
+    threading.Thread(target=read, daemon=True).start()
 `;
 
 /** Runs attacker code as uid 65534 (optionally in its own user+mount namespace); JSON lines from stdout. */
@@ -147,6 +160,21 @@ function peerFiles(dir: string): { devDir: string; backing: string } {
   fs.truncateSync(backing, 4 << 20);
   fs.chownSync(backing, NOBODY, NOBODY);
   return { devDir, backing };
+}
+
+/** A server for uid 65534, its directory and image (`peerFiles`), and beside them an empty directory of
+ * root's (`victim.d`, 0755: where no node may ever appear) and one of the peer's (`outside`: where it would
+ * move one). */
+async function nodeAttackScene(t: ExecutionContext) {
+  const img = image(t);
+  const srv = await openServer(t, img.dir);
+  const { devDir, backing } = peerFiles(img.dir);
+  const victimDir = path.join(img.dir, 'victim.d');
+  fs.mkdirSync(victimDir, { mode: 0o755 });
+  const outside = path.join(img.dir, 'outside');
+  fs.mkdirSync(outside);
+  fs.chownSync(outside, NOBODY, NOBODY);
+  return { img, srv, devDir, backing, victimDir, outside };
 }
 
 /** A 4 MiB file of root's in `dir` that starts with `text`, with permissions `mode`. */
@@ -217,11 +245,7 @@ sys.stdin.readline()
 `;
 
 loopTest.serial("a peer swapping the node's directory for a symlink while it is made cannot redirect the bind mount", async (t) => {
-  const img = image(t);
-  const srv = await openServer(t, img.dir);
-  const { devDir, backing } = peerFiles(img.dir);
-  const victimDir = path.join(img.dir, 'victim.d');
-  fs.mkdirSync(victimDir, { mode: 0o755 });
+  const { srv, devDir, backing, victimDir } = await nodeAttackScene(t);
   const rounds = 3000;
   const peer = attacker(t, SWAP_ON_CREATE, [srv.socketPath, backing, devDir, victimDir, String(rounds)]);
   const report = await peer.next();
@@ -273,12 +297,7 @@ sys.stdin.readline()
 `;
 
 loopTest.serial("a peer cannot move its node out of its directory, and on hang-up the server undoes its own mount wherever it went", async (t) => {
-  const img = image(t);
-  const srv = await openServer(t, img.dir);
-  const { devDir, backing } = peerFiles(img.dir);
-  const outside = path.join(img.dir, 'outside');
-  fs.mkdirSync(outside);
-  fs.chownSync(outside, NOBODY, NOBODY);
+  const { img, srv, devDir, backing, outside } = await nodeAttackScene(t);
   const hostMount = path.join(img.dir, 'hostmnt');
   fs.mkdirSync(hostMount);
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'loopdev-test', hostMount]);
@@ -313,21 +332,12 @@ loopTest.serial("a peer cannot move its node out of its directory, and on hang-u
 // removed in /etc-like directories in 3,000 requests). It goes on until it has won a few times.
 const MOUNT_OVER_HOLDER = String.raw`
 sock, backing, dev_dir, victim, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-IN_CREATE, MS_BIND, MNT_DETACH = 0x100, 4096, 2
-watch = libc.inotify_init1(0)
-assert libc.inotify_add_watch(watch, dev_dir.encode(), IN_CREATE) >= 0, ctypes.get_errno()
+MS_BIND, MNT_DETACH = 4096, 2
 mounted = []
-def mounter():
-    while True:
-        buf = os.read(watch, 65536)
-        i = 0
-        while i < len(buf):
-            _, _, _, n = struct.unpack_from("iIII", buf, i)
-            name = buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode()
-            i += 16 + n
-            if name.endswith(".d") and libc.mount(victim.encode(), os.path.join(dev_dir, name).encode(), None, MS_BIND, None) == 0:
-                mounted.append(name)
-threading.Thread(target=mounter, daemon=True).start()
+def mount_over(name):
+    if name.endswith(".d") and libc.mount(victim.encode(), os.path.join(dev_dir, name).encode(), None, MS_BIND, None) == 0:
+        mounted.append(name)
+on_created(dev_dir, mount_over)
 fd = os.open(backing, os.O_RDWR)
 won, replies = 0, {}
 for asked in range(1, rounds + 1):
@@ -350,11 +360,7 @@ sys.stdin.readline()
 `;
 
 loopTest.serial("a peer mounting a directory of root's over the node's directory as it is made gets nothing made in it", async (t) => {
-  const img = image(t);
-  const srv = await openServer(t, img.dir);
-  const { devDir, backing } = peerFiles(img.dir);
-  const victimDir = path.join(img.dir, 'victim.d');
-  fs.mkdirSync(victimDir, { mode: 0o755 });
+  const { srv, devDir, backing, victimDir } = await nodeAttackScene(t);
   const made: string[] = [];
   const watcher = fs.watch(victimDir, (_, name) => made.push(String(name)));
   t.teardown(() => watcher.close());
@@ -375,32 +381,34 @@ loopTest.serial("a peer mounting a directory of root's over the node's directory
 // be made in the peer's directory, and the peer would move it anywhere. After each reply it tries just that.
 const OWN_DIR_FOR_HOLDER = String.raw`
 sock, backing, dev_dir, outside, rounds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-IN_CREATE = 0x100
-watch = libc.inotify_init1(0)
-assert libc.inotify_add_watch(watch, dev_dir.encode(), IN_CREATE) >= 0, ctypes.get_errno()
+root_baits = json.loads(sys.argv[6])
+def identity(p):
+    # Inode and birth time (statx): an inode number alone is taken again by the next mkdir once freed.
+    buf = ctypes.create_string_buffer(256)
+    assert libc.statx(-100, p.encode(), 0x100, 0x800 | 0x100 | 0x2, buf) == 0, ctypes.get_errno()  # BTIME|INO|MODE
+    ino, sec, nsec = struct.unpack_from("<Q", buf, 32)[0], struct.unpack_from("<q", buf, 80)[0], struct.unpack_from("<I", buf, 88)[0]
+    return (ino, sec, nsec), struct.unpack_from("<H", buf, 28)[0] & 0o777
+baits = {identity(b)[0] for b in root_baits}
 bait = [None]
 def new_bait(i):
-    bait[0] = os.path.join(dev_dir, "bait%d" % i)
-    os.mkdir(bait[0])
-def swapper():
-    while True:
-        buf = os.read(watch, 65536)
-        i = 0
-        while i < len(buf):
-            _, _, _, n = struct.unpack_from("iIII", buf, i)
-            name = buf[i + 16:i + 16 + n].split(b"\0", 1)[0].decode()
-            i += 16 + n
-            if name.startswith("loop") and name.endswith(".d") and bait[0]:
-                exchange(bait[0], os.path.join(dev_dir, name))
-                bait[0] = None
+    # One of its own, or one of root's (empty, 0700) that root left in its directory.
+    if root_baits:
+        bait[0] = root_baits.pop()
+    elif not json.loads(sys.argv[6]):
+        bait[0] = os.path.join(dev_dir, "bait%d" % i)
+        os.mkdir(bait[0])
+def swap_in(name):
+    if name.startswith("loop") and name.endswith(".d") and bait[0]:
+        exchange(bait[0], os.path.join(dev_dir, name))
+        bait[0] = None
 fd = os.open(backing, os.O_RDWR)
 dir_fd = os.open(dev_dir, os.O_DIRECTORY)
 # From a mount namespace of its own, where the server's later mounts are no mount points, it could rename
 # a node of the server's (a mount point in the host's) out of any directory of its own.
 assert libc.unshare(0x10000000 | 0x00020000) == 0, ctypes.get_errno()
 new_bait(0)
-threading.Thread(target=swapper, daemon=True).start()
-won, escaped, replies = 0, [], {}
+on_created(dev_dir, swap_in)
+won, escaped, chmodded, replies = 0, [], [], {}
 for asked in range(1, rounds + 1):
     s = connect(sock)
     r = ask(s, fd, dir_fd)
@@ -415,6 +423,9 @@ for asked in range(1, rounds + 1):
         except OSError:
             return []  # not a directory, or root's and still 0700
     for d in os.listdir(dev_dir):
+        who, mode = identity(os.path.join(dev_dir, d))
+        if who in baits and mode != 0o700:
+            chmodded.append(d)
         for name in names(d):
             if name.startswith("loop") and errno_of(lambda: os.rename(os.path.join(dev_dir, d, name), os.path.join(outside, "x%d" % asked))) == "ok":
                 escaped.append(os.path.join(d, name))
@@ -422,31 +433,33 @@ for asked in range(1, rounds + 1):
     time.sleep(0.002)
     if bait[0] is None:
         new_bait(asked)
-    if won >= 3 or escaped:
+    if won >= 3 or escaped or chmodded or bait[0] is None:
         break
-emit({"asked": asked, "won": won, "escaped": escaped, "replies": replies})
+emit({"asked": asked, "won": won, "escaped": escaped, "chmodded": chmodded, "replies": replies})
 sys.stdin.readline()
 `;
 
-loopTest.serial("a peer swapping a directory of its own in for the node's directory as it is made gets a refusal", async (t) => {
-  const img = image(t);
-  const srv = await openServer(t, img.dir);
-  const { devDir, backing } = peerFiles(img.dir);
-  const outside = path.join(img.dir, 'outside');
-  fs.mkdirSync(outside);
-  fs.chownSync(outside, NOBODY, NOBODY);
-  const peer = attacker(t, OWN_DIR_FOR_HOLDER, [srv.socketPath, backing, devDir, outside, '2000']);
-  const report = await peer.next();
-  t.log(`${report.asked} requests; replies:`, report.replies);
-  t.deepEqual(report.escaped, [], 'no node the server made could be moved out of the peer directory');
-  t.deepEqual(fs.readdirSync(outside), []);
-  t.true(report.won > 0, "the peer's directory was at the name when the server opened it (else this test proves nothing)");
-  t.is(await peer.finish(), 0);
-  await until('the server to release the connections', () => srv.stats().devices === 0);
-  t.deepEqual(mountsUnder(devDir), []);
-  t.deepEqual(mountsUnder(outside), []);
-  t.deepEqual(await boundAfterSettling(backing), []);
-});
+for (const whose of ['its own', "root's"] as const) {
+  loopTest.serial(`a peer swapping an empty directory of ${whose} in for the node's directory as it is made gets a refusal`, async (t) => {
+    const { srv, devDir, backing, outside } = await nodeAttackScene(t);
+    // Root's: empty, 0700 (round 24 had one made 0755 by the server's chmod), made by root in the peer's directory.
+    const rootBaits = whose === 'its own' ? [] : Array.from({ length: 300 }, (_, i) => path.join(devDir, `root${i}`));
+    for (const b of rootBaits) fs.mkdirSync(b, { mode: 0o700 });
+
+    const peer = attacker(t, OWN_DIR_FOR_HOLDER, [srv.socketPath, backing, devDir, outside, '2000', JSON.stringify(rootBaits)]);
+    const report = await peer.next();
+    t.log(`${report.asked} requests; replies:`, report.replies);
+    t.deepEqual(report.escaped, [], 'no node the server made could be moved out of the peer directory');
+    t.deepEqual(fs.readdirSync(outside), []);
+    t.deepEqual(report.chmodded, [], "no directory of root's the peer slid in had its mode changed");
+    t.true(report.won > 0, "the peer's directory was at the name when the server opened it (else this test proves nothing)");
+    t.is(await peer.finish(), 0);
+    await until('the server to release the connections', () => srv.stats().devices === 0);
+    t.deepEqual(mountsUnder(devDir), []);
+    t.deepEqual(mountsUnder(outside), []);
+    t.deepEqual(await boundAfterSettling(backing), []);
+  });
+}
 
 // From its own user+mount namespace the server cannot bind-mount into the peer's directory; it makes no
 // device node instead (a node could be moved away and outlive the device).
@@ -574,7 +587,7 @@ loopTest('a bad sector size is an error, not a trip through the legacy path', as
 // A FUSE filesystem in the peer's directory, mounted as fusermount mounts a user's filesystem with
 // allow_other (root mounts it here only because /dev/fuse is 0600 on this machine; the peer uses it as any
 // user could). Its daemon keeps files and directories by name in memory and answers what the server does
-// in it (lookup, mkdir, chmod, readdir, create, unlink, rmdir) until told "stall" on stdin: from then on it
+// in it (lookup, mkdir, readdir, create, unlink, rmdir) until told "stall" on stdin: from then on it
 // answers nothing, and every request to it blocks until the daemon dies (which aborts the connection: the
 // waiting requests fail).
 const SWITCHED_FUSE = String.raw`
@@ -629,11 +642,6 @@ while True:
             reply(unique, 0, entry(ino))
     elif opcode == 3:  # GETATTR
         reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid)) if nodeid in nodes else reply(unique, 2)
-    elif opcode == 4:  # SETATTR (the server's chmod of the directory it made)
-        valid, mode = struct.unpack_from("<I", arg)[0], struct.unpack_from("<I", arg, 68)[0]
-        n = nodes[nodeid]
-        if valid & 1: n["mode"] = (n["mode"] & ~0o7777) | (mode & 0o7777)
-        reply(unique, 0, struct.pack("<QII", 0, 0, 0) + attr(nodeid))
     elif opcode == 28:  # READDIR: nothing to list (the server only asks whether its new directory is empty)
         reply(unique, 0)
     elif opcode in (35, 9):  # CREATE (flags, mode, umask, open_flags, name), MKDIR (mode, umask, name)

@@ -148,17 +148,21 @@ fn create_placeholder(dir: BorrowedFd, name: &str, perm: Mode) -> Result<(OwnedF
     Ok((placeholder, st))
 }
 
-/// Root's directory `dir/name`, held by fd: made 0700, opened O_NOFOLLOW, and made 0755 only once it is
-/// known to be ours — a directory, root's, empty, and on the same mount as `dir`. Between the mkdir and the
+/// Root's directory `dir/name` (0755: the calling thread's umask must leave it so; the server's workers
+/// have their own, see `workers::own_umask`), held by fd. Opened O_NOFOLLOW and taken only if it is what
+/// mkdir made — a directory, root's, 0755, empty, and on the same mount as `dir`: between the mkdir and the
 /// open the peer may have put something else at the name: a symlink (not followed), a directory of its own,
-/// or, through a `dir` fd from a mount namespace of its own, a mount of anything (`/etc`) over our
-/// directory, which the open would cross (review of round 22's fix). Anything but ours is refused, and the
-/// name is removed if it is an empty directory (ours, or one of the peer's it could remove itself).
+/// an empty directory of root's from elsewhere in its directory (round 24 slid one in while a chmod still
+/// followed the checks: nothing is changed on what is found now), or, through a `dir` fd from a mount
+/// namespace of its own, a mount of anything (`/etc`) over ours, which the open would cross (review of round
+/// 22's fix). Anything else is refused, and the name is removed if it is an empty directory (ours, or one
+/// the peer could remove itself).
 fn make_holder(dir: BorrowedFd, name: &str) -> Result<Holder> {
     let path = || dir_path(Some(dir)).join(name);
-    stat::mkdirat(dir.as_raw_fd(), name, Mode::S_IRWXU).map_err(|e| Error::os(e, "mkdir").with_path(&path()))?;
+    let mode = Mode::from_bits_truncate(0o755);
+    stat::mkdirat(dir.as_raw_fd(), name, mode).map_err(|e| Error::os(e, "mkdir").with_path(&path()))?;
     let opened = open_in(Some(dir), name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW);
-    match opened.and_then(|fd| claim_holder(dir, fd)) {
+    match opened.and_then(|fd| claim_holder(dir, fd, mode)) {
         Ok(fd) => Ok(Holder { name: name.to_string(), fd }),
         Err(e) => {
             let _ = unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir);
@@ -167,19 +171,22 @@ fn make_holder(dir: BorrowedFd, name: &str) -> Result<Holder> {
     }
 }
 
-/// `fd` if it is the directory `make_holder` just made, opened to all for reading (0755).
-fn claim_holder(dir: BorrowedFd, fd: OwnedFd) -> Result<OwnedFd> {
+/// `fd` if it is the directory `make_holder` just made with `mode`.
+fn claim_holder(dir: BorrowedFd, fd: OwnedFd, mode: Mode) -> Result<OwnedFd> {
     let st = stat_fd(fd.as_fd())?;
     let empty = || std::fs::read_dir(fd_path(fd.as_fd())).map_or(false, |mut entries| entries.next().is_none());
-    let ours = is_kind(&st, SFlag::S_IFDIR) && st.st_uid == 0 && mount_id(fd.as_fd())? == mount_id(dir)? && empty();
+    let ours = is_kind(&st, SFlag::S_IFDIR)
+        && st.st_uid == 0
+        && st.st_mode & 0o7777 == mode.bits()
+        && mount_id(fd.as_fd())? == mount_id(dir)?
+        && empty();
     if !ours {
         return Err(Error::os(Errno::EEXIST, "mkdir").with_detail(
-            "the name is not the empty directory of root's just made there, on the directory's own mount (a \
-             filesystem that does not keep root's ownership, such as NFS with root_squash, cannot hold a \
+            "the name is not the empty directory of root's (0755) just made there, on the directory's own mount \
+             (a filesystem that does not keep root's ownership, such as NFS with root_squash, cannot hold a \
              non-root peer's node)",
         ));
     }
-    stat::fchmod(fd.as_raw_fd(), Mode::from_bits_truncate(0o755)).map_err(|e| Error::os(e, "chmod"))?;
     Ok(fd)
 }
 

@@ -159,25 +159,9 @@ impl Workers {
         let attacher = Attacher::new(Arc::clone(&self.options), Arc::clone(&self.counters));
         std::thread::Builder::new()
             .name("loopdev-worker".into())
-            .spawn(move || loop {
-                let work = match queue.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-                    Ok(w) => w,
-                    Err(_) => return, // the server is gone and the queue is empty
-                };
-                let result = match work {
-                    Work::Attach(r) if r.cancelled.load(Ordering::SeqCst) => {
-                        Done::Skipped { id: r.id, uid: r.peer.uid, fds: r.fds }
-                    }
-                    Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
-                    Work::Release(uid, held) => {
-                        let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
-                        Done::Released { uid }
-                    }
-                };
-                // Err: the poll thread is gone; `result` (and any device in it) is released here.
-                if done.send(result).is_ok() {
-                    let _ = seqpacket::eventfd_signal(wake.as_fd());
-                }
+            .spawn(move || {
+                own_umask();
+                worker_loop(queue, done, wake, attacher)
             })
             .map_err(|e| Error::os(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EAGAIN)), "clone"))?;
         self.threads += 1;
@@ -209,6 +193,47 @@ impl Workers {
     pub fn close(&mut self) -> Option<mpsc::Receiver<Done>> {
         self.work = None;
         self.done_rx.take()
+    }
+}
+
+/// A worker: requests and releases off the queue until the server is gone.
+fn worker_loop(
+    queue: Arc<Mutex<mpsc::Receiver<Work>>>,
+    done: mpsc::Sender<Done>,
+    wake: Arc<OwnedFd>,
+    attacher: Attacher,
+) {
+    loop {
+        let work = match queue.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(w) => w,
+            Err(_) => return, // the server is gone and the queue is empty
+        };
+        let result = match work {
+            Work::Attach(r) if r.cancelled.load(Ordering::SeqCst) => {
+                Done::Skipped { id: r.id, uid: r.peer.uid, fds: r.fds }
+            }
+            Work::Attach(r) => Done::Attached { id: r.id, out: serve(&attacher, r) },
+            Work::Release(uid, held) => {
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(held)));
+                Done::Released { uid }
+            }
+        };
+        // Err: the poll thread is gone; `result` (and any device in it) is released here.
+        if done.send(result).is_ok() {
+            let _ = seqpacket::eventfd_signal(wake.as_fd());
+        }
+    }
+}
+
+/// Gives the calling worker its own umask, 022: the directories it makes for non-root peers' nodes
+/// (`node::make_for_peer`) must be 0755 whatever the embedding process's umask (a service's `UMask=0077`
+/// left peers unable to reach their node), and a chmod afterwards could land on an empty directory of
+/// root's the peer slid in under the name (red team round 24). CLONE_FS unshares only this thread's cwd,
+/// root and umask.
+fn own_umask() {
+    // SAFETY: unshare(CLONE_FS) changes only this thread's fs attributes.
+    if unsafe { libc::unshare(libc::CLONE_FS) } == 0 {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     }
 }
 
