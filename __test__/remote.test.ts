@@ -332,6 +332,7 @@ loopTest.serial('a uid in allowUids gets a device in its own directory, released
   const srv = await server(t, img.dir, [0, 65534]);
   openToOthers(img.dir, srv.socketPath);
   const devDir = peerDir(img.dir);
+  fs.chmodSync(devDir, 0o2755); // setgid, as a group's shared directory: the server's directory inherits it
   const dirFd = fs.openSync(devDir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
   t.teardown(() => fs.closeSync(dirFd));
   const child = spawn('python3', [...PEER, 'client', srv.socketPath, '--fd', '3', '--dir-fd', '4', '--dev-dir', devDir, '--hold'], {
@@ -347,7 +348,7 @@ loopTest.serial('a uid in allowUids gets a device in its own directory, released
   t.true(result.ok, JSON.stringify(result));
   t.true(result.isBlock);
   t.regex(result.devname, /^loop(\d+)\.d\/loop\1$/, "the node is in a directory of root's, which the peer cannot empty");
-  t.like(fs.statSync(path.dirname(result.path)), { uid: 0, mode: fs.constants.S_IFDIR | 0o755 }, 'whatever the umask');
+  t.like(fs.statSync(path.dirname(result.path)), { uid: 0, mode: fs.constants.S_IFDIR | 0o2000 | 0o755 }, 'whatever the umask');
   t.is(sysfs(minorOf(result.devname), 'loop/backing_file'), img.path);
   t.like(srv.stats(), { refused: 0, devices: 1, connections: 1 });
   child.stdin!.end('\n');

@@ -150,7 +150,8 @@ fn create_placeholder(dir: BorrowedFd, name: &str, perm: Mode) -> Result<(OwnedF
 
 /// Root's directory `dir/name` (0755: the calling thread's umask must leave it so; the server's workers
 /// have their own, see `workers::own_umask`), held by fd. Opened O_NOFOLLOW and taken only if it is what
-/// mkdir made — a directory, root's, 0755, empty, and on the same mount as `dir`: between the mkdir and the
+/// mkdir made — a directory, root's, 0755 (a setgid bit inherited from `dir` aside), empty, and on the same
+/// mount as `dir`: between the mkdir and the
 /// open the peer may have put something else at the name: a symlink (not followed), a directory of its own,
 /// an empty directory of root's from elsewhere in its directory (round 24 slid one in while a chmod still
 /// followed the checks: nothing is changed on what is found now), or, through a `dir` fd from a mount
@@ -177,15 +178,17 @@ fn claim_holder(dir: BorrowedFd, fd: OwnedFd, mode: Mode) -> Result<OwnedFd> {
     let empty = || std::fs::read_dir(fd_path(fd.as_fd())).map_or(false, |mut entries| entries.next().is_none());
     let ours = is_kind(&st, SFlag::S_IFDIR)
         && st.st_uid == 0
-        && st.st_mode & 0o7777 == mode.bits()
+        && st.st_mode & 0o777 == mode.bits()
         && mount_id(fd.as_fd())? == mount_id(dir)?
         && empty();
     if !ours {
-        return Err(Error::os(Errno::EEXIST, "mkdir").with_detail(
+        return Err(Error::os(Errno::EEXIST, "mkdir").with_detail(format!(
             "the name is not the empty directory of root's (0755) just made there, on the directory's own mount \
-             (a filesystem that does not keep root's ownership, such as NFS with root_squash, cannot hold a \
-             non-root peer's node)",
-        ));
+             (found: uid {}, mode {:o}; a filesystem that does not keep root's ownership, such as NFS with \
+             root_squash, cannot hold a non-root peer's node, nor a directory whose default ACL narrows 0755)",
+            st.st_uid,
+            st.st_mode & 0o7777
+        )));
     }
     Ok(fd)
 }

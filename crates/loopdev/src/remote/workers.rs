@@ -225,15 +225,17 @@ fn worker_loop(
     }
 }
 
-/// Gives the calling worker its own umask, 022: the directories it makes for non-root peers' nodes
-/// (`node::make_for_peer`) must be 0755 whatever the embedding process's umask (a service's `UMask=0077`
-/// left peers unable to reach their node), and a chmod afterwards could land on an empty directory of
-/// root's the peer slid in under the name (red team round 24). CLONE_FS unshares only this thread's cwd,
-/// root and umask.
+/// Gives the calling worker a umask of its own, 0, so that every mode it passes is the mode it gets: the
+/// directories it makes for non-root peers' nodes (`node::make_for_peer`) must be 0755 whatever the
+/// embedding process's umask (a service's `UMask=0077` left peers unable to reach their node), and a chmod
+/// afterwards could land on an empty directory of root's the peer slid in under the name (red team round
+/// 24); root's nodes get exactly `node_mode`. CLONE_FS unshares only this thread's cwd, root and umask. If
+/// it fails, the process's umask stays, and a stricter one makes non-root requests fail (the error says
+/// which mode the directory got).
 fn own_umask() {
     // SAFETY: unshare(CLONE_FS) changes only this thread's fs attributes.
     if unsafe { libc::unshare(libc::CLONE_FS) } == 0 {
-        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     }
 }
 
