@@ -19,7 +19,8 @@ pub struct Node {
     rdev: u64,
     /// The bind mount we attached (an `open_tree` fd), when the node is one.
     mount: Option<OwnedFd>,
-    /// The empty file the bind mount sits on (st_dev, st_ino), when there is one.
+    /// The empty file the bind mount sits on (st_dev, st_ino), when there is one in a directory whose owner
+    /// may swap names (not in a peer's holder, where only we make entries).
     placeholder: Option<(u64, u64)>,
     /// For a peer: root's directory in the peer's, which the node is in (see `make_for_peer`).
     holder: Option<Holder>,
@@ -113,9 +114,7 @@ pub(crate) fn make(dir: BorrowedFd, name: &str, device: BorrowedFd, rdev: u64, m
 pub(crate) fn make_for_peer(dir: BorrowedFd, name: &str, device: BorrowedFd, rdev: u64) -> Result<Node> {
     let holder = make_holder(dir, &format!("{name}.d"))?;
     match bind_in(&holder, name, device) {
-        Ok((mount, placeholder)) => {
-            Ok(Node { name: name.to_string(), rdev, mount, placeholder: Some(placeholder), holder: Some(holder) })
-        }
+        Ok(mount) => Ok(Node { name: name.to_string(), rdev, mount, placeholder: None, holder: Some(holder) }),
         Err(e) => {
             let _ = remove_holder(dir, &holder);
             Err(e)
@@ -123,12 +122,11 @@ pub(crate) fn make_for_peer(dir: BorrowedFd, name: &str, device: BorrowedFd, rde
     }
 }
 
-/// The device bind-mounted onto a new empty file `name` in the holder (the mount's fd, and the file's
-/// st_dev/st_ino); nothing is left there when that fails.
-fn bind_in(holder: &Holder, name: &str, device: BorrowedFd) -> Result<(Option<OwnedFd>, (u64, u64))> {
-    let (file, st) = create_placeholder(holder.fd.as_fd(), name, Mode::from_bits_truncate(0o600))?;
-    let id = (st.st_dev, st.st_ino);
-    bind(device, file.as_fd()).map(|mount| (mount, id)).map_err(|e| {
+/// The device bind-mounted onto a new empty file `name` in the holder (the mount's fd); nothing is left
+/// there when that fails.
+fn bind_in(holder: &Holder, name: &str, device: BorrowedFd) -> Result<Option<OwnedFd>> {
+    let (file, _) = create_placeholder(holder.fd.as_fd(), name, Mode::from_bits_truncate(0o600))?;
+    bind(device, file.as_fd()).map_err(|e| {
         let _ = unlinkat(Some(holder.fd.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir);
         e.with_path(&dir_path(Some(holder.fd.as_fd())).join(name)).with_detail(
             "cannot bind-mount the device into this directory (is it in another mount namespace?); \
@@ -151,13 +149,12 @@ fn create_placeholder(dir: BorrowedFd, name: &str, perm: Mode) -> Result<(OwnedF
 /// Root's directory `dir/name` (0755: the calling thread's umask must leave it so; the server's workers
 /// have their own, see `workers::own_umask`), held by fd. Opened O_NOFOLLOW and taken only if it is what
 /// mkdir made — a directory, root's, 0755 (a setgid bit inherited from `dir` aside), empty, and on the same
-/// mount as `dir`: between the mkdir and the
-/// open the peer may have put something else at the name: a symlink (not followed), a directory of its own,
-/// an empty directory of root's from elsewhere in its directory (round 24 slid one in while a chmod still
-/// followed the checks: nothing is changed on what is found now), or, through a `dir` fd from a mount
-/// namespace of its own, a mount of anything (`/etc`) over ours, which the open would cross (review of round
-/// 22's fix). Anything else is refused, and the name is removed if it is an empty directory (ours, or one
-/// the peer could remove itself).
+/// mount as `dir`: between the mkdir and the open the peer may have put something else at the name: a
+/// symlink (not followed), a directory of its own, an empty directory of root's from elsewhere in its
+/// directory (round 24 slid one in while a chmod still followed the checks: nothing is changed on what is
+/// found now), or, through a `dir` fd from a mount namespace of its own, a mount of anything (`/etc`) over
+/// ours, which the open would cross (review of round 22's fix). Anything else is refused, and the name is
+/// removed if it is an empty directory (ours, or one the peer could remove itself).
 fn make_holder(dir: BorrowedFd, name: &str) -> Result<Holder> {
     let path = || dir_path(Some(dir)).join(name);
     let mode = Mode::from_bits_truncate(0o755);

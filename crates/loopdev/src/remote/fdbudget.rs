@@ -1,8 +1,8 @@
 //! Our fd table, the one resource every peer draws on: the connections, the fds peers sent that wait to be
 //! closed, the devices held for them (each with its directory and its mount), the requests at the workers.
 //! The bounds on each kind (per uid, per lane) do not add up to the table: a uid holding its 64 devices
-//! (3 fds each then; 4 now) and a wedged lane one read of 253 fds past its bound filled a table of 512, and root's
-//! next request lost its fds to MSG_CTRUNC (red team round 18). So reading, accepting and attaching also
+//! (3 fds each then; 4 now) and a wedged lane one read of 253 fds past its bound filled a table of 512,
+//! and root's next request lost its fds to MSG_CTRUNC (red team round 18). So reading, accepting and attaching also
 //! ask what is left of the table, and keep a reserve for root.
 //!
 //! The count is kept, not read from /proc at every turn: what the process had open when the server started,

@@ -420,8 +420,20 @@ mod tests {
     #[test]
     fn devnames_are_checked() {
         assert!(is_loop_devname("loop0") && is_loop_devname("loop123") && is_loop_devname("loop7.d/loop7"));
-        let bad = ["loop", "loop-1", "loop1/..", "sda", "loop1p1", "", "loop7.d/loop8", "loop7.d/", ".d/loop7"];
-        for bad in bad.into_iter().chain(["loop7.d/loop7.d/loop7", "../loop7.d/loop7", "loop7.d/../loop7"]) {
+        for bad in [
+            "loop",
+            "loop-1",
+            "loop1/..",
+            "sda",
+            "loop1p1",
+            "",
+            "loop7.d/loop8",
+            "loop7.d/",
+            ".d/loop7",
+            "loop7.d/loop7.d/loop7",
+            "../loop7.d/loop7",
+            "loop7.d/../loop7",
+        ] {
             assert!(!is_loop_devname(bad), "{bad}");
         }
     }
