@@ -169,13 +169,19 @@ mod tests {
     #[test]
     fn full_drains_hold_up_neither_first_passes_nor_accept() {
         let drainer = Drainer::new().unwrap();
+        // Every queue is stuffed before the first is given: filled one by one, the full drains kept pace with
+        // the filling on the other CPU and were done before the first pass was asked for (1 run in 10).
         let mut peers = Vec::new();
+        let mut stuffed = Vec::new();
         for _ in 0..2 * MAX_WAITING {
             let (theirs, ours) = socketpair().unwrap();
             let flags = OFlag::from_bits_truncate(fcntl(theirs.as_raw_fd(), FcntlArg::F_GETFL).unwrap());
             fcntl(theirs.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).unwrap();
             while send(theirs.as_fd(), b"", &[]).is_ok() {} // its send buffer full
             peers.push(theirs);
+            stuffed.push(ours);
+        }
+        for ours in stuffed {
             drainer.drain_fully(1000, ours).unwrap();
         }
         assert!(!drainer.full(), "full drains do not close the accept gate");
