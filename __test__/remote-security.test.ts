@@ -67,13 +67,23 @@ ${LOCKED_PIPE}
 def pipe_wedge(k):
     # k write-end files of a locked pipe: releasing any of them blocks, uninterruptibly.
     return locked_pipe(k)[2]
-def closed_first(fd):
-    # True if our close returned: the server still had the end, so its close will be the last one. Else
-    # ours was, and it is what blocks (in a thread of ours, until we exit).
-    t = threading.Thread(target=os.close, args=(fd,), daemon=True)
+def sent_last(send, fd):
+    # Calls send() (which sends fd) and closes our copy of fd right after it, on a thread of its own: True
+    # if that close returned, so that the receiver's close will be the last one; False if send() failed, or
+    # if ours was the last close (it blocks that thread until we exit). Closed on a thread started only after
+    # the send, the server had sometimes disposed of the connection first, 20 tries in a row once in CI.
+    done = []
+    def send_and_close():
+        try:
+            send()
+        except OSError:
+            return
+        os.close(fd)
+        done.append(True)
+    t = threading.Thread(target=send_and_close, daemon=True)
     t.start()
     t.join(0.5)
-    return not t.is_alive()
+    return bool(done)
 def errno_of(f):
     # "ok", or the errno's name: what the kernel let the peer do.
     try:
@@ -926,8 +936,7 @@ end = pipe_wedge(1)[0]
 ready = [connect(sock) for _ in range(16)] if how == "all at once" else []
 s = connect(sock)
 send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
-sendfds(s, b"{}", [end] * 3)
-wedged = closed_first(end)  # else ours was the last close after all: no lane is wedged
+wedged = sent_last(lambda: sendfds(s, b"{}", [end] * 3), end)  # else ours was the last close: no lane is wedged
 time.sleep(0.5)
 spare = os.open("/dev/null", os.O_RDONLY)
 sent, deadline = 0, time.time() + 3
@@ -1108,8 +1117,7 @@ sock, backing, dev_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 end = pipe_wedge(1)[0]
 s = connect(sock)
 send(s, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
-sendfds(s, b"", [end])
-emit({"wedged": closed_first(end)})
+emit({"wedged": sent_last(lambda: sendfds(s, b"", [end]), end)})
 sys.stdin.readline()
 `;
 
@@ -1145,11 +1153,15 @@ def hang_up_holding(fd, last=False):
     # A connection turned away whose next packet (after one the server reads to refuse it) carries fd; with
     # last, our copy of fd is closed before the hang-up, and True only if the server's close will be the last.
     f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
+    def connect_and_send():
         f.connect(sock)
         f.send(b"x")
         sendfds(f, b"", [fd])
-        return closed_first(fd) if last else True
+    try:
+        if last:
+            return sent_last(connect_and_send, fd)
+        connect_and_send()
+        return True
     except OSError:
         return False  # the server shut it first
     finally:
@@ -1246,8 +1258,7 @@ conns, wedged = [], 0
 for end in pipe_wedge(10):
     c = connect(sock)
     send(c, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
-    send(c, end, os.open(dev_dir, os.O_DIRECTORY))
-    wedged += closed_first(end)
+    wedged += sent_last(lambda: send(c, end, os.open(dev_dir, os.O_DIRECTORY)), end)
     conns.append(c)
 emit({"wedged": wedged})
 sys.stdin.readline()
@@ -1327,8 +1338,7 @@ def wedge_lane():
     # server does not read us.
     end = pipe_wedge(1)[0]
     send(a, os.open(backing, os.O_RDWR), os.open(dev_dir, os.O_DIRECTORY))
-    sendfds(a, b"{}", [end, null, null])
-    wedged = closed_first(end)
+    wedged = sent_last(lambda: sendfds(a, b"{}", [end, null, null]), end)
     first = answer(a)
     if first is None:
         return None
@@ -1360,10 +1370,14 @@ answer(a)
 def hang_up_holding(fd, last=False):
     f = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     f.setblocking(False)
-    try:
+    def connect_and_send():
         f.connect(sock)
         sendfds(f, b"", [fd])
-        return closed_first(fd) if last else True
+    try:
+        if last:
+            return sent_last(connect_and_send, fd)  # turned away at accept: the send must follow at once
+        connect_and_send()
+        return True
     except OSError:
         return False  # the listen queue is full (EAGAIN), or the server shut it first
     finally:
