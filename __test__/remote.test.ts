@@ -136,12 +136,19 @@ loopTest('a refused request is a RemoteLoopError and the connection keeps servin
   t.is(err.remoteType, 'OSError');
   t.regex(err.remoteValue, /^\[Errno 22\] EINVAL: .*not a regular file or block device/);
   t.is(err.path, srv.socketPath);
+  // Refused as attach() refuses it, not bound as an empty device (osbuild's server binds it).
+  const past = await t.throwsAsync(client.device(img.path, { devDir: img.dir, offset: fs.statSync(img.path).size }), {
+    instanceOf: RemoteLoopError,
+  });
+  t.is(past.code, 'EINVAL');
+  t.regex(past.remoteValue, /at or beyond the end of the backing file/);
+  t.deepEqual(devicesBoundUnder(img.dir), []);
 
   // An open fd works too, and stays the caller's.
   await using dev = await client.device(img.fd, { devDir: img.dir });
   t.is(sysfs(minorOf(dev.devname), 'loop/backing_file'), img.path);
   t.true(fs.fstatSync(img.fd).isFile(), "the caller's fd is still open");
-  t.like(srv.stats(), { requests: 2, failures: 1, devices: 1 });
+  t.like(srv.stats(), { requests: 3, failures: 2, devices: 1 });
   client.close();
   t.throws(() => client.device(img.path), { code: 'ERR_LOOP_CLOSED' });
 });

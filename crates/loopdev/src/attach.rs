@@ -105,13 +105,8 @@ impl LoopControl {
             Some(p) => e.with_path(p),
             None => e,
         };
-        let st = check_backing(backing).map_err(named)?;
-        let want = Expected {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            size: expected_size(backing_size(backing, &st).map_err(named)?, &opts.configure).map_err(named)?,
-            opts: &opts.configure,
-        };
+        let (st, size) = mapped_size(backing, &opts.configure).map_err(named)?;
+        let want = Expected { dev: st.st_dev, ino: st.st_ino, size, opts: &opts.configure };
         let mut config = opts.configure.clone();
         let mut odirect = opts.owns_fd && config.direct_io && has_odirect(backing).map_err(named)?;
         let mut differences = Vec::new();
@@ -157,6 +152,15 @@ impl LoopControl {
             ))
         }))
     }
+}
+
+/// The backing file's stat and the size in bytes of the device `o` makes of it. EINVAL (syscall `fstat`)
+/// when it is not a regular file or block device, or maps less than a sector after the offset: the kernel
+/// would bind it anyway, as an empty device. The server asks it too, so that its peers get the same refusal.
+pub(crate) fn mapped_size(backing: BorrowedFd, o: &ConfigureOptions) -> Result<(FileStat, u64)> {
+    let st = check_backing(backing)?;
+    let size = expected_size(backing_size(backing, &st)?, o)?;
+    Ok((st, size))
 }
 
 /// Bytes the backing file holds: `st_size` for a file, BLKGETSIZE64 for a block device.

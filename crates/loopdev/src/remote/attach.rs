@@ -241,6 +241,8 @@ impl Attacher {
         let ctl = LoopControl::open(None)?;
         let mut options = req.configure_options();
         options.read_only |= !access.writable;
+        // Refused as `attach` refuses it, not bound as an empty device (osbuild's server binds it).
+        crate::attach::mapped_size(backing, &options)?;
         let lo: Loop = ctl.loop_for_fd(backing, &options, req.lock, None::<fn(&Loop) -> Result<()>>)?;
         if req.partscan {
             // Where the kernel has no parser for the table, register the partitions as it would (BLKPG);
