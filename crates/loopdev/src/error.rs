@@ -76,6 +76,15 @@ impl Error {
     }
 }
 
+/// What the C library says of an errno, lowercased as in Node's messages (`device or resource busy`). Not
+/// nix's `desc()`: its texts are the kernel header's comments ("Try again" for EAGAIN, "Not a typewriter"
+/// for ENOTTY), which neither Node nor losetup print.
+pub fn errno_text(errno: Errno) -> String {
+    let text = std::io::Error::from_raw_os_error(errno as i32).to_string();
+    let text = text.rsplit_once(" (os error ").map_or(text.as_str(), |(t, _)| t);
+    lowercase_first(text)
+}
+
 /// The symbolic name of an errno (`EBUSY`); nix's Debug output is exactly that.
 pub fn errno_name(errno: Errno) -> String {
     format!("{errno:?}")
@@ -86,7 +95,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match &self.detail {
             Some(d) => d.clone(),
-            None => lowercase_first(self.errno.desc()),
+            None => errno_text(self.errno),
         };
         write!(f, "{}: {}, {}", self.code(), text, self.syscall)?;
         if let Some(ioctl) = self.ioctl {
@@ -118,6 +127,9 @@ mod tests {
         let e = Error::ioctl(Errno::EBUSY, "LOOP_CONFIGURE").with_path(Path::new("/dev/loop3"));
         assert_eq!(e.to_string(), "EBUSY: device or resource busy, ioctl LOOP_CONFIGURE '/dev/loop3'");
         assert_eq!(e.code(), "EBUSY");
+        let e = Error::os(Errno::EAGAIN, "flock").with_path(Path::new("/dev/loop3"));
+        assert_eq!(e.to_string(), "EAGAIN: resource temporarily unavailable, flock '/dev/loop3'");
+        assert_eq!(errno_text(Errno::ENOTTY), "inappropriate ioctl for device");
     }
 
     #[test]

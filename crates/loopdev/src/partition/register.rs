@@ -45,7 +45,7 @@ pub fn add(dev: BorrowedFd) -> Result<Registration> {
                 "partition {} not registered: {}: {}",
                 p.number,
                 crate::error::errno_name(e),
-                e.desc()
+                crate::error::errno_text(e)
             )),
         }
     }
@@ -59,6 +59,6 @@ pub fn remove(dev: BorrowedFd, number: u32) -> Result<()> {
     match ioctl::blkpg_del_partition(dev, number) {
         Ok(()) | Err(Errno::ENXIO) => Ok(()),
         Err(e) => Err(Error::ioctl(e, "BLKPG_DEL_PARTITION")
-            .with_detail(format!("cannot remove partition {number}: {}", e.desc().to_lowercase()))),
+            .with_detail(format!("cannot remove partition {number}: {}", crate::error::errno_text(e)))),
     }
 }
