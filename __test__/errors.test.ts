@@ -68,6 +68,7 @@ loopTest.serial('a directory fd is EINVAL and binds nothing', (t) => {
   const err = t.throws(() => ctl.loopForFdSync(fd), { instanceOf: LoopError });
   t.is(err?.code, 'EINVAL');
   t.regex(err!.message, /not a regular file or block device/);
+  t.like(err, { syscall: 'fstat', path: dir }, 'named after the backing file, not the device');
   t.is(openFds(), before);
 });
 

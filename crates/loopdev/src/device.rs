@@ -73,7 +73,10 @@ pub(crate) fn check_backing(fd: BorrowedFd) -> Result<FileStat> {
     if is_kind(&st, SFlag::S_IFREG) || is_kind(&st, SFlag::S_IFBLK) {
         Ok(st)
     } else {
-        Err(Error::os(Errno::EINVAL, "fstat").with_detail("backing file is not a regular file or block device"))
+        // Named after the backing file, not the device: callers add the device's path, and the first one wins.
+        Err(Error::os(Errno::EINVAL, "fstat")
+            .with_path(&crate::inode::fd_path(fd))
+            .with_detail("backing file is not a regular file or block device"))
     }
 }
 

@@ -65,13 +65,15 @@ fn cached_part_shift() -> Option<u32> {
     }
 }
 
-/// The path a directory fd points at, for error messages only.
+/// The path a directory fd points at (`/dev` for none), for error messages only.
 pub(crate) fn dir_path(dir: Option<BorrowedFd>) -> PathBuf {
-    match dir {
-        None => PathBuf::from(DEV_DIR),
-        Some(fd) => std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))),
-    }
+    dir.map_or_else(|| PathBuf::from(DEV_DIR), fd_path)
+}
+
+/// The path an fd points at as the kernel names it, for error messages only.
+pub(crate) fn fd_path(fd: BorrowedFd) -> PathBuf {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap_or_else(|_| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())))
 }
 
 /// `openat` returning an owned fd, with the path in the error.
