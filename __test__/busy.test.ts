@@ -30,7 +30,7 @@ loopTest('a verified detach of a mounted device fails at once with EBUSY naming 
   if (!m) return unavailable(t, 'mkfs.ext4 not installed');
   const err = await t.throwsAsync(m.dev.detach({ timeoutMs: 60_000 }), { instanceOf: LoopError, code: 'EBUSY' });
   t.like(err, { syscall: 'ioctl', ioctl: 'LOOP_CLR_FD', path: m.dev.path });
-  t.deepEqual((err as unknown as { heldBy: string[] }).heldBy, [`mounted at ${m.mnt}`]);
+  t.deepEqual(err?.heldBy, [`mounted at ${m.mnt}`]);
   t.regex(err!.message, new RegExp(`mounted at ${m.mnt}; the kernel detaches it at its last close`));
   umount(m.mnt);
   t.deepEqual(await boundAfterSettling(m.file), [], 'the kernel finished at the last close (the umount)');
@@ -53,8 +53,8 @@ loopTest.serial('a verified detach of a device another process has open fails wi
   native.blockOpeners = (devs) => (scans.sync++, blockOpeners(devs));
   native.blockOpenersAsync = (devs) => (scans.async++, blockOpenersAsync(devs));
   t.teardown(() => Object.assign(native, { blockOpeners, blockOpenersAsync }));
-  const err = await t.throwsAsync(dev.detach({ timeoutMs: 60_000 }), { code: 'EBUSY' });
-  t.deepEqual((err as unknown as { heldBy: string[] }).heldBy, [`open in process ${holder.pid} (sleep)`]);
+  const err = await t.throwsAsync(dev.detach({ timeoutMs: 60_000 }), { instanceOf: LoopError, code: 'EBUSY' });
+  t.deepEqual(err?.heldBy, [`open in process ${holder.pid} (sleep)`]);
   t.is(scans.sync, 0, 'no scan of /proc on the JS thread');
   t.true(scans.async > 0);
   t.deepEqual(dev.heldBy(), [`open in process ${holder.pid} (sleep)`], 'heldBy() scans in place');

@@ -372,17 +372,13 @@ export class LoopDevice implements LoopBinding, Disposable, AsyncDisposable {
           const held = yield* call(holders(this.devname));
           const lasting = held.filter((h) => !h.startsWith('open in process'));
           if (lasting.length > 0 || (held.length > 0 && lookedAt - start >= PROCESS_GRACE_MS)) {
-            throw Object.assign(
-              sysError('EBUSY', {
-                syscall: 'ioctl',
-                ioctl: 'LOOP_CLR_FD',
-                path: this.path,
-                detail:
-                  `still bound to '${this.backingFile}': ${held.join(', ')}; ` +
-                  'the kernel detaches it at its last close',
-              }),
-              { heldBy: held },
-            );
+            throw sysError('EBUSY', {
+              syscall: 'ioctl',
+              ioctl: 'LOOP_CLR_FD',
+              path: this.path,
+              detail: `still bound to '${this.backingFile}': ${held.join(', ')}; the kernel detaches it at its last close`,
+              heldBy: held,
+            });
           }
         }
         if (Date.now() >= deadline) {

@@ -8,6 +8,8 @@ export interface LoopErrorFields {
   path?: string;
   /** `ERR_LOOP_CONFIG_MISMATCH`: what the kernel applied differently from what was asked. */
   differences?: readonly string[];
+  /** `EBUSY` of a verified detach: what holds the device (`mounted at /mnt`, `open in process 42 (dd)`). */
+  heldBy?: readonly string[];
 }
 
 export class LoopError extends Error {
@@ -18,6 +20,8 @@ export class LoopError extends Error {
   readonly path: string | undefined;
   /** `ERR_LOOP_CONFIG_MISMATCH` only: each difference between what was asked and what the kernel applied. */
   readonly differences?: readonly string[];
+  /** `EBUSY` of a verified detach only: what holds the device (`mounted at /mnt`, `open in process 42 (dd)`). */
+  readonly heldBy?: readonly string[];
 
   /** Native code builds the message (`EBUSY: device or resource busy, ioctl LOOP_CONFIGURE '/dev/loop3'`). */
   constructor(message: string, fields: LoopErrorFields) {
@@ -29,6 +33,7 @@ export class LoopError extends Error {
     this.ioctl = fields.ioctl;
     this.path = fields.path;
     if (fields.differences !== undefined) this.differences = Object.freeze([...fields.differences]);
+    if (fields.heldBy !== undefined) this.heldBy = Object.freeze([...fields.heldBy]);
   }
 }
 

@@ -27,6 +27,7 @@ export interface SysErrorOptions {
   ioctl?: string;
   /** Replaces strerror in the message where the errno alone would mislead. */
   detail?: string;
+  heldBy?: readonly string[];
 }
 
 /** A LoopError for `code` (an errno name) built like the native ones: `CODE: text, syscall [ioctl] 'path'`. */
@@ -42,6 +43,7 @@ export function sysError(code: string, o: SysErrorOptions): LoopError {
     syscall: o.syscall,
     ...(o.ioctl === undefined ? {} : { ioctl: o.ioctl }),
     ...(o.path === undefined ? {} : { path: o.path }),
+    ...(o.heldBy === undefined ? {} : { heldBy: o.heldBy }),
   });
 }
 
