@@ -199,7 +199,7 @@ Options:
   },
 
   detach: {
-    usage: 'loopdev detach [--wait] DEV…',
+    usage: 'loopdev detach [--wait [--timeout MS]] DEV…',
     summary: 'detach loop devices (like losetup -d; --wait: until the kernel released them)',
     help: `Detaches each DEV (/dev/loop3, loop3 or 3), as losetup -d does: the kernel finishes the detach at the
 device's last close. If something still holds it open (a mount, another process), one line on stderr says
@@ -207,7 +207,8 @@ what, and the exit status is still 0.
 
 Options:
       --wait            wait until the kernel has released the backing file; fail at once (EBUSY) if
-                        something holds the device open (a mount, a holder, a process), naming it
+                        something holds the device open (a mount, a holder, a process), naming it;
+                        the detach still happens at the device's last close, as without --wait
       --timeout MS      with --wait: how long to wait when nothing can be named (default 10000)
   -h, --help            show this help`,
     options: { wait: {}, timeout: { arg: 'required' } },
