@@ -19,6 +19,7 @@ for (const [what, value] of BAD_SIZES) {
     const before = openFds();
     const err = t.throws(() => ctl.loopForFdSync(img.fd, { offset: value as number }), { instanceOf: RangeError });
     t.is((err as NodeJS.ErrnoException).code, 'ERR_OUT_OF_RANGE');
+    t.regex(err!.message, /^The value of "offset" is out of range\. /, "worded as Node's own");
     t.deepEqual(await boundAfterSettling(img.dir), []);
     t.is(openFds(), before);
   });
@@ -41,9 +42,13 @@ loopTest('a non-number offset is a TypeError', (t) => {
   t.is((err as NodeJS.ErrnoException).code, 'ERR_INVALID_ARG_TYPE');
 });
 
-loopTest('fd -1 is a RangeError', (t) => {
+loopTest('fd -1 is a RangeError worded as Node words its own', (t) => {
   using ctl = new LoopControl();
-  t.throws(() => ctl.loopForFdSync(-1), { instanceOf: RangeError, code: 'ERR_OUT_OF_RANGE' });
+  t.throws(() => ctl.loopForFdSync(-1), {
+    instanceOf: RangeError,
+    code: 'ERR_OUT_OF_RANGE',
+    message: 'The value of "fd" is out of range. It must be an integer >= 0 && <= 2147483647. Received -1',
+  });
 });
 
 loopTest.serial('a closed fd is EBADF and binds nothing', async (t) => {

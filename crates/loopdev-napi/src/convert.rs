@@ -30,7 +30,9 @@ pub fn dup(raw: RawFd) -> JsResult<OwnedFd> {
 
 pub fn u32_size(env: Env, v: Value, what: &str) -> JsResult<u32> {
     let n = env.to_u64(v, what)?;
-    u32::try_from(n).map_err(|_| Failure::Range(format!("{what} must be at most {}", u32::MAX)))
+    u32::try_from(n).map_err(|_| {
+        Failure::Range(format!("The value of \"{what}\" is out of range. It must be <= {}. Received {n}", u32::MAX))
+    })
 }
 
 /// An options argument: an object, or undefined/null for the defaults; anything else is a TypeError.

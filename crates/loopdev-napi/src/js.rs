@@ -138,11 +138,14 @@ impl Env {
         Ok(out!(self, napi_get_value_double(v)))
     }
 
-    /// An integer number in `min..=max`; anything else is a RangeError naming `what`.
+    /// An integer number in `min..=max`; anything else is a RangeError naming `what`, worded as Node's own
+    /// ERR_OUT_OF_RANGE (as the TypeScript checks word theirs).
     pub fn to_int(self, v: Value, what: &str, min: i64, max: i64) -> JsResult<i64> {
         let f = self.to_f64(v, what)?;
         if f.fract() != 0.0 || f.is_nan() || f < min as f64 || f > max as f64 {
-            return Err(Failure::Range(format!("{what} must be an integer from {min} to {max}, got {f}")));
+            return Err(Failure::Range(format!(
+                "The value of \"{what}\" is out of range. It must be an integer >= {min} && <= {max}. Received {f}"
+            )));
         }
         Ok(f as i64)
     }
@@ -154,14 +157,18 @@ impl Env {
             // SAFETY: valid env, value and out-pointers.
             check(unsafe { napi_get_value_bigint_uint64(self.0, v, &mut n, &mut lossless) })?;
             if !lossless {
-                return Err(Failure::Range(format!("{what} must be from 0 to 2^64-1")));
+                return Err(Failure::Range(format!(
+                    "The value of \"{what}\" is out of range. It must be >= 0n && <= 2n ** 64n - 1n"
+                )));
             }
             return Ok(n);
         }
         let f = self.to_f64(v, what)?;
         // 2^64 itself is representable as f64 and must be refused, hence the half-open range.
         if f.fract() != 0.0 || f.is_nan() || !(0.0..18_446_744_073_709_551_616.0).contains(&f) {
-            return Err(Failure::Range(format!("{what} must be a non-negative integer, got {f}")));
+            return Err(Failure::Range(format!(
+                "The value of \"{what}\" is out of range. It must be an integer >= 0 && <= 2^64-1. Received {f}"
+            )));
         }
         Ok(f as u64)
     }
