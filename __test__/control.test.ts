@@ -366,3 +366,31 @@ loopTest.serial('loopForFd: when every free device it is offered is taken, it gi
   for (const dev of ours) execFileSync('losetup', ['-d', dev]); // bound to this test's file by the test itself
   t.deepEqual(await boundAfterSettling(theirs.path), []);
 });
+
+// The kernel fsyncs the backing file inside LOOP_CONFIGURE when the device switches to direct I/O (an
+// O_DIRECT fd does). Held across it, loop-control's lock made every
+// other bind wait for that flush: red team round 26 kept the server's other workers, root's included, waiting
+// 7-26 s behind a peer's scattered writes. The device's own lock claims it instead.
+loopTest.serial("a bind whose configure waits on the kernel's flush of dirty pages does not hold up another bind", async (t) => {
+  t.timeout(120_000);
+  const dirty = image(t, 2 ** 29);
+  const page = Buffer.alloc(4096, 0x5a);
+  for (let at = 0; at < 2 ** 29; at += 8192) fs.writeSync(dirty.fd, page, 0, page.length, at); // unmergeable
+  const direct = fs.openSync(dirty.path, fs.constants.O_RDWR | fs.constants.O_DIRECT);
+  t.teardown(() => fs.closeSync(direct));
+  const other = image(t, 1 << 20);
+  using a = new LoopControl();
+  using b = new LoopControl();
+  let flushed = 0;
+  const start = performance.now();
+  const slow = a.loopForFd(direct, { autoclear: true }).then((lo) => ((flushed = performance.now() - start), lo));
+  await new Promise((resolve) => setTimeout(resolve, 100)); // inside its LOOP_CONFIGURE by now
+  using quick = await b.loopForFd(other.fd, { autoclear: true });
+  const took = performance.now() - start;
+  using lo = await slow;
+  t.log(`the other bind was done at ${Math.round(took)} ms, the flushing one at ${Math.round(flushed)} ms`);
+  t.true(flushed > 300, `the flush took long enough to tell (${Math.round(flushed)} ms; else this proves nothing)`);
+  t.true(took < flushed, 'the other bind did not wait for the flush');
+  t.not(quick.minor, lo.minor);
+  t.true(isBound(quick.minor) && isBound(lo.minor));
+});

@@ -72,7 +72,8 @@ impl LoopControl {
     /// the free device between get-free and configure; then the kernel answers EBUSY (or the device is
     /// already bound when opened, or the node vanished) and we try a fresh device after a short jittered
     /// pause, at most MAX_ATTEMPTS times. Cooperating processes are serialised by an exclusive flock on
-    /// loop-control, so they do not even collide.
+    /// loop-control up to the configure (not across it: it can take long); a minor this process is configuring
+    /// is not taken again by its other threads, which add a new device instead.
     ///
     /// Locks are taken in systemd's order (loop-util.c): loop-control first, then LOCK_EX on the device,
     /// never the other way round; a process doing the same for the same free minor would otherwise deadlock
@@ -101,7 +102,7 @@ impl LoopControl {
             }
             let mut serial = self.serialise()?;
             let mut minor = self.get_unbound()?;
-            if locked_by_others.contains(&minor) {
+            if locked_by_others.contains(&minor) || Configuring::has(minor) {
                 minor = self.add(None)?;
             }
             let lo = match self.open_loop(minor) {
@@ -133,9 +134,14 @@ impl LoopControl {
                 last = Error::os(Errno::EWOULDBLOCK, "flock").with_path(lo.path());
                 continue;
             }
-            let result = lo.configure(backing, opts);
+            // Loop-control's lock is not held across the configure: the kernel may fsync the backing file
+            // there (switching to direct I/O), for as long as the caller's dirty pages make it, and every
+            // other bind of ours would wait (red team round 26: a peer's scattered writes kept the server's
+            // other workers, root's too, waiting 7-26 s). The minor is marked ours instead: GET_FREE hands it
+            // out until it is bound, and opening it would wait in the kernel for that same fsync.
+            let _configuring = Configuring::mark(minor);
             drop(serial);
-            match result {
+            match lo.configure(backing, opts) {
                 Ok(()) => return Ok(lo),
                 Err(e) if e.is(Errno::EBUSY) => last = e,
                 Err(e) => return Err(e.into()),
@@ -151,6 +157,32 @@ impl LoopControl {
         let guard = self.serial.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         ioctl::flock(self.fd.as_fd(), libc::LOCK_EX).map_err(|e| Error::os(e, "flock").with_path(&self.path))?;
         Ok(Serialised { fd: self.fd.as_fd(), _thread: guard })
+    }
+}
+
+/// Minors this process is configuring, with loop-control's lock let go (see `loop_for_fd`).
+static CONFIGURING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// A minor marked as being configured by this process until dropped.
+struct Configuring(u32);
+
+impl Configuring {
+    fn mark(minor: u32) -> Configuring {
+        CONFIGURING.lock().unwrap_or_else(|p| p.into_inner()).push(minor);
+        Configuring(minor)
+    }
+
+    fn has(minor: u32) -> bool {
+        CONFIGURING.lock().unwrap_or_else(|p| p.into_inner()).contains(&minor)
+    }
+}
+
+impl Drop for Configuring {
+    fn drop(&mut self) {
+        let mut marked = CONFIGURING.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = marked.iter().position(|&m| m == self.0) {
+            marked.swap_remove(i);
+        }
     }
 }
 
